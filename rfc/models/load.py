@@ -1,0 +1,94 @@
+"""Building a DiT from config and loading checkpoints with a strict, explanatory key check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rfc.models.dit import DiT, DiTConfig
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not fit the model, with every offending key named."""
+
+
+class MissingAssetError(FileNotFoundError):
+    """A file the run needs is not on disk. The runner never downloads: the message names the
+    file and the command that fetches it."""
+
+
+FETCH_HINT = "python scripts/fetch_assets.py"
+
+
+def require_file(path: str | Path, what: str, hint: str = FETCH_HINT) -> Path:
+    """Return ``path`` if it exists, else raise a MissingAssetError naming it and the fix."""
+    p = Path(path)
+    if not p.exists():
+        raise MissingAssetError(f"missing {what}: {p} does not exist. Fetch it with `{hint}` "
+                                f"(assets folder: set paths.assets=... or the RFC_ASSETS environment variable).")
+    return p
+
+
+def extract_state_dict(obj: object) -> dict[str, torch.Tensor]:
+    """A bare state dict, or the EMA weights of a training checkpoint {model, ema, opt, args}."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, expected a state dict")
+    if "ema" in obj and isinstance(obj["ema"], dict):
+        return obj["ema"]  # the release's training script: EMA weights are the ones to sample with
+    if "model" in obj and isinstance(obj["model"], dict):
+        return obj["model"]
+    return obj  # type: ignore[return-value]
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                     optional: tuple[str, ...] = ("pos_embed",)) -> None:
+    """Raise CheckpointError listing missing keys, unexpected keys and shape mismatches."""
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state and k not in optional)
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
+        raise CheckpointError("checkpoint does not match the model config:\n  " + "\n  ".join(parts))
+
+
+def load_checkpoint(model: DiT, path: str | Path) -> DiT:
+    """Load ``path`` into ``model`` strictly. ``pos_embed`` may be absent (it is a fixed
+    function of the config and recomputed); every other difference is an error."""
+    state = extract_state_dict(torch.load(Path(path), map_location="cpu", weights_only=True))
+    check_state_dict(model, state)
+    if "pos_embed" not in state:
+        state = dict(state, pos_embed=model.pos_embed)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def build_dit(config: DiTConfig, checkpoint: str | Path | None = None, init: str = "dense",
+              seed: int = 0) -> DiT:
+    """A DiT in eval mode: loaded from ``checkpoint``, or random.
+
+    Random weights use ``init``: "dit" is the training init (adaLN-Zero: the network outputs zeros),
+    "dense" also randomises the zero-initialised layers so outputs and caches are non-trivial.
+    """
+    if init not in ("dit", "dense"):
+        raise ValueError(f"model init must be 'dit' or 'dense', got {init!r}")
+    if checkpoint is not None:
+        require_file(checkpoint, "DiT checkpoint")
+    with torch.random.fork_rng(devices=[]):  # never disturb the caller's global RNG
+        torch.manual_seed(seed)
+        model = DiT(config)
+        if checkpoint is None and init == "dense":
+            model.initialize_dense(torch.Generator().manual_seed(seed + 1))
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,31 @@
+"""Shared fixtures: composing the real Hydra configs, and small models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+if not OmegaConf.has_resolver("repo_root"):
+    OmegaConf.register_new_resolver("repo_root", lambda: str(ROOT))
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path):
+    """compose(overrides) -> the run config, with results and outputs redirected to tmp_path."""
+
+    def _make(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            return compose("run", overrides=[f"paths.runs_csv={tmp_path / 'runs.csv'}",
+                                             f"paths.outputs={tmp_path / 'outputs'}", *overrides])
+
+    return _make
