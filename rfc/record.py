@@ -1,0 +1,80 @@
+"""One result row. Every table, CSV file and log reads its columns from this dataclass, so a
+column means the same thing everywhere. Unknown values stay None (an empty cell), never a guess."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def git_sha(repo: str | Path) -> str | None:
+    """Commit of the code that produced a row, with "-dirty" when the tree had local changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "") if sha else None
+
+
+@dataclass
+class RunRecord:
+    """Columns of results/runs.csv, in order."""
+
+    run_id: str = field(default_factory=new_run_id)
+    time: str = field(default_factory=_now)
+    git_sha: str | None = None
+    model: str | None = None
+    arch: str | None = None
+    image_size: int | None = None
+    method: str | None = None
+    method_params: str | None = None  # JSON of the method's hyperparameters
+    sampler: str | None = None
+    respacing: str | None = None
+    num_steps: int | None = None
+    cfg_scale: float | None = None
+    guided_channels: int | None = None
+    seed: int | None = None
+    num_samples: int | None = None
+    batch_size: int | None = None
+    nfc: float | None = None  # full computations per sample, mean over batches
+    tflops: float | None = None  # analytic, per image (B = 2 rows with guidance)
+    latency_s: float | None = None  # median seconds of the sampling loop per batch
+    latency_spread_s: float | None = None  # max - min over timed batches
+    images_per_s: float | None = None
+    fid: float | None = None
+    sfid: float | None = None
+    inception_score: float | None = None
+    precision: float | None = None
+    recall: float | None = None
+    fid2fc: float | None = None
+    sfid2fc: float | None = None
+    class_acc: float | None = None  # domain classifier's agreement with the conditioning labels
+    extractor: str | None = None  # feature space of fid / sfid
+    reference: str | None = None  # what fid is measured against
+    vae: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    torch_version: str | None = None
+    output_dir: str | None = None
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)

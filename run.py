@@ -1,0 +1,35 @@
+"""Entry point: `python run.py [group=option ...] [key=value ...]`, Hydra multirun with -m.
+
+Composes configs/run.yaml (model + method + sampler + eval + paths), runs one sample-score-
+record job per composed config, and prints where its samples, grid and CSV row went.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parent
+if not OmegaConf.has_resolver("repo_root"):
+    OmegaConf.register_new_resolver("repo_root", lambda: str(ROOT))
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="run")
+def main(cfg: DictConfig) -> None:
+    from rfc.models.load import CheckpointError, MissingAssetError
+    from rfc.runner import run
+
+    try:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+    except (MissingAssetError, CheckpointError, ValueError) as err:
+        # Configuration and asset problems: one clear line, no traceback, non-zero exit.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
