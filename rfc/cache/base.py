@@ -1,67 +1,258 @@
-"""The contract between the runner, the sampler and a caching method.
+"""The contract between the runner, the sampler, the model and a caching method.
 
-A method is a step listener (the sampler announces every step before the model call) that may
-attach to a built model and must detach cleanly. The runner calls ``reset()`` before each
-batch and reads ``stats()`` after it; it never branches on which method it holds.
+A method attaches to a built, unmodified DiT by overriding ``forward`` on each block *instance*
+(so ``state_dict`` keys never change) and detaches by deleting the override. The overriding
+forward performs the block's own computation op for op, but routes each branch (attention, MLP)
+through ``method.branch(site, inp, module)``, which may compute it, predict it, or compute it in
+part. The sampler announces every step (``begin_step`` / ``end_step``); ``decide`` turns the step
+into "full or cached" once, separately from the per-site predictor. The runner calls ``reset()``
+before each batch and reads ``stats()`` after it; it never branches on which method it holds.
+
+Accounting is done here, not in the methods' math: a branch input records the layer-norm work it
+really did, ``run_full`` / ``count_partial`` record the module work, and the analytic FLOPs follow
+from those counts (eval.flops, the papers' formula).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
 
+import torch
 from torch import nn
 
+from eval.flops import adaln_flops, attention_flops, mlp_flops
 from rfc.samplers.sampling import StepInfo
+
+Branch = Literal["attn", "mlp"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One cached module: the attention or MLP branch of block ``block``."""
+
+    block: int
+    branch: Branch
+
+    @property
+    def module_index(self) -> int:
+        """0 .. 2*depth-1 in execution order (attn of block 0, mlp of block 0, attn of block 1 ...)."""
+        return 2 * self.block + (0 if self.branch == "attn" else 1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class BranchInput:
+    """The input of a branch, computed only when asked for: x (B, T, C) is the residual stream
+    before the branch; ``full()`` gives modulate(norm(x)) for all tokens (memoised), ``tokens(idx)``
+    for a subset (B, k). Methods that predict without looking at inputs never pay for them."""
+
+    def __init__(self, x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor,
+                 stats: MethodStats) -> None:
+        self.x, self.norm, self.shift, self.scale = x, norm, shift, scale
+        self._stats = stats
+        self._full: torch.Tensor | None = None
+
+    def full(self) -> torch.Tensor:
+        if self._full is None:
+            self._full = modulate(self.norm(self.x), self.shift, self.scale)
+            self._stats.norm_tokens += self.x.shape[1]
+        return self._full
+
+    def tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """Modulated input of the tokens idx (B, k) -> (B, k, C); layer norm is per token, so this
+        equals full()[rows, idx] without normalising the other tokens."""
+        x = torch.gather(self.x, 1, idx.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))
+        self._stats.norm_tokens += idx.shape[1]
+        return modulate(self.norm(x), self.shift, self.scale)
 
 
 @dataclass
 class MethodStats:
-    """Accounting for one batch: how many steps ran the full network."""
+    """Per-batch accounting, per sample (every row of a batch follows the same schedule)."""
 
-    full_steps: int = 0
+    full_steps: int = 0  # steps decided "full"
     cached_steps: int = 0
+    full_sites: int = 0  # branch computations that ran on every token
+    cached_sites: int = 0  # branches predicted or reused without compute
+    partial_sites: int = 0  # branches recomputed on a token subset (ToCa)
+    block_calls: int = 0  # adaLN modulations computed (one per block per step)
+    full_attn: int = 0
+    full_mlp: int = 0
+    partial_attn_tokens: list[int] = field(default_factory=list)
+    partial_mlp_tokens: list[int] = field(default_factory=list)
+    norm_tokens: int = 0  # tokens pushed through a layer norm + modulate
+    cache_bytes_peak: int = 0
 
     @property
     def total_steps(self) -> int:
         return self.full_steps + self.cached_steps
 
+    def flops(self, rows: int, tokens: int, hidden: int, heads: int) -> float:
+        """Analytic FLOPs per sample of what ran; rows = 2 with guidance (the papers' B)."""
+        B, N, C, h = rows, tokens, hidden, heads
+        total = self.block_calls * adaln_flops(B, C)
+        total += self.full_attn * attention_flops(B, N, C, h) + self.full_mlp * mlp_flops(B, N, C)
+        total += sum(attention_flops(B, k, C, h) for k in self.partial_attn_tokens)
+        total += sum(mlp_flops(B, k, C) for k in self.partial_mlp_tokens)
+        return total + B * self.norm_tokens * C  # one layer norm over N tokens: B*N*C (two per block)
+
 
 class CacheMethod:
-    """Base class: full compute at every step. Subclasses override what they change."""
+    """Base class. Subclasses set ``name``, implement ``decide`` (the step-level schedule) and
+    ``predict`` (what a cached site returns), and may override ``branch`` for partial compute.
+    The default branch: on full steps compute and ``store``; on cached steps ``predict``."""
 
     name = "base"
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None
+        self.depth = 0
+        self.step: StepInfo | None = None
+        self.full = True  # decision for the current step
         self._stats = MethodStats()
 
+    # ---- lifecycle ---------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
+        """Route every block of ``model`` through this method (instance-level forward override)."""
         if self.model is not None:
             raise RuntimeError(f"method {self.name!r} is already attached to a model")
+        blocks = getattr(model, "blocks", None)
+        if blocks is None:
+            raise TypeError("caching methods attach to a DiT-like model with a .blocks list")
+        for i, block in enumerate(blocks):
+            if "forward" in vars(block):
+                raise RuntimeError(f"block {i} already has a forward override (another method attached?)")
+            block.forward = functools.partial(_block_forward, block, method=self, index=i)
         self.model = model
+        self.depth = len(blocks)
+        self.reset()
 
     def detach(self) -> None:
+        if self.model is None:
+            return
+        for block in self.model.blocks:
+            vars(block).pop("forward", None)
         self.model = None
+        self._release()
+
+    def _release(self) -> None:
+        """Drop cached tensors but keep the last batch's accounting readable."""
+        stats = self._stats
+        self.reset()
+        self._stats = stats
 
     def reset(self) -> None:
-        """Forget everything cached; called before each batch."""
+        """Forget everything cached and start a new batch's accounting."""
         self._stats = MethodStats()
+        self.step = None
+        self.full = True
 
+    # ---- the sampler's announcements ---------------------------------------------------------
     def begin_step(self, step: StepInfo) -> None:
-        self._stats.full_steps += 1
+        self.step = step
+        self.full = bool(self.decide(step))
+        if self.full:
+            self._stats.full_steps += 1
+        else:
+            self._stats.cached_steps += 1
 
     def end_step(self, step: StepInfo) -> None:
-        pass
+        live = sum(t.numel() * t.element_size() for t in self.cache_tensors())
+        self._stats.cache_bytes_peak = max(self._stats.cache_bytes_peak, live)
 
-    def stats(self) -> MethodStats:
-        return self._stats
+    # ---- what subclasses define --------------------------------------------------------------
+    def decide(self, step: StepInfo) -> bool:
+        """True = compute every site in full at this step."""
+        return True
+
+    def branch(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
+        """The branch output (before its gate) for ``site`` at the current step."""
+        if self.full:
+            out = self.run_full(site, module, inp.full())
+            self.store(site, inp, out)
+            return out
+        self._stats.cached_sites += 1
+        return self.predict(site, inp)
+
+    def store(self, site: Site, inp: BranchInput, out: torch.Tensor) -> None:
+        """Remember what a full computation produced."""
+
+    def predict(self, site: Site, inp: BranchInput) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} has cached steps but no predictor")
+
+    def cache_tensors(self) -> Iterable[torch.Tensor]:
+        """Every tensor the method currently keeps (for the cache-memory column)."""
+        return ()
 
     def params(self) -> dict[str, object]:
         """Hyperparameters recorded in the result row."""
         return {}
 
+    # ---- helpers for subclasses --------------------------------------------------------------
+    def run_full(self, site: Site, module: nn.Module, x_in: torch.Tensor) -> torch.Tensor:
+        """Compute the branch on every token and count it."""
+        self.count_full(site)
+        return module(x_in)
+
+    def count_full(self, site: Site) -> None:
+        """Count a full branch computation done by the method's own code (e.g. attention that
+        also returns its map)."""
+        self._stats.full_sites += 1
+        if site.branch == "attn":
+            self._stats.full_attn += 1
+        else:
+            self._stats.full_mlp += 1
+
+    def count_partial(self, site: Site, tokens: int) -> None:
+        self._stats.partial_sites += 1
+        (self._stats.partial_attn_tokens if site.branch == "attn" else self._stats.partial_mlp_tokens).append(tokens)
+
+    def stats(self) -> MethodStats:
+        return self._stats
+
+
+def _block_forward(block: nn.Module, x: torch.Tensor, c: torch.Tensor, *, method: CacheMethod,
+                   index: int) -> torch.Tensor:
+    """DiTBlock.forward, op for op, with each branch routed through the method."""
+    method._stats.block_calls += 1
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+    attn = method.branch(Site(index, "attn"), BranchInput(x, block.norm1, shift_msa, scale_msa, method._stats),
+                         block.attn)
+    x = x + gate_msa.unsqueeze(1) * attn
+    mlp = method.branch(Site(index, "mlp"), BranchInput(x, block.norm2, shift_mlp, scale_mlp, method._stats),
+                        block.mlp)
+    return x + gate_mlp.unsqueeze(1) * mlp
+
 
 class NoCache(CacheMethod):
-    """``method=none``: the full-compute reference every cached run is compared with."""
+    """``method=none``: the full-compute reference every cached run is compared with.
+
+    It does not hook the blocks at all, so its samples and its latency are those of the plain
+    model; it only counts the full steps for the accounting."""
 
     name = "none"
+
+    def attach(self, model: nn.Module) -> None:
+        if self.model is not None:
+            raise RuntimeError(f"method {self.name!r} is already attached to a model")
+        self.model = model
+        self.depth = len(model.blocks)
+        self.tokens = int(model.pos_embed.shape[1])
+        self.reset()
+
+    def detach(self) -> None:
+        self.model = None
+
+    def begin_step(self, step: StepInfo) -> None:
+        super().begin_step(step)
+        s, d = self._stats, self.depth
+        s.block_calls += d
+        s.full_attn += d
+        s.full_mlp += d
+        s.full_sites += 2 * d
+        s.norm_tokens += 2 * d * self.tokens

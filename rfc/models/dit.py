@@ -219,7 +219,7 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(config.num_classes, C, config.class_dropout_prob)
         # Fixed sin-cos table; persistent so state_dict carries it like the official frozen parameter.
         pos = get_2d_sincos_pos_embed(C, self.x_embedder.grid_size)
-        self.register_buffer("pos_embed", torch.from_numpy(pos).float().unsqueeze(0), persistent=True)
+        self.register_buffer("pos_embed", torch.tensor(pos, dtype=torch.float32).unsqueeze(0), persistent=True)
         self.blocks = nn.ModuleList(
             [DiTBlock(C, config.num_heads, mlp_ratio=config.mlp_ratio) for _ in range(config.depth)]
         )
