@@ -1,0 +1,1 @@
+"""The baselines RFC is compared with, each on the caching protocol of rfc.cache only."""
