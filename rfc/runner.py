@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from eval.extractors import get_extractor
 from eval.fid import feature_statistics, frechet_distance
-from eval.flops import full_step_flops
 from eval.loggers import append_csv
-from rfc.cache import CacheMethod
+from rfc.cache import CacheMethod, MethodStats
 from rfc.images import save_grid, to_uint8_nhwc
 from rfc.models.dit import DiT, DiTConfig, dit_config
 from rfc.models.load import build_dit, require_file
@@ -78,6 +78,8 @@ class RunPlan:
     score: bool
     extractor: str | None
     out_dir: Path
+    method: CacheMethod
+    sampler: Sampler
     paths: dict = field(default_factory=dict)
 
 
@@ -96,6 +98,8 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     if float(cfg.cfg_scale) > 1.0 and dit.class_dropout_prob <= 0:
         raise ValueError("guidance needs a null class: model.class_dropout_prob must be > 0 when cfg_scale > 1")
     device = resolve_device(str(cfg.device))
+    method = build(cfg.method, "method")
+    sampler = build(cfg.sampler, "sampler", learn_sigma=dit.learn_sigma)
     paths = OmegaConf.to_container(cfg.paths, resolve=True)
     if m.pretrained:
         require_file(m.checkpoint, f"{m.name} checkpoint")
@@ -111,7 +115,20 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
         get_extractor(extractor).check(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return RunPlan(cfg, device, dit, int(ev.num_samples), int(ev.batch_size), score, extractor, out, paths)
+    return RunPlan(cfg, device, dit, int(ev.num_samples), int(ev.batch_size), score, extractor, out, method,
+                   sampler, paths)
+
+
+def build(node: DictConfig, group: str, **kwargs: object) -> object:
+    """Instantiate a config group's ``_target_``; a constructor's validation error comes out as
+    the ValueError it raised (naming the key), not wrapped in Hydra's exception."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ValueError(f"{group}: {cause}") from cause
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +140,7 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
 class SampleSet:
     images: np.ndarray  # uint8 (N, H, W, C)
     labels: np.ndarray  # int64 (N,)
-    full_steps: list[int]  # per batch: full computations per sample
+    stats: list[MethodStats]  # per batch: the method's accounting (per sample)
     latencies: list[float]  # per batch: seconds in the sampling loop (VAE excluded)
 
 
@@ -139,7 +156,7 @@ def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheM
     """Sample ``indices`` in batches; sample i's label and noise come from stream (seed, i)."""
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    images, labels, full_steps, latencies = [], [], [], []
+    images, labels, stats, latencies = [], [], [], []
     bar = tqdm(total=len(indices), unit="img", desc="sampling", disable=not progress)
     for start in range(0, len(indices), batch_size):
         batch = indices[start : start + batch_size]
@@ -152,14 +169,14 @@ def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheM
         x = sampler.sample(denoiser, x, y, noise=streams.noise_source(shape), listener=method)
         _sync(device)
         latencies.append(time.perf_counter() - t0)
-        full_steps.append(method.stats().full_steps)
+        stats.append(method.stats())
         if vae is not None:
             x = decode(vae, x)
         images.append(to_uint8_nhwc(x))
         labels.append(y.cpu().numpy())
         bar.update(len(batch))
     bar.close()
-    return SampleSet(np.concatenate(images), np.concatenate(labels).astype(np.int64), full_steps, latencies)
+    return SampleSet(np.concatenate(images), np.concatenate(labels).astype(np.int64), stats, latencies)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,8 +202,7 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True) -> RunRecor
     if m.vae != "none":
         vae = load_vae(vae_folder(plan.paths["assets"], m.vae)) if m.vae_pretrained else random_vae(int(cfg.seed))
         vae = vae.to(device)
-    method: CacheMethod = instantiate(cfg.method)
-    sampler: Sampler = instantiate(cfg.sampler, learn_sigma=plan.dit.learn_sigma)
+    method, sampler = plan.method, plan.sampler
     denoiser = CFGDenoiser(model, float(cfg.cfg_scale), null_class=plan.dit.num_classes,
                            guided_channels=int(m.guided_channels))
 
@@ -201,16 +217,25 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True) -> RunRecor
     np.savez(npz_path, arr_0=samples.images, arr_1=samples.labels)  # ADM layout: images, labels
     grid_path = save_grid(samples.images, plan.out_dir / "grid.png", n=int(cfg.eval.grid_size))
 
-    nfc = float(np.average(samples.full_steps, weights=_batch_sizes(plan.num_samples, plan.batch_size)))
-    per_step = full_step_flops(denoiser.batch_multiplier, plan.dit.num_tokens, plan.dit.hidden_size,
-                               plan.dit.num_heads, plan.dit.depth)
+    weights = _batch_sizes(plan.num_samples, plan.batch_size)
+
+    def mean(values: list[float]) -> float:
+        return float(np.average(values, weights=weights))
+
+    d = plan.dit
+    flops = [s.flops(denoiser.batch_multiplier, d.num_tokens, d.hidden_size, d.num_heads) for s in samples.stats]
     latency, spread = _timed_median(samples.latencies)
     record = RunRecord(
         git_sha=git_sha(REPO_ROOT), model=str(m.name), arch=str(m.get("arch") or "custom"),
         image_size=int(m.image_size), method=method.name, method_params=json.dumps(method.params(), sort_keys=True),
         sampler=sampler.name, respacing=sampler.respacing, num_steps=sampler.num_steps,
         cfg_scale=float(cfg.cfg_scale), guided_channels=int(m.guided_channels), seed=int(cfg.seed),
-        num_samples=plan.num_samples, batch_size=plan.batch_size, nfc=nfc, tflops=nfc * per_step / 1e12,
+        num_samples=plan.num_samples, batch_size=plan.batch_size,
+        nfc=mean([s.full_steps for s in samples.stats]), tflops=mean(flops) / 1e12,
+        full_sites=mean([s.full_sites for s in samples.stats]),
+        cached_sites=mean([s.cached_sites for s in samples.stats]),
+        partial_sites=mean([s.partial_sites for s in samples.stats]),
+        cache_bytes=max(s.cache_bytes_peak for s in samples.stats),
         latency_s=latency, latency_spread_s=spread, images_per_s=plan.num_samples / sum(samples.latencies),
         vae=None if m.vae == "none" else f"sd-vae-ft-{m.vae}" + ("" if m.vae_pretrained else " (random)"),
         device=_device_name(device), dtype="fp32", torch_version=torch.__version__, output_dir=str(plan.out_dir),

@@ -40,7 +40,9 @@ def test_seeds_differ_across_seed_and_index():
 def _generate(batch_size: int, sampler, n: int = 32, seed: int = 7):
     model = build_dit(CFG, init="dense", seed=0)
     den = CFGDenoiser(model, 1.5, null_class=10, guided_channels=1)
-    return generate(model, sampler, den, NoCache(), seed=seed, indices=range(n), batch_size=batch_size,
+    method = NoCache()
+    method.attach(model)
+    return generate(model, sampler, den, method, seed=seed, indices=range(n), batch_size=batch_size,
                     device=torch.device("cpu"), progress=False)
 
 
