@@ -11,11 +11,12 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-ROOT = Path(__file__).resolve().parent
-if not OmegaConf.has_resolver("repo_root"):
-    OmegaConf.register_new_resolver("repo_root", lambda: str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rfc.config import register_resolvers  # noqa: E402
+
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="run")

@@ -216,6 +216,9 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True) -> RunRecor
     npz_path = plan.out_dir / "samples.npz"
     np.savez(npz_path, arr_0=samples.images, arr_1=samples.labels)  # ADM layout: images, labels
     grid_path = save_grid(samples.images, plan.out_dir / "grid.png", n=int(cfg.eval.grid_size))
+    schedules = [{"batch": b, "first_index": b * plan.batch_size, "full_steps": s.full_indices}
+                 for b, s in enumerate(samples.stats)]  # forward-order indices of the full steps
+    (plan.out_dir / "schedules.json").write_text(json.dumps(schedules) + "\n")
 
     weights = _batch_sizes(plan.num_samples, plan.batch_size)
 

@@ -76,6 +76,7 @@ class MethodStats:
     """Per-batch accounting, per sample (every row of a batch follows the same schedule)."""
 
     full_steps: int = 0  # steps decided "full"
+    full_indices: list[int] = field(default_factory=list)  # their forward-order indices
     cached_steps: int = 0
     full_sites: int = 0  # branch computations that ran on every token
     cached_sites: int = 0  # branches predicted or reused without compute
@@ -156,8 +157,13 @@ class CacheMethod:
     def begin_step(self, step: StepInfo) -> None:
         self.step = step
         self.full = bool(self.decide(step))
-        if self.full:
+        self.count_step(step, self.full)
+
+    def count_step(self, step: StepInfo, full: bool) -> None:
+        """Record the step decision (methods that decide later, inside the forward, call this)."""
+        if full:
             self._stats.full_steps += 1
+            self._stats.full_indices.append(step.index)
         else:
             self._stats.cached_steps += 1
 

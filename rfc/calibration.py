@@ -1,0 +1,110 @@
+"""Finding the tau that gives RFC a target mean NFC.
+
+Mean NFC falls as tau grows (more accumulated error is tolerated before a full step), so a
+bracket [lo, hi] with NFC(lo) > target >= NFC(hi) is narrowed by bisection (in log space, since
+useful taus span decades) until NFC is within ``tolerance`` of the target. The calibration set
+uses its own seeds, apart from the evaluation seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+
+from rfc.cache import CacheMethod
+from rfc.config import CALIBRATION_FILE, tau_key
+from rfc.models.load import build_dit
+from rfc.runner import build, generate, plan_run
+from rfc.samplers.sampling import CFGDenoiser
+
+
+@dataclass
+class Calibration:
+    tau: float
+    nfc: float
+    target: float
+    within_tolerance: bool
+    trials: list[tuple[float, float]] = field(default_factory=list)  # (tau, mean nfc)
+
+
+def bisect_tau(nfc_of: Callable[[float], float], target: float, tolerance: float = 0.5, tau0: float = 0.01,
+               max_iters: int = 40) -> Calibration:
+    """Search tau with |NFC(tau) - target| <= tolerance: bracket by factors of 4 from tau0, then
+    bisect the bracket geometrically. Returns the best trial (closest NFC, then smallest tau)."""
+    trials: list[tuple[float, float]] = []
+
+    def done() -> bool:
+        return any(abs(n - target) <= tolerance for _, n in trials) or len(trials) >= max_iters
+
+    def f(tau: float) -> float:
+        trials.append((tau, nfc_of(tau)))
+        return trials[-1][1]
+
+    lo, hi = tau0, tau0  # invariant once bracketed: NFC(lo) > target > NFC(hi)
+    n = f(tau0)
+    if n > target:
+        while n > target and not done():
+            lo, hi = hi, hi * 4
+            n = f(hi)
+    else:
+        while n < target and not done() and lo > 1e-9:
+            hi, lo = lo, lo / 4
+            n = f(lo)
+    while not done() and hi / lo > 1 + 1e-6:
+        mid = math.sqrt(lo * hi)
+        if f(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    tau, nfc = min(trials, key=lambda t: (abs(t[1] - target), t[0]))
+    return Calibration(tau, nfc, target, abs(nfc - target) <= tolerance, trials)
+
+
+def calibrate(cfg: DictConfig, target: float, num_samples: int, batch_size: int, seed: int,
+              tolerance: float = 0.5, out_dir: str | Path = "outputs/calibration") -> Calibration:
+    """Calibrate ``method.tau`` of the composed config (an RFC method) on seeds ``seed`` ..."""
+    plan = plan_run(cfg, out_dir)
+    m = cfg.model
+    model = build_dit(plan.dit, m.checkpoint if m.pretrained else None, init=m.init, seed=int(cfg.seed))
+    model = model.to(plan.device)
+    denoiser = CFGDenoiser(model, float(cfg.cfg_scale), null_class=plan.dit.num_classes,
+                           guided_channels=int(m.guided_channels))
+    base = OmegaConf.to_container(cfg.method, resolve=False)
+    base.pop("tau", None)
+
+    def nfc_of(tau: float) -> float:
+        method: CacheMethod = build(OmegaConf.create({**base, "tau": tau}), "method")
+        method.attach(model)
+        try:
+            with torch.no_grad():
+                samples = generate(model, plan.sampler, denoiser, method, seed=seed,
+                                   indices=range(num_samples), batch_size=batch_size, device=plan.device,
+                                   progress=False)
+        finally:
+            method.detach()
+        sizes = [min(batch_size, num_samples - s) for s in range(0, num_samples, batch_size)]
+        return float(np.average([s.full_steps for s in samples.stats], weights=sizes))
+
+    return bisect_tau(nfc_of, target, tolerance)
+
+
+def save_calibration(cfg: DictConfig, result: Calibration, num_samples: int, seed: int) -> tuple[Path, str]:
+    """Record the tau under its key in results/tau_calibration.json (read by ${calibrated_tau:N})."""
+    path = Path(cfg.paths.results) / CALIBRATION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = tau_key(cfg, result.target)
+    with FileLock(str(path) + ".lock", timeout=60):
+        table = json.loads(path.read_text()) if path.exists() else {}
+        table[key] = {"tau": result.tau, "nfc": result.nfc, "target": result.target,
+                      "within_tolerance": result.within_tolerance, "calibration_samples": num_samples,
+                      "calibration_seed": seed, "trials": result.trials}
+        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return path, key

@@ -1,0 +1,38 @@
+"""OmegaConf resolvers the configs use, registered once by every entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIBRATION_FILE = "tau_calibration.json"
+
+
+def tau_key(cfg: DictConfig, target_nfc: float) -> str:
+    """What a calibrated tau depends on: model, sampler, guidance, every RFC setting but tau."""
+    m, s = cfg.model, cfg.sampler
+    method = {k: cfg.method[k] for k in cfg.method if k not in ("tau", "_target_")}
+    sampler = f"{s._target_.rsplit('.', 1)[-1]}:{s.num_steps}:{s.get('respacing')}"
+    return (f"{m.name}|{m.get('arch') or 'custom'}|{m.image_size}|{sampler}|cfg{float(cfg.cfg_scale)}|"
+            f"{json.dumps(method, sort_keys=True)}|nfc{float(target_nfc)}")
+
+
+def calibrated_tau(target_nfc: float, _root_: DictConfig) -> float:
+    """``method.tau: ${calibrated_tau:14}``: the tau scripts/calibrate_tau.py found for this setting."""
+    path = Path(_root_.paths.results) / CALIBRATION_FILE
+    key = tau_key(_root_, target_nfc)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    if key not in table:
+        raise ValueError(f"no calibrated tau for NFC {target_nfc} with this model/sampler/method setting in {path}; "
+                         f"run: python scripts/calibrate_tau.py <same overrides> target_nfc={target_nfc}")
+    return float(table[key]["tau"])
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("repo_root"):
+        OmegaConf.register_new_resolver("repo_root", lambda: str(ROOT))
+    if not OmegaConf.has_resolver("calibrated_tau"):
+        OmegaConf.register_new_resolver("calibrated_tau", calibrated_tau)

@@ -1,0 +1,257 @@
+"""Relational Feature Caching (RFC, ICLR 2026): relational feature estimation (RFE) and
+relational cache scheduling (RCS).
+
+Notation of the paper: at the last full step t a branch (the attention or MLP of one block) had
+input I(t) = modulate(norm(x)) and output O(t); the previous full step was t + N; a cached step is
+t - k. Here "index" is the sampler's forward-order step index, so k = index - index of the last
+full step, and N is the distance between the last two full steps.
+
+RFE: TaylorSeer's expansion gives the direction of the change, T_m(k) = sum_{i=1..m} k^i / i!
+Delta^i O(t) / N^i; the magnitude comes from how much the input moved:
+    s(t)     = ||O(t) - O(t+N)|| / ||I(t) - I(t+N)||          (re-estimated at every full step)
+    O(t - k) = O(t) + s(t) ||I(t - k) - I(t)|| T_m(k) / ||T_m(k)||
+where I(t - k) is computed from the running residual stream (cheap: a norm and a modulation).
+Norms run over tokens x channels, per sample (each row, guidance halves apart) by default.
+
+RCS: the monitored module's input is forecast by the same Taylor expansion,
+I_T(t - k) = I(t) + sum_i k^i / i! Delta^i I(t) / N^i, and the relative L1 error
+E(t - k) = ||I(t - k) - I_T(t - k)||_1 / ||I(t - k)||_1 (sums over the whole batch: one schedule per
+batch) is accumulated since the last full step. When the sum exceeds tau the step is computed in
+full. The decision is made from block 0's attention input, before the other blocks run. tau = 0
+computes every step in full.
+
+Ablation switches: ``rfe`` off = TaylorSeer's magnitude (the plain Taylor prediction); ``rcs`` off
+= TaylorSeer's fixed schedule (``warmup`` full steps, then one every ``interval``); ``magnitude``
+picks the scale of the Taylor direction: relational (RFE), linear (FasterCache-style: the last
+output change scaled by k / N) or constant (``constant_w`` times the Taylor term's own norm);
+``rcs_modules`` first (block 0's attention input, the paper's default) or all (see RelationalSchedule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rfc.cache.base import BranchInput, CacheMethod, Site
+from rfc.cache.predictors import TaylorFactors, parse_storage_dtype
+from rfc.cache.schedules import WarmupInterval, require
+from rfc.samplers.sampling import StepInfo
+
+MAGNITUDES = ("relational", "linear", "constant")
+REDUCTIONS = ("sample", "batch")
+RCS_MODULES = ("first", "all")
+FIRST = Site(0, "attn")
+
+
+def row_norm(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    """L2 norm over tokens x channels: per row (B, 1, 1) or over the whole batch (1, 1, 1)."""
+    flat = x.float().flatten(1)
+    if reduction == "sample":
+        return flat.norm(dim=1).view(-1, 1, 1)
+    return flat.norm().view(1, 1, 1)
+
+
+def relative_l1(actual: torch.Tensor, forecast: torch.Tensor) -> float:
+    """||actual - forecast||_1 / ||actual||_1 over the whole batch."""
+    return float((actual - forecast).abs().sum() / actual.abs().sum().clamp_min(1e-12))
+
+
+@dataclass
+class RelationalState:
+    """What RFE keeps for one branch: the output's Taylor factors (factors[0] = O(t)), the input at
+    the last full step, and the two scales measured between the last two full steps."""
+
+    out: TaylorFactors
+    inp: torch.Tensor | None = None  # I(t)
+    ratio: torch.Tensor | None = None  # s(t) = ||dO|| / ||dI||, (B, 1, 1) or (1, 1, 1)
+    out_change: torch.Tensor | None = None  # ||O(t) - O(t+N)||, for the linear magnitude
+    spacing: int = 0  # N: steps between the last two full steps
+
+    def update(self, out: torch.Tensor, inp: torch.Tensor | None, index: int, reduction: str,
+               dtype: torch.dtype) -> None:
+        """Record a full computation at step ``index``."""
+        if self.out.last_index is not None:
+            prev_out = self.out.factors[0]
+            self.out_change = row_norm(out - prev_out, reduction)
+            self.spacing = index - self.out.last_index
+            if inp is not None and self.inp is not None:
+                self.ratio = self.out_change / row_norm(inp - self.inp, reduction).clamp_min(1e-12)
+        self.out.update(out, index)
+        if inp is not None:
+            self.inp = inp.to(dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.out.tensors() + ([self.inp] if self.inp is not None else [])
+
+
+def relational_prediction(state: RelationalState, index: int, magnitude: str, reduction: str,
+                          inp: torch.Tensor | None = None, constant_w: float = 1.2) -> torch.Tensor:
+    """O(t - k) = O(t) + scale * T_m(k) / ||T_m(k)||, the scale given by ``magnitude``; plain reuse
+    of O(t) until two full steps exist (no direction yet)."""
+    base = state.out.factors[0].float()
+    if len(state.out.factors) < 2:
+        return base
+    taylor = state.out.predict(index) - base  # T_m(k)
+    t_norm = row_norm(taylor, reduction)
+    if magnitude == "relational":
+        if state.ratio is None or inp is None:
+            return base
+        scale = state.ratio * row_norm(inp - state.inp, reduction)
+    elif magnitude == "linear":
+        k = index - state.out.last_index
+        scale = state.out_change * (k / state.spacing)
+    else:  # constant: the Taylor term rescaled by w
+        scale = constant_w * t_norm
+    return base + scale * taylor / t_norm.clamp_min(1e-12)
+
+
+class RelationalSchedule:
+    """RCS. ``observe_full`` is told every full step's monitored inputs; ``decide`` takes block 0's
+    attention input at a candidate step and says whether to compute it in full.
+
+    With ``modules="all"`` every branch's input is forecast; the accumulated error is a sum over
+    cached steps of the mean relative error over all branches. Only block 0's input exists before
+    the blocks run, so the current step enters the decision with block 0's error, and is replaced
+    by the all-branch mean once the step has run (``end_step``).
+    """
+
+    def __init__(self, tau: float, warmup: int, order: int, modules: str, dtype: torch.dtype) -> None:
+        self.tau, self.warmup, self.order, self.modules, self.dtype = tau, warmup, order, modules, dtype
+        self.reset()
+
+    def reset(self) -> None:
+        self.forecasts: dict[Site, TaylorFactors] = {}
+        self.accumulated = 0.0
+        self.step_errors: list[float] = []  # the current cached step's per-branch errors ("all")
+        self.history: list[tuple[int, float]] = []  # (index, accumulated error) at each decision
+
+    def monitors(self, site: Site) -> bool:
+        return site == FIRST or self.modules == "all"
+
+    def observe_full(self, site: Site, inp: torch.Tensor, index: int) -> None:
+        self.forecasts.setdefault(site, TaylorFactors(self.order, self.dtype)).update(inp, index)
+
+    def error(self, site: Site, inp: torch.Tensor, index: int) -> float:
+        return relative_l1(inp, self.forecasts[site].predict(index, inp.dtype))
+
+    def decide(self, inp0: torch.Tensor, index: int) -> bool:
+        if self.tau <= 0 or index < self.warmup or FIRST not in self.forecasts:
+            self.accumulated = 0.0
+            return True
+        e0 = self.error(FIRST, inp0, index)
+        self.accumulated += e0
+        self.history.append((index, self.accumulated))
+        if self.accumulated > self.tau:
+            self.accumulated = 0.0
+            return True
+        self.step_errors = [e0]
+        return False
+
+    def observe_cached(self, site: Site, inp: torch.Tensor, index: int) -> None:
+        if self.modules == "all" and site != FIRST and site in self.forecasts:
+            self.step_errors.append(self.error(site, inp, index))
+
+    def end_cached_step(self) -> None:
+        if self.modules == "all" and self.step_errors:
+            self.accumulated += sum(self.step_errors) / len(self.step_errors) - self.step_errors[0]
+        self.step_errors = []
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for f in self.forecasts.values() for t in f.tensors()]
+
+
+class RFC(CacheMethod):
+    """Relational Feature Caching. See the module docstring for the equations and switches."""
+
+    name = "rfc"
+
+    def __init__(self, tau: float = 0.1, order: int = 2, warmup: int = 2, rfe: bool = True, rcs: bool = True,
+                 interval: int = 4, magnitude: str = "relational", constant_w: float = 1.2,
+                 rcs_modules: str = "first", norm_reduction: str = "sample", storage_dtype: str = "fp32") -> None:
+        require(isinstance(order, int) and order >= 0, f"method.order must be an integer >= 0, got {order}")
+        require(float(tau) >= 0, f"method.tau must be >= 0, got {tau}")
+        require(isinstance(warmup, int) and warmup >= 0, f"method.warmup must be an integer >= 0, got {warmup}")
+        require(magnitude in MAGNITUDES, f"method.magnitude must be one of {MAGNITUDES}, got {magnitude!r}")
+        require(rcs_modules in RCS_MODULES, f"method.rcs_modules must be one of {RCS_MODULES}, got {rcs_modules!r}")
+        require(norm_reduction in REDUCTIONS,
+                f"method.norm_reduction must be one of {REDUCTIONS}, got {norm_reduction!r}")
+        require(float(constant_w) > 0, f"method.constant_w must be > 0, got {constant_w}")
+        super().__init__()
+        self.tau, self.order, self.warmup = float(tau), order, warmup
+        self.rfe, self.rcs = bool(rfe), bool(rcs)
+        self.magnitude = magnitude if self.rfe else "taylor"
+        self.constant_w = float(constant_w)
+        self.rcs_modules, self.reduction = rcs_modules, norm_reduction
+        self.storage = storage_dtype
+        self.dtype = parse_storage_dtype(storage_dtype)
+        self.fixed = WarmupInterval(interval, warmup)  # validates interval; used when rcs is off
+        self.schedule = RelationalSchedule(self.tau, warmup, order, rcs_modules, self.dtype)
+        self.reset()
+
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether cached steps read the branch inputs (RFE's relational magnitude does)."""
+        return self.magnitude == "relational"
+
+    def reset(self) -> None:
+        super().reset()
+        self.fixed.reset()
+        self.schedule.reset()
+        self.states: dict[Site, RelationalState] = {}
+        self.pending = False
+
+    # ---- schedule -----------------------------------------------------------------------------
+    def begin_step(self, step: StepInfo) -> None:
+        if self.rcs:
+            self.step, self.pending = step, True  # decided at block 0's attention input
+        else:
+            super().begin_step(step)
+
+    def decide(self, step: StepInfo) -> bool:
+        return self.fixed(step)
+
+    def end_step(self, step: StepInfo) -> None:
+        if self.rcs and not self.full:
+            self.schedule.end_cached_step()
+        super().end_step(step)
+
+    def _decide_now(self, inp0: torch.Tensor) -> None:
+        self.pending = False
+        self.full = self.schedule.decide(inp0, self.step.index)
+        self.count_step(self.step, self.full)
+
+    # ---- branches ------------------------------------------------------------------------------
+    def branch(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
+        if self.pending:
+            self._decide_now(inp.full())
+        index = self.step.index
+        if self.full:
+            x_in = inp.full()
+            out = self.run_full(site, module, x_in)
+            state = self.states.setdefault(site, RelationalState(TaylorFactors(self.order, self.dtype)))
+            state.update(out, x_in if self.needs_inputs else None, index, self.reduction, self.dtype)
+            if self.rcs and self.schedule.monitors(site):
+                self.schedule.observe_full(site, x_in, index)
+            return out
+        self._stats.cached_sites += 1
+        state = self.states[site]
+        if self.rcs and self.rcs_modules == "all" and site != FIRST:
+            self.schedule.observe_cached(site, inp.full(), index)
+        if self.magnitude == "taylor":
+            return state.out.predict(index, inp.x.dtype)
+        x_now = inp.full() if self.needs_inputs else None
+        return relational_prediction(state, index, self.magnitude, self.reduction, x_now,
+                                     self.constant_w).to(inp.x.dtype)
+
+    def cache_tensors(self) -> Iterable[torch.Tensor]:
+        for state in self.states.values():
+            yield from state.tensors()
+        yield from self.schedule.tensors()
+
+    def params(self) -> dict[str, object]:
+        return {"tau": self.tau, "order": self.order, "warmup": self.warmup, "rfe": self.rfe, "rcs": self.rcs,
+                "interval": self.fixed.interval, "magnitude": self.magnitude, "constant_w": self.constant_w,
+                "rcs_modules": self.rcs_modules, "norm_reduction": self.reduction, "storage_dtype": self.storage}

@@ -1,0 +1,50 @@
+"""Find the RFC threshold tau that gives a target mean NFC, and record it.
+
+    python scripts/calibrate_tau.py model=dit-tiny target_nfc=14
+    python scripts/calibrate_tau.py model=dit-xl target_nfc=8 calibration.num_samples=256
+
+Takes the same overrides as run.py (model, sampler, cfg_scale, method.* of RFC), bisects tau on a
+calibration set of seeds (calibration.seed ...) until the mean NFC is within calibration.tolerance
+of the target, prints the tau and the override to use, and records it in
+results/tau_calibration.json, where ``method.tau='${calibrated_tau:14}'`` finds it in a sweep.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rfc.config import register_resolvers  # noqa: E402
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="calibrate")
+def main(cfg: DictConfig) -> None:
+    from rfc.calibration import calibrate, save_calibration
+    from rfc.models.load import CheckpointError, MissingAssetError
+
+    c = cfg.calibration
+    try:
+        result = calibrate(cfg, float(cfg.target_nfc), int(c.num_samples), int(c.batch_size), int(c.seed),
+                           float(c.tolerance), HydraConfig.get().runtime.output_dir)
+    except (MissingAssetError, CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    for tau, nfc in result.trials:
+        print(f"  tau {tau:.6g} -> mean NFC {nfc:.2f}")
+    path, _ = save_calibration(cfg, result, int(c.num_samples), int(c.seed))
+    status = "within" if result.within_tolerance else "NOT within"
+    print(f"tau = {result.tau:.6g}: mean NFC {result.nfc:.2f} ({status} +-{c.tolerance} of {cfg.target_nfc})")
+    print(f"use: method.tau={result.tau:.6g}   (recorded in {path})")
+    if not result.within_tolerance:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
