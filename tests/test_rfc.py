@@ -157,3 +157,26 @@ def test_missing_calibration_is_a_clear_error(make_cfg, tmp_path):
     cfg = make_cfg("method=rfc", "method.tau=${calibrated_tau:14}", f"paths.results={tmp_path}")
     with pytest.raises(ValueError, match="calibrate_tau.py"):
         plan_run(cfg, tmp_path / "out")
+
+
+def test_diagnostics_command_writes_csvs_and_plots(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "diag"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "diagnostics.py"), "target_nfc=14",
+                           "diagnostics.num_samples=4", "diagnostics.batch_size=4",
+                           "diagnostics.calibration_samples=8", f"diagnostics.out_dir={out}",
+                           f"paths.outputs={tmp_path}/outputs"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("module_errors", "ratio", "error_curves"):
+        assert (out / f"{name}.csv").stat().st_size > 100 and (out / f"{name}.png").stat().st_size > 1000
+    summary = json.loads((out / "summary.json").read_text())
+    labels = list(summary["methods"])
+    assert [label.split()[0] for label in labels] == ["fora", "taylorseer", "rfc"]
+    assert all(abs(v["nfc"] - 14) <= 1 for v in summary["methods"].values())
+    import csv
+
+    rows = list(csv.DictReader((out / "module_errors.csv").open()))
+    assert len(rows) == 3 * 12 and {r["module"] for r in rows} == {str(i) for i in range(12)}
