@@ -13,7 +13,7 @@ from filelock import FileLock
 from rfc.record import RunRecord
 
 
-def _cell(value: object) -> str:
+def cell(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
@@ -25,7 +25,7 @@ def append_csv(path: str | Path, record: RunRecord) -> Path:
     """Append ``record`` as one row of ``path``, creating the file with a header if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    row = {k: _cell(v) for k, v in record.as_dict().items()}
+    row = {k: cell(v) for k, v in record.as_dict().items()}
     with FileLock(str(path) + ".lock", timeout=120):
         if path.exists() and path.stat().st_size > 0:
             with path.open(newline="") as f:

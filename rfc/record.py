@@ -59,7 +59,10 @@ class RunRecord:
     cache_bytes: int | None = None  # peak bytes held by the method (whole batch)
     latency_s: float | None = None  # median seconds of the sampling loop per batch
     latency_spread_s: float | None = None  # max - min over timed batches
-    images_per_s: float | None = None
+    timed_batches: int | None = None  # batches behind the latency figures (warm-up excluded)
+    images_per_s: float | None = None  # over the timed batches, sampling loop only
+    vae_latency_s: float | None = None  # median seconds decoding one batch (not in latency_s)
+    peak_memory_gb: float | None = None  # peak GPU memory allocated while sampling
     fid: float | None = None
     sfid: float | None = None
     inception_score: float | None = None
@@ -67,6 +70,8 @@ class RunRecord:
     recall: float | None = None
     fid2fc: float | None = None
     sfid2fc: float | None = None
+    psnr: float | None = None  # mean per-image PSNR (dB) against full compute, same noise
+    ssim: float | None = None  # mean per-image SSIM against full compute
     class_acc: float | None = None  # domain classifier's agreement with the conditioning labels
     extractor: str | None = None  # feature space of fid / sfid
     reference: str | None = None  # what fid is measured against
@@ -75,6 +80,7 @@ class RunRecord:
     dtype: str | None = None
     torch_version: str | None = None
     output_dir: str | None = None
+    notes: str | None = None  # why a metric is missing, what the paired metrics compare with
 
     @classmethod
     def columns(cls) -> list[str]:

@@ -7,9 +7,11 @@ first sample is drawn, so a mistake costs seconds, not a sampling job.
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +22,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from eval.extractors import get_extractor
-from eval.fid import feature_statistics, frechet_distance
-from eval.loggers import append_csv
-from rfc.cache import CacheMethod, MethodStats
+from eval.extractors import check_reference, get_extractor, resolve_reference
+from eval.fid import frechet_distance
+from eval.loggers import append_csv, cell
+from eval.metrics import psnr_ssim
+from eval.stats import quality_metrics, save_stats, stats_of
+from rfc.cache import CacheMethod, MethodStats, NoCache
 from rfc.images import save_grid, to_uint8_nhwc
 from rfc.models.dit import DiT, DiTConfig, dit_config
 from rfc.models.load import build_dit, require_file
@@ -113,6 +117,13 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     extractor = str(ev.extractor) if score else None
     if score:
         get_extractor(extractor).check(paths)
+        check_reference(str(ev.reference))
+    if int(ev.warmup_batches) < 0:
+        raise ValueError(f"eval.warmup_batches must be >= 0, got {ev.warmup_batches}")
+    if ev.paired is False:  # YAML reads a bare off as false
+        ev.paired = "off"
+    if str(ev.paired) not in ("auto", "find", "off"):
+        raise ValueError(f"eval.paired must be auto, find or off, got {ev.paired!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return RunPlan(cfg, device, dit, int(ev.num_samples), int(ev.batch_size), score, extractor, out, method,
@@ -142,41 +153,71 @@ class SampleSet:
     labels: np.ndarray  # int64 (N,)
     stats: list[MethodStats]  # per batch: the method's accounting (per sample)
     latencies: list[float]  # per batch: seconds in the sampling loop (VAE excluded)
+    vae_latencies: list[float] = field(default_factory=list)  # per batch: seconds decoding
+    warmup: int = 0  # leading batches excluded from the latency figures
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _Clock:
+    """Wall time of a region: CUDA events on a GPU (no host sync inside the region), perf_counter
+    on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> _Clock:
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1000
+        else:
+            self.seconds = time.perf_counter() - self.t0
 
 
 @torch.no_grad()
 def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
              indices: range, batch_size: int, device: torch.device, vae: torch.nn.Module | None = None,
-             progress: bool = True) -> SampleSet:
-    """Sample ``indices`` in batches; sample i's label and noise come from stream (seed, i)."""
+             progress: bool = True, warmup_batches: int = 0) -> SampleSet:
+    """Sample ``indices`` in batches; sample i's label and noise come from stream (seed, i).
+
+    Latency: the first ``warmup_batches`` batches are excluded from the timing figures (they pay
+    one-time allocation, kernel selection and caching costs); when there are not more batches than
+    that, the first batch is run that many extra times, untimed and discarded, before sampling."""
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    images, labels, stats, latencies = [], [], [], []
+    starts = list(range(0, len(indices), batch_size))
+    extra = warmup_batches if len(starts) <= warmup_batches else 0
+    images, labels, stats, latencies, vae_latencies = [], [], [], [], []
     bar = tqdm(total=len(indices), unit="img", desc="sampling", disable=not progress)
-    for start in range(0, len(indices), batch_size):
+    for i, start in enumerate([starts[0]] * extra + starts):
         batch = indices[start : start + batch_size]
         streams = SampleStreams(seed, batch, device)
         y = streams.labels(cfg.num_classes)
         x = streams.randn(shape)
         method.reset()
-        _sync(device)
-        t0 = time.perf_counter()
-        x = sampler.sample(denoiser, x, y, noise=streams.noise_source(shape), listener=method)
-        _sync(device)
-        latencies.append(time.perf_counter() - t0)
+        with _Clock(device) as clock:
+            x = sampler.sample(denoiser, x, y, noise=streams.noise_source(shape), listener=method)
+        if i < extra:
+            continue  # an untimed warm-up pass: nothing kept
+        latencies.append(clock.seconds)
         stats.append(method.stats())
         if vae is not None:
-            x = decode(vae, x)
+            with _Clock(device) as vae_clock:
+                x = decode(vae, x)
+            vae_latencies.append(vae_clock.seconds)
         images.append(to_uint8_nhwc(x))
         labels.append(y.cpu().numpy())
         bar.update(len(batch))
     bar.close()
-    return SampleSet(np.concatenate(images), np.concatenate(labels).astype(np.int64), stats, latencies)
+    return SampleSet(np.concatenate(images), np.concatenate(labels).astype(np.int64), stats, latencies,
+                     vae_latencies, warmup=0 if extra else min(warmup_batches, len(starts) - 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,10 +225,9 @@ def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheM
 # --------------------------------------------------------------------------------------------
 
 
-def _timed_median(latencies: list[float]) -> tuple[float, float]:
-    """Median and spread of the batch latencies, the first batch excluded as warm-up when
-    there are several (it pays one-time allocation and kernel-selection costs)."""
-    timed = latencies[1:] if len(latencies) > 1 else latencies
+def _timed_median(latencies: list[float], warmup: int) -> tuple[float, float]:
+    """Median and spread (max - min) of the timed batches' latencies."""
+    timed = latencies[warmup:]
     return statistics.median(timed), max(timed) - min(timed)
 
 
@@ -206,12 +246,19 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True) -> RunRecor
     denoiser = CFGDenoiser(model, float(cfg.cfg_scale), null_class=plan.dit.num_classes,
                            guided_channels=int(m.guided_channels))
 
-    method.attach(model)
-    try:
-        samples = generate(model, sampler, denoiser, method, seed=int(cfg.seed), indices=range(plan.num_samples),
-                           batch_size=plan.batch_size, device=device, vae=vae, progress=progress)
-    finally:
-        method.detach()
+    def sample_with(meth: CacheMethod, show: bool) -> SampleSet:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        meth.attach(model)
+        try:
+            return generate(model, sampler, denoiser, meth, seed=int(cfg.seed), indices=range(plan.num_samples),
+                            batch_size=plan.batch_size, device=device, vae=vae, progress=show,
+                            warmup_batches=int(cfg.eval.warmup_batches))
+        finally:
+            meth.detach()
+
+    samples = sample_with(method, progress)
+    peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
     npz_path = plan.out_dir / "samples.npz"
     np.savez(npz_path, arr_0=samples.images, arr_1=samples.labels)  # ADM layout: images, labels
@@ -227,7 +274,8 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True) -> RunRecor
 
     d = plan.dit
     flops = [s.flops(denoiser.batch_multiplier, d.num_tokens, d.hidden_size, d.num_heads) for s in samples.stats]
-    latency, spread = _timed_median(samples.latencies)
+    latency, spread = _timed_median(samples.latencies, samples.warmup)
+    timed = samples.latencies[samples.warmup :]
     record = RunRecord(
         git_sha=git_sha(REPO_ROOT), model=str(m.name), arch=str(m.get("arch") or "custom"),
         image_size=int(m.image_size), method=method.name, method_params=json.dumps(method.params(), sort_keys=True),
@@ -239,12 +287,15 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True) -> RunRecor
         cached_sites=mean([s.cached_sites for s in samples.stats]),
         partial_sites=mean([s.partial_sites for s in samples.stats]),
         cache_bytes=max(s.cache_bytes_peak for s in samples.stats),
-        latency_s=latency, latency_spread_s=spread, images_per_s=plan.num_samples / sum(samples.latencies),
+        latency_s=latency, latency_spread_s=spread, timed_batches=len(timed),
+        images_per_s=sum(weights[samples.warmup :]) / sum(timed),
+        vae_latency_s=statistics.median(samples.vae_latencies) if samples.vae_latencies else None,
+        peak_memory_gb=peak_gb,
         vae=None if m.vae == "none" else f"sd-vae-ft-{m.vae}" + ("" if m.vae_pretrained else " (random)"),
         device=_device_name(device), dtype="fp32", torch_version=torch.__version__, output_dir=str(plan.out_dir),
     )
     if plan.score:
-        record = score(record, samples, plan)
+        record = score(record, samples, plan, lambda: sample_with(NoCache(), False).images)
 
     (plan.out_dir / "record.json").write_text(json.dumps(record.as_dict(), indent=2) + "\n")
     csv_path = append_csv(plan.paths["runs_csv"], record)
@@ -252,17 +303,71 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True) -> RunRecor
     return record
 
 
-def score(record: RunRecord, samples: SampleSet, plan: RunPlan) -> RunRecord:
-    """Quality metrics in the extractor's feature space against its reference set."""
+PAIRING_COLUMNS = ("model", "arch", "image_size", "sampler", "respacing", "num_steps", "cfg_scale",
+                   "guided_channels", "seed", "num_samples", "vae", "extractor")
+
+
+def find_full_compute(record: RunRecord, runs_csv: str | Path) -> Path | None:
+    """Output folder of the latest full-compute run with the same model, sampler, guidance, seeds
+    and sample count (so sample i of both sets started from the same noise), with its files."""
+    path = Path(runs_csv)
+    if not path.exists():
+        return None
+    want = {c: cell(getattr(record, c)) for c in PAIRING_COLUMNS}
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("method") == "none"
+                and all(r.get(c, "") == v for c, v in want.items())]
+    for row in reversed(rows):
+        folder = Path(row.get("output_dir") or "")
+        if (folder / "samples.npz").exists() and (folder / "stats.npz").exists():
+            return folder
+    return None
+
+
+def score(record: RunRecord, samples: SampleSet, plan: RunPlan,
+          full_compute: Callable[[], np.ndarray]) -> RunRecord:
+    """Quality metrics against the reference, and paired metrics against full compute."""
     spec = get_extractor(plan.extractor)
     extract = spec.build(plan.paths, str(plan.device))
-    out = extract(samples.images)
-    record.extractor, record.reference = spec.name, spec.reference
-    if spec.reference_images is not None:
-        ref = extract(spec.reference_images())
-        record.fid = frechet_distance(*feature_statistics(out["features"]), *feature_statistics(ref["features"]))
-    if "predictions" in out:
-        record.class_acc = float((out["predictions"] == samples.labels).mean())
+    feats = extract(samples.images)
+    ref = resolve_reference(str(plan.cfg.eval.reference), spec, extract)
+    reason = "the Inception weights have no logits layer" if spec.name.startswith("inception") else None
+    q = quality_metrics(feats, ref, reason)
+    record.extractor, record.reference = spec.name, ref.name
+    record.fid, record.sfid, record.inception_score = q["fid"], q["sfid"], q["inception_score"]
+    record.precision, record.recall = q["precision"], q["recall"]
+    notes = [q["notes"]] if q["notes"] else []
+    if "predictions" in feats:
+        record.class_acc = float((feats["predictions"] == samples.labels).mean())
+    save_stats(plan.out_dir / "stats.npz", feats, spec.name)
+
+    mode = str(plan.cfg.eval.paired)
+    pair_images, pair_stats = None, None
+    if record.method == "none":
+        pair_images, pair_stats = samples.images, stats_of(feats)  # full compute is its own pair
+    elif mode != "off":
+        folder = find_full_compute(record, plan.paths["runs_csv"])
+        if folder is not None:
+            pair_images = np.load(folder / "samples.npz")["arr_0"]
+            with np.load(folder / "stats.npz") as st:
+                pair_stats = {k: st[k] for k in st.files if k.startswith(("mu", "sigma"))}
+            notes.append(f"paired with {folder}")
+        elif mode == "auto":
+            pair_images = full_compute()
+            pair_feats = extract(pair_images)
+            pair_dir = plan.out_dir / "full_compute"
+            pair_dir.mkdir(exist_ok=True)
+            np.savez(pair_dir / "samples.npz", arr_0=pair_images, arr_1=samples.labels)
+            save_stats(pair_dir / "stats.npz", pair_feats, spec.name)
+            pair_stats = stats_of(pair_feats)
+            notes.append("full-compute pair generated on demand")
+    if pair_stats is not None:
+        own = stats_of(feats)
+        record.fid2fc = frechet_distance(own["mu"], own["sigma"], pair_stats["mu"], pair_stats["sigma"])
+        if "mu_s" in own and "mu_s" in pair_stats:
+            record.sfid2fc = frechet_distance(own["mu_s"], own["sigma_s"], pair_stats["mu_s"], pair_stats["sigma_s"])
+        record.psnr, record.ssim = psnr_ssim(samples.images, pair_images)
+    record.notes = "; ".join(notes) or None
     return record
 
 

@@ -98,7 +98,7 @@ def test_cli_random_dit_s_runs_the_whole_pipeline(tmp_path):
     assert images.shape == (2, 256, 256, 3) and images.dtype == np.uint8
 
 
-def test_scored_imagenet_run_without_an_extractor_says_so_before_sampling(make_cfg, tmp_path):
+def test_scored_imagenet_run_without_inception_weights_says_so_before_sampling(make_cfg, tmp_path):
     ckpt = tmp_path / "DiT-S-2-256x256.pt"
     ckpt.write_bytes(b"")  # present; never read, because planning fails first
     vae = tmp_path / "assets" / "sd-vae-ft-ema"
@@ -106,5 +106,5 @@ def test_scored_imagenet_run_without_an_extractor_says_so_before_sampling(make_c
     (vae / "config.json").write_text("{}")
     (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     cfg = make_cfg("model=dit-s", f"model.checkpoint={ckpt}", f"paths.assets={tmp_path / 'assets'}")
-    with pytest.raises(ValueError, match="'inception' is not available.*eval.score=false"):
+    with pytest.raises(MissingAssetError, match="Inception weights.*fetch_assets.py inception"):
         plan_run(cfg, tmp_path / "out")
