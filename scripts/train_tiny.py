@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import platform
 import sys
@@ -33,15 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from eval.digits import DigitsClassifier, digits_to_unit, load_digits_uint8  # noqa: E402
+from rfc.files import file_digest  # noqa: E402
 from rfc.models.dit import DiT, DiTConfig  # noqa: E402
 from rfc.samplers.diffusion import GaussianDiffusion  # noqa: E402
 
 TINY_CONFIG = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=128, depth=6, num_heads=4,
                         class_dropout_prob=0.1, num_classes=10, learn_sigma=True)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def random_shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -154,7 +150,7 @@ def main() -> None:
                 "handwritten digits, test set), pixel values 0..16 scaled to [-1, 1]",
         "classifier": clf_stats,
         "dit": dit_stats,
-        "files": {dit_path.name: sha256(dit_path), clf_path.name: sha256(clf_path)},
+        "files": {dit_path.name: file_digest(dit_path), clf_path.name: file_digest(clf_path)},
         "torch_version": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }
