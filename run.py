@@ -25,7 +25,9 @@ def main(cfg: DictConfig) -> None:
     from rfc.runner import run
 
     try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
+        hc = HydraConfig.get()
+        sweep = hc.sweep.dir if hc.mode.name == "MULTIRUN" else None
+        run(cfg, hc.runtime.output_dir, sweep=sweep)
     except (MissingAssetError, CheckpointError, ValueError) as err:
         # Configuration and asset problems: one clear line, no traceback, non-zero exit.
         print(f"error: {err}", file=sys.stderr)

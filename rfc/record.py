@@ -38,6 +38,9 @@ class RunRecord:
     run_id: str = field(default_factory=new_run_id)
     time: str = field(default_factory=_now)
     git_sha: str | None = None
+    experiment: str | None = None  # experiment preset (configs/experiment) the run belongs to
+    variant: str | None = None  # the row's label in that experiment's tables ("TaylorSeer N=4 m=2")
+    sweep: str | None = None  # Hydra multirun folder: rows of one sweep share it
     model: str | None = None
     arch: str | None = None
     image_size: int | None = None

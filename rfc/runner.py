@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from eval.extractors import check_reference, get_extractor, resolve_reference
 from eval.fid import frechet_distance
-from eval.loggers import append_csv, cell
+from eval.loggers import build_loggers, cell
 from eval.metrics import psnr_ssim
 from eval.stats import quality_metrics, save_stats, stats_of
 from rfc.cache import CacheMethod, MethodStats, NoCache
@@ -231,9 +231,10 @@ def _timed_median(latencies: list[float], warmup: int) -> tuple[float, float]:
     return statistics.median(timed), max(timed) - min(timed)
 
 
-def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True) -> RunRecord:
-    """Execute one configured run and append its row to ``paths.runs_csv``."""
+def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str | None = None) -> RunRecord:
+    """Execute one configured run and hand its row to the configured loggers (CSV, W&B)."""
     plan = plan_run(cfg, out_dir)
+    loggers = build_loggers(cfg, sweep)  # fails fast, e.g. W&B online without a login
     m, device = cfg.model, plan.device
     torch.set_grad_enabled(False)
 
@@ -277,7 +278,8 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True) -> RunRecor
     latency, spread = _timed_median(samples.latencies, samples.warmup)
     timed = samples.latencies[samples.warmup :]
     record = RunRecord(
-        git_sha=git_sha(REPO_ROOT), model=str(m.name), arch=str(m.get("arch") or "custom"),
+        git_sha=git_sha(REPO_ROOT), experiment=cfg.get("experiment_name"), variant=cfg.get("variant_name"),
+        sweep=sweep, model=str(m.name), arch=str(m.get("arch") or "custom"),
         image_size=int(m.image_size), method=method.name, method_params=json.dumps(method.params(), sort_keys=True),
         sampler=sampler.name, respacing=sampler.respacing, num_steps=sampler.num_steps,
         cfg_scale=float(cfg.cfg_scale), guided_channels=int(m.guided_channels), seed=int(cfg.seed),
@@ -298,8 +300,9 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True) -> RunRecor
         record = score(record, samples, plan, lambda: sample_with(NoCache(), False).images)
 
     (plan.out_dir / "record.json").write_text(json.dumps(record.as_dict(), indent=2) + "\n")
-    csv_path = append_csv(plan.paths["runs_csv"], record)
-    print(f"samples: {npz_path}\ngrid:    {grid_path}\nrow:     {csv_path} (run_id {record.run_id})")
+    print(f"samples: {npz_path}\ngrid:    {grid_path}")
+    for logger in loggers:
+        print(logger.log(record, plan.out_dir))
     return record
 
 
