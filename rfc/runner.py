@@ -96,6 +96,12 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
         raise ValueError(f"eval.batch_size must be >= 1, got {ev.batch_size}")
     if int(cfg.seed) < 0:
         raise ValueError(f"seed must be >= 0, got {cfg.seed}")
+    if int(ev.warmup_batches) < 0:
+        raise ValueError(f"eval.warmup_batches must be >= 0, got {ev.warmup_batches}")
+    if ev.paired is False:  # YAML reads a bare off as false
+        ev.paired = "off"
+    if str(ev.paired) not in ("auto", "find", "off"):
+        raise ValueError(f"eval.paired must be auto, find or off, got {ev.paired!r}")
     dit = model_config(m)
     if int(m.guided_channels) < 1 or int(m.guided_channels) > dit.in_channels:
         raise ValueError(f"model.guided_channels must be in 1..{dit.in_channels}, got {m.guided_channels}")
@@ -118,12 +124,6 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     if score:
         get_extractor(extractor).check(paths)
         check_reference(str(ev.reference))
-    if int(ev.warmup_batches) < 0:
-        raise ValueError(f"eval.warmup_batches must be >= 0, got {ev.warmup_batches}")
-    if ev.paired is False:  # YAML reads a bare off as false
-        ev.paired = "off"
-    if str(ev.paired) not in ("auto", "find", "off"):
-        raise ValueError(f"eval.paired must be auto, find or off, got {ev.paired!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return RunPlan(cfg, device, dit, int(ev.num_samples), int(ev.batch_size), score, extractor, out, method,

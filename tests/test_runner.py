@@ -59,6 +59,8 @@ def test_two_runs_same_seed_identical_and_rows_accumulate(make_cfg, tmp_path):
     ("eval.batch_size=-1", "batch_size"),
     ("model.guided_channels=2", "guided_channels"),
     ("model.vae=xyz", "model.vae"),
+    ("eval.warmup_batches=-1", "eval.warmup_batches"),
+    ("eval.paired=sometimes", "eval.paired"),
 ])
 def test_bad_settings_fail_before_any_work(make_cfg, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
