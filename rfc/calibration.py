@@ -21,9 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rfc.cache import CacheMethod
 from rfc.config import CALIBRATION_FILE, tau_key
-from rfc.models.load import build_dit
-from rfc.runner import build, generate, plan_run
-from rfc.samplers.sampling import CFGDenoiser
+from rfc.runner import batch_sizes, build, build_model, generate, plan_run
 
 
 @dataclass
@@ -72,11 +70,7 @@ def calibrate(cfg: DictConfig, target: float, num_samples: int, batch_size: int,
               tolerance: float = 0.5, out_dir: str | Path = "outputs/calibration") -> Calibration:
     """Calibrate ``method.tau`` of the composed config (an RFC method) on seeds ``seed`` ..."""
     plan = plan_run(cfg, out_dir)
-    m = cfg.model
-    model = build_dit(plan.dit, m.checkpoint if m.pretrained else None, init=m.init, seed=int(cfg.seed))
-    model = model.to(plan.device)
-    denoiser = CFGDenoiser(model, float(cfg.cfg_scale), null_class=plan.dit.num_classes,
-                           guided_channels=int(m.guided_channels))
+    model, denoiser = build_model(plan)
     base = OmegaConf.to_container(cfg.method, resolve=False)
     base.pop("tau", None)
 
@@ -90,7 +84,7 @@ def calibrate(cfg: DictConfig, target: float, num_samples: int, batch_size: int,
                                    progress=False)
         finally:
             method.detach()
-        sizes = [min(batch_size, num_samples - s) for s in range(0, num_samples, batch_size)]
+        sizes = batch_sizes(num_samples, batch_size)
         return float(np.average([s.full_steps for s in samples.stats], weights=sizes))
 
     return bisect_tau(nfc_of, target, tolerance)

@@ -130,6 +130,16 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
                    sampler, paths)
 
 
+def build_model(plan: RunPlan) -> tuple[DiT, CFGDenoiser]:
+    """The planned DiT on its device (checkpoint or random init) and its guidance wrapper."""
+    m = plan.cfg.model
+    model = build_dit(plan.dit, m.checkpoint if m.pretrained else None, init=m.init, seed=int(plan.cfg.seed))
+    model = model.to(plan.device)
+    denoiser = CFGDenoiser(model, float(plan.cfg.cfg_scale), null_class=plan.dit.num_classes,
+                           guided_channels=int(m.guided_channels))
+    return model, denoiser
+
+
 def build(node: DictConfig, group: str, **kwargs: object) -> object:
     """Instantiate a config group's ``_target_``; a constructor's validation error comes out as
     the ValueError it raised (naming the key), not wrapped in Hydra's exception."""
@@ -238,14 +248,12 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
     m, device = cfg.model, plan.device
     torch.set_grad_enabled(False)
 
-    model = build_dit(plan.dit, m.checkpoint if m.pretrained else None, init=m.init, seed=int(cfg.seed)).to(device)
+    model, denoiser = build_model(plan)
     vae = None
     if m.vae != "none":
         vae = load_vae(vae_folder(plan.paths["assets"], m.vae)) if m.vae_pretrained else random_vae(int(cfg.seed))
         vae = vae.to(device)
     method, sampler = plan.method, plan.sampler
-    denoiser = CFGDenoiser(model, float(cfg.cfg_scale), null_class=plan.dit.num_classes,
-                           guided_channels=int(m.guided_channels))
 
     def sample_with(meth: CacheMethod, show: bool) -> SampleSet:
         if device.type == "cuda":
@@ -268,7 +276,7 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
                  for b, s in enumerate(samples.stats)]  # forward-order indices of the full steps
     (plan.out_dir / "schedules.json").write_text(json.dumps(schedules) + "\n")
 
-    weights = _batch_sizes(plan.num_samples, plan.batch_size)
+    weights = batch_sizes(plan.num_samples, plan.batch_size)
 
     def mean(values: list[float]) -> float:
         return float(np.average(values, weights=weights))
@@ -374,7 +382,8 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan,
     return record
 
 
-def _batch_sizes(n: int, batch_size: int) -> list[int]:
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """Sizes of the batches that split n samples (the last may be smaller): weights for means."""
     return [min(batch_size, n - s) for s in range(0, n, batch_size)]
 
 

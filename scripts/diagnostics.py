@@ -49,9 +49,7 @@ def main(cfg: DictConfig) -> None:
     from baselines.taylorseer import TaylorSeer
     from rfc.calibration import calibrate
     from rfc.diagnostics import Probe, write_outputs
-    from rfc.models.load import build_dit
-    from rfc.runner import build, generate, plan_run
-    from rfc.samplers.sampling import CFGDenoiser
+    from rfc.runner import build, build_model, generate, plan_run
 
     d, target = cfg.diagnostics, float(cfg.target_nfc)
     work = Path(HydraConfig.get().runtime.output_dir)
@@ -66,10 +64,7 @@ def main(cfg: DictConfig) -> None:
     methods = [(f"fora N={n_fora}", FORA(n_fora)), (f"taylorseer N={n_ts} m={order}", TaylorSeer(n_ts, order)),
                (f"rfc tau={cal.tau:.4g}", build(rfc_cfg, "method"))]
 
-    m = cfg.model
-    model = build_dit(plan.dit, m.checkpoint if m.pretrained else None, init=m.init, seed=int(cfg.seed))
-    model = model.to(plan.device)
-    denoiser = CFGDenoiser(model, float(cfg.cfg_scale), plan.dit.num_classes, int(m.guided_channels))
+    model, denoiser = build_model(plan)
     records = []
     for label, method in methods:
         method.attach(model)
@@ -87,7 +82,7 @@ def main(cfg: DictConfig) -> None:
 
     out_dir = Path(d.out_dir)
     summary = write_outputs(records, out_dir, plan.dit.depth)
-    summary.update(model=str(m.name), sampler=plan.sampler.name, num_steps=steps, target_nfc=target,
+    summary.update(model=str(cfg.model.name), sampler=plan.sampler.name, num_steps=steps, target_nfc=target,
                    num_samples=int(d.num_samples), seed=int(d.seed), tau=cal.tau, device=str(plan.device),
                    torch_version=torch.__version__)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
