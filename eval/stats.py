@@ -40,11 +40,13 @@ def stats_of(feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def save_stats(path: str | Path, feats: dict[str, np.ndarray], extractor: str) -> Path:
-    """Write ADM-layout statistics of a feature set (atomically), reusable as a reference."""
+def save_stats(path: str | Path, feats: dict[str, np.ndarray], extractor: str,
+               stats: dict[str, np.ndarray] | None = None) -> Path:
+    """Write ADM-layout statistics of a feature set (atomically), reusable as a reference;
+    ``stats`` = stats_of(feats) when the caller already has them."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **stats_of(feats), features=feats["features"], extractor=np.array(extractor))
+    np.savez(tmp, **(stats or stats_of(feats)), features=feats["features"], extractor=np.array(extractor))
     os.replace(tmp, path)
     return path
 
@@ -79,17 +81,25 @@ def reference_from_features(name: str, feats: dict[str, np.ndarray]) -> Referenc
     return Reference(name, st["mu"], st["sigma"], st.get("mu_s"), st.get("sigma_s"), feats["features"])
 
 
-def quality_metrics(feats: dict[str, np.ndarray], ref: Reference, has_logits_reason: str | None = None
-                    ) -> dict[str, object]:
-    """fid, sfid, inception_score, precision, recall (None where not computable) and notes."""
-    st = stats_of(feats)
-    if st["mu"].shape != ref.mu.shape:
-        raise ValueError(f"feature sizes differ: samples {st['mu'].shape} vs reference {ref.mu.shape}")
-    out: dict[str, object] = {"fid": frechet_distance(st["mu"], st["sigma"], ref.mu, ref.sigma),
-                              "sfid": None, "inception_score": None, "precision": None, "recall": None}
+def distances(st: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> tuple[float, float | None]:
+    """(FID, sFID) between two statistics dicts; sFID None unless both have spatial statistics."""
+    if st["mu"].shape != other["mu"].shape:
+        raise ValueError(f"feature sizes differ: {st['mu'].shape} vs {other['mu'].shape}")
+    fid = frechet_distance(st["mu"], st["sigma"], other["mu"], other["sigma"])
+    if st.get("mu_s") is None or other.get("mu_s") is None:
+        return fid, None
+    return fid, frechet_distance(st["mu_s"], st["sigma_s"], other["mu_s"], other["sigma_s"])
+
+
+def quality_metrics(feats: dict[str, np.ndarray], ref: Reference, has_logits_reason: str | None = None,
+                    stats: dict[str, np.ndarray] | None = None) -> dict[str, object]:
+    """fid, sfid, inception_score, precision, recall (None where not computable) and notes;
+    ``stats`` = stats_of(feats) when the caller already has them."""
+    st = stats or stats_of(feats)
+    fid, sfid = distances(st, {"mu": ref.mu, "sigma": ref.sigma, "mu_s": ref.mu_s, "sigma_s": ref.sigma_s})
+    out: dict[str, object] = {"fid": fid, "sfid": sfid, "inception_score": None, "precision": None,
+                              "recall": None}
     notes = []
-    if "mu_s" in st and ref.mu_s is not None:
-        out["sfid"] = frechet_distance(st["mu_s"], st["sigma_s"], ref.mu_s, ref.sigma_s)
     n = len(feats["features"])
     if "logits" in feats and n >= IS_SPLITS:
         out["inception_score"] = inception_score(feats["logits"], IS_SPLITS)

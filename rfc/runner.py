@@ -23,10 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from eval.extractors import check_reference, get_extractor, resolve_reference
-from eval.fid import frechet_distance
 from eval.loggers import build_loggers, cell
 from eval.metrics import psnr_ssim
-from eval.stats import quality_metrics, save_stats, stats_of
+from eval.stats import distances, quality_metrics, save_stats, stats_of
 from rfc.cache import CacheMethod, MethodStats, NoCache
 from rfc.images import save_grid, to_uint8_nhwc
 from rfc.models.dit import DiT, DiTConfig, dit_config
@@ -343,19 +342,20 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan,
     feats = extract(samples.images)
     ref = resolve_reference(str(plan.cfg.eval.reference), spec, extract)
     reason = "the Inception weights have no logits layer" if spec.name.startswith("inception") else None
-    q = quality_metrics(feats, ref, reason)
+    own = stats_of(feats)  # computed once: metrics, stats.npz and the paired distances share it
+    q = quality_metrics(feats, ref, reason, own)
     record.extractor, record.reference = spec.name, ref.name
     record.fid, record.sfid, record.inception_score = q["fid"], q["sfid"], q["inception_score"]
     record.precision, record.recall = q["precision"], q["recall"]
     notes = [q["notes"]] if q["notes"] else []
     if "predictions" in feats:
         record.class_acc = float((feats["predictions"] == samples.labels).mean())
-    save_stats(plan.out_dir / "stats.npz", feats, spec.name)
+    save_stats(plan.out_dir / "stats.npz", feats, spec.name, own)
 
     mode = str(plan.cfg.eval.paired)
     pair_images, pair_stats = None, None
     if record.method == "none":
-        pair_images, pair_stats = samples.images, stats_of(feats)  # full compute is its own pair
+        pair_images, pair_stats = samples.images, own  # full compute is its own pair
     elif mode != "off":
         folder = find_full_compute(record, plan.paths["runs_csv"])
         if folder is not None:
@@ -366,17 +366,14 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan,
         elif mode == "auto":
             pair_images = full_compute()
             pair_feats = extract(pair_images)
+            pair_stats = stats_of(pair_feats)
             pair_dir = plan.out_dir / "full_compute"
             pair_dir.mkdir(exist_ok=True)
             np.savez(pair_dir / "samples.npz", arr_0=pair_images, arr_1=samples.labels)
-            save_stats(pair_dir / "stats.npz", pair_feats, spec.name)
-            pair_stats = stats_of(pair_feats)
+            save_stats(pair_dir / "stats.npz", pair_feats, spec.name, pair_stats)
             notes.append("full-compute pair generated on demand")
     if pair_stats is not None:
-        own = stats_of(feats)
-        record.fid2fc = frechet_distance(own["mu"], own["sigma"], pair_stats["mu"], pair_stats["sigma"])
-        if "mu_s" in own and "mu_s" in pair_stats:
-            record.sfid2fc = frechet_distance(own["mu_s"], own["sigma_s"], pair_stats["mu_s"], pair_stats["sigma_s"])
+        record.fid2fc, record.sfid2fc = distances(own, pair_stats)
         record.psnr, record.ssim = psnr_ssim(samples.images, pair_images)
     record.notes = "; ".join(notes) or None
     return record
