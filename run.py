@@ -2,10 +2,15 @@
 
 Composes configs/run.yaml (model + method + sampler + eval + paths), runs one sample-score-
 record job per composed config, and prints where its samples, grid and CSV row went.
+
+Scale-out: `torchrun --nproc_per_node=K run.py ...` shards the samples of each job over K
+processes (rank 0 merges, scores and logs); `launcher=slurm` sends each job of a multirun to SLURM,
+and a job with several GPUs there runs its tasks as one torch.distributed group.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,10 +18,24 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = str(Path(__file__).resolve().parent)
+sys.path.insert(0, ROOT)
+# Jobs that submitit starts in fresh interpreters (launcher=local/slurm) import the project too.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+from rfc import distributed  # noqa: E402
 from rfc.config import register_resolvers  # noqa: E402
 
 register_resolvers()
+
+
+def _join_slurm_tasks(device: str) -> None:
+    """A SLURM job with several tasks (one per GPU): export the torchrun-style variables from
+    SLURM's and join one process group, so the job shards its samples like torchrun would."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        distributed.init_from_env(device)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="run")
@@ -26,13 +45,26 @@ def main(cfg: DictConfig) -> None:
 
     try:
         hc = HydraConfig.get()
+        launcher = hc.runtime.choices.get("launcher") or "basic"
+        if launcher != "basic":
+            _join_slurm_tasks(str(cfg.device))
         sweep = hc.sweep.dir if hc.mode.name == "MULTIRUN" else None
-        run(cfg, hc.runtime.output_dir, sweep=sweep)
+        run(cfg, hc.runtime.output_dir, sweep=sweep, launcher=launcher)
     except (MissingAssetError, CheckpointError, ValueError) as err:
         # Configuration and asset problems: one clear line, no traceback, non-zero exit.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
 
+def _cli_device() -> str:
+    return next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("device=")), "auto")
+
+
 if __name__ == "__main__":
-    main()
+    # Under torchrun: join the group first, so all ranks agree on one output folder.
+    distributed.init_from_env(_cli_device())
+    distributed.share_run_stamp()
+    try:
+        main()
+    finally:
+        distributed.shutdown()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from rfc.distributed import STAMP_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION_FILE = "tau_calibration.json"
@@ -31,7 +34,20 @@ def calibrated_tau(target_nfc: float, _root_: DictConfig) -> float:
     return float(table[key]["tau"])
 
 
+def run_stamp(now: str) -> str:
+    """The time stamp in output folder names: Hydra's ``now``, or rank 0's under torchrun."""
+    return os.environ.get(STAMP_ENV) or now
+
+
+def run_dir(resume: str | None, outputs: str, model: str, now: str) -> str:
+    """``hydra.run.dir``: the folder named by ``resume=``, else a new time-stamped one."""
+    return str(resume) if resume else f"{outputs}/{run_stamp(now)}_{model}"
+
+
 def register_resolvers() -> None:
+    for name, fn in (("run_stamp", run_stamp), ("run_dir", run_dir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(ROOT))
     if not OmegaConf.has_resolver("calibrated_tau"):

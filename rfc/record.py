@@ -65,7 +65,8 @@ class RunRecord:
     timed_batches: int | None = None  # batches behind the latency figures (warm-up excluded)
     images_per_s: float | None = None  # over the timed batches, sampling loop only
     vae_latency_s: float | None = None  # median seconds decoding one batch (not in latency_s)
-    peak_memory_gb: float | None = None  # peak GPU memory allocated while sampling
+    peak_memory_gb: float | None = None  # peak GPU memory allocated while sampling (rank 0)
+    processes: int | None = None  # processes that drew the samples (torchrun world size)
     fid: float | None = None
     sfid: float | None = None
     inception_score: float | None = None

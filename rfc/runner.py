@@ -11,7 +11,7 @@ import csv
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from eval.loggers import build_loggers, cell
 from eval.metrics import psnr_ssim
 from eval.stats import distances, quality_metrics, save_stats, stats_of
 from rfc.cache import CacheMethod, MethodStats, NoCache
+from rfc.distributed import Group, barrier, broadcast, group
 from rfc.images import save_grid, to_uint8_nhwc
 from rfc.models.dit import DiT, DiTConfig, dit_config
 from rfc.models.load import build_dit, require_file
@@ -34,6 +35,7 @@ from rfc.models.vae import LATENT_DOWNSAMPLE, check_vae_folder, decode, load_vae
 from rfc.record import RunRecord, git_sha
 from rfc.samplers.sampling import CFGDenoiser, Sampler
 from rfc.seeding import SampleStreams
+from rfc.shards import Batch, ShardStore, atomic_savez, batch_starts, rank_starts, sample_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VAE_CHOICES = ("ema", "mse", "none")
@@ -44,9 +46,12 @@ VAE_CHOICES = ("ema", "mse", "none")
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The configured device; under torchrun, "auto" and "cuda" mean this rank's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name} requested but CUDA is not available")
@@ -106,7 +111,7 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
         raise ValueError(f"model.guided_channels must be in 1..{dit.in_channels}, got {m.guided_channels}")
     if float(cfg.cfg_scale) > 1.0 and dit.class_dropout_prob <= 0:
         raise ValueError("guidance needs a null class: model.class_dropout_prob must be > 0 when cfg_scale > 1")
-    device = resolve_device(str(cfg.device))
+    device = resolve_device(str(cfg.device), group().local_rank)
     method = build(cfg.method, "method")
     sampler = build(cfg.sampler, "sampler", learn_sigma=dit.learn_sigma)
     paths = OmegaConf.to_container(cfg.paths, resolve=True)
@@ -160,10 +165,25 @@ def build(node: DictConfig, group: str, **kwargs: object) -> object:
 class SampleSet:
     images: np.ndarray  # uint8 (N, H, W, C)
     labels: np.ndarray  # int64 (N,)
-    stats: list[MethodStats]  # per batch: the method's accounting (per sample)
-    latencies: list[float]  # per batch: seconds in the sampling loop (VAE excluded)
-    vae_latencies: list[float] = field(default_factory=list)  # per batch: seconds decoding
-    warmup: int = 0  # leading batches excluded from the latency figures
+    batches: list[Batch]  # in index order, images dropped (they live in ``images``)
+
+    @property
+    def stats(self) -> list[MethodStats]:
+        """Per batch: the method's accounting (per sample)."""
+        return [b.stats for b in self.batches]
+
+    @property
+    def timed(self) -> list[Batch]:
+        """The batches behind the latency figures (warm-up and unmeasured sessions excluded)."""
+        return [b for b in self.batches if b.timed]
+
+    @classmethod
+    def from_batches(cls, batches: list[Batch]) -> SampleSet:
+        batches = sorted(batches, key=lambda b: b.start)
+        images, labels = np.concatenate([b.images for b in batches]), np.concatenate([b.labels for b in batches])
+        for b in batches:
+            b.images = b.images[:0]  # the set holds one copy of the pixels
+        return cls(images, labels.astype(np.int64), batches)
 
 
 class _Clock:
@@ -191,22 +211,25 @@ class _Clock:
 
 
 @torch.no_grad()
-def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
-             indices: range, batch_size: int, device: torch.device, vae: torch.nn.Module | None = None,
-             progress: bool = True, warmup_batches: int = 0) -> SampleSet:
-    """Sample ``indices`` in batches; sample i's label and noise come from stream (seed, i).
+def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
+                     num_samples: int, batch_size: int, starts: list[int], device: torch.device,
+                     vae: torch.nn.Module | None = None, progress: bool = True, warmup_batches: int = 0,
+                     timed: bool = True) -> Iterator[Batch]:
+    """Draw the batches [start, start + batch_size) for each of ``starts``, one at a time, so the
+    caller can store each before the next begins; sample i's label and noise come from stream
+    (seed, i), so a batch does not depend on which process draws it or when.
 
-    Latency: the first ``warmup_batches`` batches are excluded from the timing figures (they pay
-    one-time allocation, kernel selection and caching costs); when there are not more batches than
-    that, the first batch is run that many extra times, untimed and discarded, before sampling."""
+    Latency: the first ``warmup_batches`` batches are not timed (they pay one-time allocation,
+    kernel selection and caching costs); when there are not more batches than that, the first is
+    run that many extra times, untimed and discarded, before sampling. ``timed=False`` marks
+    every batch unmeasured (a session whose timing is not trustworthy, e.g. several processes)."""
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    starts = list(range(0, len(indices), batch_size))
     extra = warmup_batches if len(starts) <= warmup_batches else 0
-    images, labels, stats, latencies, vae_latencies = [], [], [], [], []
-    bar = tqdm(total=len(indices), unit="img", desc="sampling", disable=not progress)
-    for i, start in enumerate([starts[0]] * extra + starts):
-        batch = indices[start : start + batch_size]
+    bar = tqdm(total=sum(min(batch_size, num_samples - s) for s in starts), unit="img", desc="sampling",
+               disable=not progress)
+    for i, start in enumerate(starts[:1] * extra + starts):
+        batch = range(start, min(start + batch_size, num_samples))
         streams = SampleStreams(seed, batch, device)
         y = streams.labels(cfg.num_classes)
         x = streams.randn(shape)
@@ -215,18 +238,28 @@ def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheM
             x = sampler.sample(denoiser, x, y, noise=streams.noise_source(shape), listener=method)
         if i < extra:
             continue  # an untimed warm-up pass: nothing kept
-        latencies.append(clock.seconds)
-        stats.append(method.stats())
+        vae_seconds = None
         if vae is not None:
             with _Clock(device) as vae_clock:
                 x = decode(vae, x)
-            vae_latencies.append(vae_clock.seconds)
-        images.append(to_uint8_nhwc(x))
-        labels.append(y.cpu().numpy())
+            vae_seconds = vae_clock.seconds
+        yield Batch(start, to_uint8_nhwc(x), y.cpu().numpy().astype(np.int64), method.stats(), clock.seconds,
+                    vae_seconds, timed and (extra > 0 or i - extra >= warmup_batches))
         bar.update(len(batch))
     bar.close()
-    return SampleSet(np.concatenate(images), np.concatenate(labels).astype(np.int64), stats, latencies,
-                     vae_latencies, warmup=0 if extra else min(warmup_batches, len(starts) - 1))
+
+
+def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
+             indices: range, batch_size: int, device: torch.device, vae: torch.nn.Module | None = None,
+             progress: bool = True, warmup_batches: int = 0) -> SampleSet:
+    """All of ``indices`` (a range from 0) in memory: calibration, diagnostics and tests."""
+    if indices.start != 0 or indices.step != 1:
+        raise ValueError(f"indices must be range(0, n), got {indices}")
+    n = len(indices)
+    return SampleSet.from_batches(list(generate_batches(
+        model, sampler, denoiser, method, seed=seed, num_samples=n, batch_size=batch_size,
+        starts=batch_starts(n, batch_size), device=device, vae=vae, progress=progress,
+        warmup_batches=warmup_batches)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,16 +267,37 @@ def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheM
 # --------------------------------------------------------------------------------------------
 
 
-def _timed_median(latencies: list[float], warmup: int) -> tuple[float, float]:
-    """Median and spread (max - min) of the timed batches' latencies."""
-    timed = latencies[warmup:]
-    return statistics.median(timed), max(timed) - min(timed)
+def _sample_into(store: ShardStore, draw: Callable[[list[int], bool], Iterator[Batch]], grp: Group,
+                 timed: bool) -> tuple[int, float]:
+    """Draw this rank's missing batches into ``store``; every rank waits for the others. Returns
+    the number of samples the whole group drew in this session and its wall seconds."""
+    mine = store.missing(rank_starts(store.num_samples, store.batch_size, grp.rank, grp.world_size))
+    todo = store.missing(batch_starts(store.num_samples, store.batch_size))
+    barrier()
+    t0 = time.perf_counter()
+    for batch in draw(mine, timed):
+        store.write(batch)
+    barrier()
+    seconds = time.perf_counter() - t0
+    return sum(min(store.batch_size, store.num_samples - s) for s in todo), seconds
 
 
-def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str | None = None) -> RunRecord:
-    """Execute one configured run and hand its row to the configured loggers (CSV, W&B)."""
+def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str | None = None,
+        launcher: str = "basic") -> RunRecord | None:
+    """Execute one configured run and hand its row to the configured loggers (CSV, W&B).
+
+    Samples go to shards in ``out_dir`` as they are drawn: a rerun on the same folder draws only
+    what is missing. Under torchrun every rank draws its share of the batches; rank 0 merges,
+    scores and logs (other ranks return None). Latency is measured only when one process draws
+    the samples under the basic launcher; otherwise the row records throughput alone."""
+    grp = group()
     plan = plan_run(cfg, out_dir)
-    loggers = build_loggers(cfg, sweep)  # fails fast, e.g. W&B online without a login
+    store = ShardStore(plan.out_dir, sample_config(cfg), plan.num_samples, plan.batch_size)
+    resumed = store.check()  # a folder of another configuration is refused here, before any work
+    loggers = build_loggers(cfg, sweep) if grp.is_main else []  # fails fast, e.g. W&B online without a login
+    if grp.is_main:
+        store.create()
+    barrier()
     m, device = cfg.model, plan.device
     torch.set_grad_enabled(False)
 
@@ -253,26 +307,75 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
         vae = load_vae(vae_folder(plan.paths["assets"], m.vae)) if m.vae_pretrained else random_vae(int(cfg.seed))
         vae = vae.to(device)
     method, sampler = plan.method, plan.sampler
+    single = not grp.distributed and launcher == "basic"
 
-    def sample_with(meth: CacheMethod, show: bool) -> SampleSet:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        meth.attach(model)
-        try:
-            return generate(model, sampler, denoiser, meth, seed=int(cfg.seed), indices=range(plan.num_samples),
-                            batch_size=plan.batch_size, device=device, vae=vae, progress=show,
-                            warmup_batches=int(cfg.eval.warmup_batches))
-        finally:
-            meth.detach()
+    def sample_into(target: ShardStore, meth: CacheMethod, show: bool) -> tuple[int, float]:
+        def draw(starts: list[int], timed: bool) -> Iterator[Batch]:
+            meth.attach(model)
+            try:
+                yield from generate_batches(model, sampler, denoiser, meth, seed=int(cfg.seed),
+                                            num_samples=plan.num_samples, batch_size=plan.batch_size,
+                                            starts=starts, device=device, vae=vae, progress=show,
+                                            warmup_batches=int(cfg.eval.warmup_batches), timed=timed)
+            finally:
+                meth.detach()
 
-    samples = sample_with(method, progress)
+        return _sample_into(target, draw, grp, single)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    drawn, seconds = sample_into(store, method, progress and grp.is_main)
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
+    if grp.is_main:
+        samples, record, npz_path, grid_path = _merge_and_record(plan, store, denoiser, grp, launcher, sweep,
+                                                                 drawn, seconds, resumed, peak_gb)
+    mode = str(cfg.eval.paired)
+    # Paired full compute: rank 0 looks for a matching run in runs.csv; if none, the group draws one.
+    pair_folder = None
+    if grp.is_main and plan.score and method.name != "none" and mode != "off":
+        pair_folder = find_full_compute(record, plan.paths["runs_csv"])
+    generate_pair = bool(broadcast(grp.is_main and plan.score and method.name != "none" and mode == "auto"
+                                   and pair_folder is None))
+    pair_store = None
+    if generate_pair:
+        pair_store = ShardStore(plan.out_dir / "full_compute", {**store.config, "method": "none"},
+                                plan.num_samples, plan.batch_size)
+        pair_store.check()
+        if grp.is_main:
+            pair_store.create()
+        barrier()
+        sample_into(pair_store, NoCache(), False)
+    if not grp.is_main:
+        return None
+    notes = [record.notes] if record.notes else []
+    if plan.score:
+        pair_images = None
+        if pair_store is not None:
+            pair_images = SampleSet.from_batches(pair_store.load_all()).images
+            atomic_savez(pair_store.folder / "samples.npz", arr_0=pair_images, arr_1=samples.labels)
+        record = score(record, samples, plan, pair_folder, pair_images, notes)
+
+    (plan.out_dir / "record.json").write_text(json.dumps(record.as_dict(), indent=2) + "\n")
+    print(f"samples: {npz_path}\ngrid:    {grid_path}")
+    for logger in loggers:
+        print(logger.log(record, plan.out_dir))
+    return record
+
+
+def _merge_and_record(plan: RunPlan, store: ShardStore, denoiser: CFGDenoiser, grp: Group, launcher: str,
+                      sweep: str | None, drawn: int, seconds: float, resumed: int,
+                      peak_gb: float | None) -> tuple[SampleSet, RunRecord, Path, Path]:
+    """Rank 0: merge the shards into samples.npz, grid and schedules, and fill the row's
+    accounting and timing columns (quality metrics come later)."""
+    cfg, m, method, sampler = plan.cfg, plan.cfg.model, plan.method, plan.sampler
+    single = not grp.distributed and launcher == "basic"
+    samples = SampleSet.from_batches(store.load_all())
     npz_path = plan.out_dir / "samples.npz"
-    np.savez(npz_path, arr_0=samples.images, arr_1=samples.labels)  # ADM layout: images, labels
+    atomic_savez(npz_path, arr_0=samples.images, arr_1=samples.labels)  # ADM layout: images, labels
     grid_path = save_grid(samples.images, plan.out_dir / "grid.png", n=int(cfg.eval.grid_size))
-    schedules = [{"batch": b, "first_index": b * plan.batch_size, "full_steps": s.full_indices}
-                 for b, s in enumerate(samples.stats)]  # forward-order indices of the full steps
+    schedules = [{"batch": b.start // plan.batch_size, "first_index": b.start, "full_steps": b.stats.full_indices}
+                 for b in samples.batches]  # forward-order indices of the full steps
     (plan.out_dir / "schedules.json").write_text(json.dumps(schedules) + "\n")
 
     weights = batch_sizes(plan.num_samples, plan.batch_size)
@@ -282,8 +385,24 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
 
     d = plan.dit
     flops = [s.flops(denoiser.batch_multiplier, d.num_tokens, d.hidden_size, d.num_heads) for s in samples.stats]
-    latency, spread = _timed_median(samples.latencies, samples.warmup)
-    timed = samples.latencies[samples.warmup :]
+    notes = []
+    # Latency: single-process batches only (a resumed run may combine several such sessions).
+    timed = samples.timed if single else []
+    latency = spread = images_per_s = None
+    if timed:
+        latencies = [b.latency for b in timed]
+        latency, spread = statistics.median(latencies), max(latencies) - min(latencies)
+        images_per_s = sum(len(b.labels) for b in timed) / sum(latencies)
+    elif drawn:
+        images_per_s = drawn / seconds
+    if not single:
+        how = f"{grp.world_size} processes" if grp.distributed else f"launcher={launcher}"
+        notes.append(f"latency not measured ({how}); images_per_s is this session's throughput")
+    elif not timed:
+        notes.append("latency not measured: no batch of this run was timed in a single-process session")
+    if resumed:
+        notes.append(f"resumed: {resumed} of {plan.num_samples} samples drawn by an earlier session")
+    vae_times = [b.vae_latency for b in timed if b.vae_latency is not None]
     record = RunRecord(
         git_sha=git_sha(REPO_ROOT), experiment=cfg.get("experiment_name"), variant=cfg.get("variant_name"),
         sweep=sweep, model=str(m.name), arch=str(m.get("arch") or "custom"),
@@ -296,21 +415,15 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
         cached_sites=mean([s.cached_sites for s in samples.stats]),
         partial_sites=mean([s.partial_sites for s in samples.stats]),
         cache_bytes=max(s.cache_bytes_peak for s in samples.stats),
-        latency_s=latency, latency_spread_s=spread, timed_batches=len(timed),
-        images_per_s=sum(weights[samples.warmup :]) / sum(timed),
-        vae_latency_s=statistics.median(samples.vae_latencies) if samples.vae_latencies else None,
-        peak_memory_gb=peak_gb,
+        latency_s=latency, latency_spread_s=spread, timed_batches=len(timed), images_per_s=images_per_s,
+        vae_latency_s=statistics.median(vae_times) if vae_times else None,
+        peak_memory_gb=peak_gb, processes=grp.world_size,
         vae=None if m.vae == "none" else f"sd-vae-ft-{m.vae}" + ("" if m.vae_pretrained else " (random)"),
-        device=_device_name(device), dtype="fp32", torch_version=torch.__version__, output_dir=str(plan.out_dir),
+        extractor=get_extractor(plan.extractor).name if plan.score else None,  # pairing needs it first
+        device=_device_name(plan.device), dtype="fp32", torch_version=torch.__version__,
+        output_dir=str(plan.out_dir), notes="; ".join(notes) or None,
     )
-    if plan.score:
-        record = score(record, samples, plan, lambda: sample_with(NoCache(), False).images)
-
-    (plan.out_dir / "record.json").write_text(json.dumps(record.as_dict(), indent=2) + "\n")
-    print(f"samples: {npz_path}\ngrid:    {grid_path}")
-    for logger in loggers:
-        print(logger.log(record, plan.out_dir))
-    return record
+    return samples, record, npz_path, grid_path
 
 
 PAIRING_COLUMNS = ("model", "arch", "image_size", "sampler", "respacing", "num_steps", "cfg_scale",
@@ -334,9 +447,11 @@ def find_full_compute(record: RunRecord, runs_csv: str | Path) -> Path | None:
     return None
 
 
-def score(record: RunRecord, samples: SampleSet, plan: RunPlan,
-          full_compute: Callable[[], np.ndarray]) -> RunRecord:
-    """Quality metrics against the reference, and paired metrics against full compute."""
+def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair_folder: Path | None = None,
+          pair_images: np.ndarray | None = None, notes: list[str] | None = None) -> RunRecord:
+    """Quality metrics against the reference, and paired metrics against full compute: the run
+    itself for method=none, else a matching earlier run (``pair_folder``) or full-compute samples
+    drawn for this run (``pair_images``)."""
     spec = get_extractor(plan.extractor)
     extract = spec.build(plan.paths, str(plan.device))
     feats = extract(samples.images)
@@ -347,31 +462,24 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan,
     record.extractor, record.reference = spec.name, ref.name
     record.fid, record.sfid, record.inception_score = q["fid"], q["sfid"], q["inception_score"]
     record.precision, record.recall = q["precision"], q["recall"]
-    notes = [q["notes"]] if q["notes"] else []
+    notes = list(notes or []) + ([q["notes"]] if q["notes"] else [])
     if "predictions" in feats:
         record.class_acc = float((feats["predictions"] == samples.labels).mean())
     save_stats(plan.out_dir / "stats.npz", feats, spec.name, own)
 
-    mode = str(plan.cfg.eval.paired)
-    pair_images, pair_stats = None, None
+    pair_stats = None
     if record.method == "none":
         pair_images, pair_stats = samples.images, own  # full compute is its own pair
-    elif mode != "off":
-        folder = find_full_compute(record, plan.paths["runs_csv"])
-        if folder is not None:
-            pair_images = np.load(folder / "samples.npz")["arr_0"]
-            with np.load(folder / "stats.npz") as st:
-                pair_stats = {k: st[k] for k in st.files if k.startswith(("mu", "sigma"))}
-            notes.append(f"paired with {folder}")
-        elif mode == "auto":
-            pair_images = full_compute()
-            pair_feats = extract(pair_images)
-            pair_stats = stats_of(pair_feats)
-            pair_dir = plan.out_dir / "full_compute"
-            pair_dir.mkdir(exist_ok=True)
-            np.savez(pair_dir / "samples.npz", arr_0=pair_images, arr_1=samples.labels)
-            save_stats(pair_dir / "stats.npz", pair_feats, spec.name, pair_stats)
-            notes.append("full-compute pair generated on demand")
+    elif pair_folder is not None:
+        pair_images = np.load(pair_folder / "samples.npz")["arr_0"]
+        with np.load(pair_folder / "stats.npz") as st:
+            pair_stats = {k: st[k] for k in st.files if k.startswith(("mu", "sigma"))}
+        notes.append(f"paired with {pair_folder}")
+    elif pair_images is not None:
+        pair_feats = extract(pair_images)
+        pair_stats = stats_of(pair_feats)
+        save_stats(plan.out_dir / "full_compute" / "stats.npz", pair_feats, spec.name, pair_stats)
+        notes.append("full-compute pair generated on demand")
     if pair_stats is not None:
         record.fid2fc, record.sfid2fc = distances(own, pair_stats)
         record.psnr, record.ssim = psnr_ssim(samples.images, pair_images)
