@@ -2,7 +2,8 @@
 
 Official rule: a step is full when it is the first step or its down-counting index is a multiple
 of N (``interval``; the official code calls it a "threshold"). Cached steps return the stored
-branch outputs unchanged; the current step's gates are applied to them as usual.
+branch outputs unchanged; the current step's gates are applied to them as usual. With ``fused``
+(default) a cached step is one gated sum of the stored outputs (rfc/cache/fused.py).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch import nn
 
 from rfc.cache.base import BranchInput, CacheMethod, Site
+from rfc.cache.fused import FactorBank, TaylorStep
 from rfc.cache.schedules import require
 from rfc.samplers.sampling import StepInfo
 
@@ -19,27 +22,41 @@ from rfc.samplers.sampling import StepInfo
 class FORA(CacheMethod):
     name = "fora"
 
-    def __init__(self, interval: int = 3) -> None:
+    def __init__(self, interval: int = 3, fused: bool = True) -> None:
         require(isinstance(interval, int) and interval >= 1, f"method.interval must be an integer >= 1, got {interval}")
         super().__init__()
         self.interval = interval
-        self.cache: dict[Site, torch.Tensor] = {}
+        self.fused = bool(fused)
+        self.bank = FactorBank(0, 0, None)
 
     def reset(self) -> None:
         super().reset()
-        self.cache = {}
+        self.bank = FactorBank(0, 2 * self.depth, None)  # order 0: the outputs, in their own dtype
 
     def decide(self, step: StepInfo) -> bool:
         return step.index == 0 or step.down_index % self.interval == 0
 
     def store(self, site: Site, inp: BranchInput, out: torch.Tensor) -> None:
-        self.cache[site] = out
+        self.bank.update(site.module_index, out, self.step.index)
 
     def predict(self, site: Site, inp: BranchInput) -> torch.Tensor:
-        return self.cache[site]
+        return self.bank.buf[0, site.module_index]
+
+    def can_fuse(self) -> bool:
+        return True
+
+    def prepare_fused(self, model: nn.Module) -> None:
+        self.step_fn = TaylorStep(model, self.compile)
+
+    def fast_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor | None:
+        if self.full:
+            return None
+        self.count_fused_cached()
+        return self.step_fn(model, self.bank.factors(), [1.0], x, t, y)
 
     def cache_tensors(self) -> Iterable[torch.Tensor]:
-        return self.cache.values()
+        return self.bank.tensors()
 
     def params(self) -> dict[str, object]:
         return {"interval": self.interval}

@@ -3,7 +3,9 @@ derivatives are finite differences over the full steps.
 
 Schedule: the first ``warmup`` steps are full (official: 2), then one full step every N
 (``interval``) steps. Each site keeps factors {0: F, i: (factor_{i-1} - previous factor_{i-1}) / d}
-up to order m (``order``; 0 = plain reuse), stored in ``storage_dtype`` (fp32 by default).
+up to order m (``order``; 0 = plain reuse), stored in ``storage_dtype`` (fp32 by default) in one
+buffer for all sites. With ``fused`` (default) a cached step is one weighted sum of that buffer
+(rfc/cache/fused.py); ``fused=false`` predicts site by site inside the blocks.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch import nn
 
 from rfc.cache.base import BranchInput, CacheMethod, Site
-from rfc.cache.predictors import TaylorFactors, parse_storage_dtype
+from rfc.cache.fused import FactorBank, TaylorStep
+from rfc.cache.predictors import parse_storage_dtype
 from rfc.cache.schedules import WarmupInterval, require
 from rfc.samplers.sampling import StepInfo
 
@@ -21,33 +25,48 @@ from rfc.samplers.sampling import StepInfo
 class TaylorSeer(CacheMethod):
     name = "taylorseer"
 
-    def __init__(self, interval: int = 4, order: int = 4, warmup: int = 2, storage_dtype: str = "fp32") -> None:
+    def __init__(self, interval: int = 4, order: int = 4, warmup: int = 2, storage_dtype: str = "fp32",
+                 fused: bool = True) -> None:
         require(isinstance(order, int) and order >= 0, f"method.order must be an integer >= 0, got {order}")
         super().__init__()
         self.schedule = WarmupInterval(interval, warmup)
         self.order = order
         self.storage = storage_dtype
         self.dtype = parse_storage_dtype(storage_dtype)
-        self.factors: dict[Site, TaylorFactors] = {}
+        self.fused = bool(fused)
+        self.bank = FactorBank(order, 0, self.dtype)
 
     def reset(self) -> None:
         super().reset()
         self.schedule.reset()
-        self.factors = {}
+        self.bank = FactorBank(self.order, 2 * self.depth, self.dtype)
 
     def decide(self, step: StepInfo) -> bool:
         return self.schedule(step)
 
     def store(self, site: Site, inp: BranchInput, out: torch.Tensor) -> None:
-        self.factors.setdefault(site, TaylorFactors(self.order, self.dtype)).update(out, self.step.index)
+        self.bank.update(site.module_index, out, self.step.index)
 
     def predict(self, site: Site, inp: BranchInput) -> torch.Tensor:
-        return self.factors[site].predict(self.step.index, inp.x.dtype)
+        return self.bank.predict(site.module_index, self.step.index, inp.x.dtype)
+
+    # ---- fused cached step ---------------------------------------------------------------------
+    def can_fuse(self) -> bool:
+        return True
+
+    def prepare_fused(self, model: nn.Module) -> None:
+        self.step_fn = TaylorStep(model, self.compile)
+
+    def fast_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor | None:
+        if self.full:
+            return None
+        self.count_fused_cached()
+        return self.step_fn(model, self.bank.factors(), self.bank.coefficients(self.step.index), x, t, y)
 
     def cache_tensors(self) -> Iterable[torch.Tensor]:
-        return (t for f in self.factors.values() for t in f.tensors())
+        return self.bank.tensors()
 
     def params(self) -> dict[str, object]:
         return {"interval": self.schedule.interval, "order": self.order, "warmup": self.schedule.warmup,
                 "storage_dtype": self.storage}
-

@@ -46,6 +46,8 @@ class Probe:
         self.method, self.record, self.order = method, ProbeRecord(label), order
         self.last: dict[Site, tuple[torch.Tensor, torch.Tensor]] = {}  # site -> (O(t), I(t)) at last full
         self.forecast: dict[Site, TaylorFactors] = {}
+        if method.fused and method.model is not None and "forward" in vars(method.model):
+            raise ValueError("diagnostics need the per-site path: set method.fused = False before attach")
         self._inner = method.branch
         method.branch = self.branch  # instance attribute shadows the class method
 

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rfc.cache.base import BranchInput, CacheMethod, Site
+from rfc.cache.base import BranchInput, CacheMethod, Site, modulate
+from rfc.cache.fused import FactorBank, StackedModulation, TaylorStep, maybe_compile, relational_cached_forward
 from rfc.cache.predictors import TaylorFactors, parse_storage_dtype
 from rfc.cache.schedules import WarmupInterval, require
 from rfc.samplers.sampling import StepInfo
@@ -59,12 +60,35 @@ def relative_l1(actual: torch.Tensor, forecast: torch.Tensor) -> float:
     return float((actual - forecast).abs().sum() / actual.abs().sum().clamp_min(1e-12))
 
 
+class BankSite:
+    """One site's view of a FactorBank with TaylorFactors' interface (factors, last_index,
+    update, predict), so RFE reads the same contiguous buffer as the fused step."""
+
+    def __init__(self, bank: FactorBank, site: int) -> None:
+        self.bank, self.site = bank, site
+        self.last_index: int | None = None
+
+    @property
+    def factors(self) -> list[torch.Tensor]:
+        return [self.bank.buf[i, self.site] for i in range(self.bank.valid)] if self.last_index is not None else []
+
+    def update(self, value: torch.Tensor, index: int) -> None:
+        self.bank.update(self.site, value, index)
+        self.last_index = index
+
+    def predict(self, index: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.bank.predict(self.site, index, out_dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []  # the bank's buffer is counted once, by the method
+
+
 @dataclass
 class RelationalState:
     """What RFE keeps for one branch: the output's Taylor factors (factors[0] = O(t)), the input at
     the last full step, and the two scales measured between the last two full steps."""
 
-    out: TaylorFactors
+    out: TaylorFactors | BankSite
     inp: torch.Tensor | None = None  # I(t)
     ratio: torch.Tensor | None = None  # s(t) = ||dO|| / ||dI||, (B, 1, 1) or (1, 1, 1)
     out_change: torch.Tensor | None = None  # ||O(t) - O(t+N)||, for the linear magnitude
@@ -170,7 +194,8 @@ class RFC(CacheMethod):
 
     def __init__(self, tau: float = 0.1, order: int = 2, warmup: int = 2, rfe: bool = True, rcs: bool = True,
                  interval: int = 4, magnitude: str = "relational", constant_w: float = 1.2,
-                 rcs_modules: str = "first", norm_reduction: str = "sample", storage_dtype: str = "fp32") -> None:
+                 rcs_modules: str = "first", norm_reduction: str = "sample", storage_dtype: str = "fp32",
+                 fused: bool = True) -> None:
         require(isinstance(order, int) and order >= 0, f"method.order must be an integer >= 0, got {order}")
         require(float(tau) >= 0, f"method.tau must be >= 0, got {tau}")
         require(isinstance(warmup, int) and warmup >= 0, f"method.warmup must be an integer >= 0, got {warmup}")
@@ -189,6 +214,7 @@ class RFC(CacheMethod):
         self.dtype = parse_storage_dtype(storage_dtype)
         self.fixed = WarmupInterval(interval, warmup)  # validates interval; used when rcs is off
         self.schedule = RelationalSchedule(self.tau, warmup, order, rcs_modules, self.dtype)
+        self.fused = bool(fused)
         self.reset()
 
     @property
@@ -202,6 +228,10 @@ class RFC(CacheMethod):
         self.schedule.reset()
         self.states: dict[Site, RelationalState] = {}
         self.pending = False
+        self.bank = FactorBank(self.order, 2 * self.depth, self.dtype, gram=self.magnitude == "relational")
+        self.inputs: torch.Tensor | None = None  # (S, B, T, C): I(t) of every site, for the fused step
+        self.ratios: torch.Tensor | None = None  # (S, B): s(t) of every site
+        self.inp0: torch.Tensor | None = None  # block 0's attention input, computed for the decision
 
     # ---- schedule -----------------------------------------------------------------------------
     def begin_step(self, step: StepInfo) -> None:
@@ -225,14 +255,18 @@ class RFC(CacheMethod):
 
     # ---- branches ------------------------------------------------------------------------------
     def branch(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
+        if site == FIRST and self.inp0 is not None:  # already computed by fast_forward's decision
+            inp._full, self.inp0 = self.inp0, None
         if self.pending:
             self._decide_now(inp.full())
         index = self.step.index
         if self.full:
             x_in = inp.full()
             out = self.run_full(site, module, x_in)
-            state = self.states.setdefault(site, RelationalState(TaylorFactors(self.order, self.dtype)))
+            state = self.states.setdefault(site, RelationalState(BankSite(self.bank, site.module_index)))
             state.update(out, x_in if self.needs_inputs else None, index, self.reduction, self.dtype)
+            if self.needs_inputs and self.can_fuse():
+                self._gather(site.module_index, state)
             if self.rcs and self.schedule.monitors(site):
                 self.schedule.observe_full(site, x_in, index)
             return out
@@ -246,9 +280,60 @@ class RFC(CacheMethod):
         return relational_prediction(state, index, self.magnitude, self.reduction, x_now,
                                      self.constant_w).to(inp.x.dtype)
 
+    def _gather(self, s: int, state: RelationalState) -> None:
+        """Keep I(t) and s(t) of site s in the stacked buffers the fused step reads."""
+        if self.inputs is None:
+            self.inputs = torch.zeros((2 * self.depth, *state.inp.shape), dtype=self.dtype, device=state.inp.device)
+            self.ratios = torch.zeros((2 * self.depth, state.inp.shape[0]), device=state.inp.device)
+        self.inputs[s] = state.inp
+        state.inp = self.inputs[s]
+        if state.ratio is not None:
+            self.ratios[s] = state.ratio.view(-1)
+
+    # ---- fused cached step ---------------------------------------------------------------------
+    def can_fuse(self) -> bool:
+        """Fused for the paper's configuration and rfe=false: per-sample norms, RCS on block 0."""
+        return self.magnitude in ("relational", "taylor") and self.reduction == "sample" and self.rcs_modules == "first"
+
+    def prepare_fused(self, model: nn.Module) -> None:
+        if self.magnitude == "taylor":
+            self.taylor_step = TaylorStep(model, self.compile)
+        else:
+            self.mods = StackedModulation(model.blocks, tuple(range(6)))
+            self.step_fn = maybe_compile(relational_cached_forward, self.compile)
+
+    def fast_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor | None:
+        tokens = c = None
+        if self.pending:  # RCS: decide from block 0's attention input, as the per-site path does
+            tokens, c = model.embed(x, t, y)
+            block = model.blocks[0]
+            shift, scale = block.adaLN_modulation(c).chunk(6, dim=1)[:2]
+            self.inp0 = modulate(block.norm1(tokens), shift, scale)
+            self._stats.norm_tokens += tokens.shape[1]
+            self._decide_now(self.inp0)
+        if self.full:
+            return None  # the block forward picks up self.inp0
+        inp0, self.inp0 = self.inp0, None
+        index = self.step.index
+        if self.magnitude == "taylor":
+            self.count_fused_cached()
+            return self.taylor_step(model, self.bank.factors(), self.bank.coefficients(index), x, t, y)
+        if tokens is None:
+            tokens, c = model.embed(x, t, y)
+        T = tokens.shape[1]
+        self.count_fused_cached(norm_tokens=2 * self.depth * T - (T if inp0 is not None else 0))
+        coeffs = torch.tensor(self.bank.coefficients(index), device=x.device)
+        return self.step_fn(model, self.mods, self.bank.factors(), self.inputs, self.ratios, self.bank.gram,
+                            coeffs, tokens, c, inp0)
+
     def cache_tensors(self) -> Iterable[torch.Tensor]:
         for state in self.states.values():
-            yield from state.tensors()
+            if self.inputs is None or state.inp is None:
+                yield from state.tensors()
+        yield from self.bank.tensors()
+        if self.inputs is not None:
+            yield from (self.inputs, self.ratios)
         yield from self.schedule.tensors()
 
     def params(self) -> dict[str, object]:

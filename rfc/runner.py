@@ -7,6 +7,7 @@ first sample is drawn, so a mistake costs seconds, not a sampling job.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import statistics
@@ -74,6 +75,44 @@ def model_config(m: DictConfig) -> DiTConfig:
                      num_heads=m.num_heads, **common)
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def precision_mode(precision: str, device: torch.device) -> Iterator[None]:
+    """Numerics of the sampling loop. fp32: exact fp32 matmuls. tf32 (default): fp32 storage with
+    TF32 tensor-core matmuls and convolutions on GPUs that have them (on a CPU it equals fp32).
+    bf16: autocast of matmuls and attention to bfloat16; the residual stream, the sampler and the
+    cache keep their own dtypes. The previous global settings are restored afterwards."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        if precision == "bf16":
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def compile_for(model: DiT, method: CacheMethod) -> None:
+    """``compile=true``: torch.compile the full-compute path in place (state_dict unchanged).
+    Full compute compiles the whole forward; with a caching method the blocks' attention and MLP
+    modules are compiled (the blocks themselves route through the method) and the method's fused
+    cached step is compiled too."""
+    if isinstance(method, NoCache):
+        model.compile(dynamic=False)
+        return
+    for block in model.blocks:
+        block.attn.compile(dynamic=False)
+        block.mlp.compile(dynamic=False)
+    method.compile = True
+
+
 @dataclass
 class RunPlan:
     """Validated settings of a run, derived from the config before any heavy work."""
@@ -106,6 +145,8 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
         ev.paired = "off"
     if str(ev.paired) not in ("auto", "find", "off"):
         raise ValueError(f"eval.paired must be auto, find or off, got {ev.paired!r}")
+    if str(cfg.get("precision", "tf32")) not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     dit = model_config(m)
     if int(m.guided_channels) < 1 or int(m.guided_channels) > dit.in_channels:
         raise ValueError(f"model.guided_channels must be in 1..{dit.in_channels}, got {m.guided_channels}")
@@ -214,7 +255,7 @@ class _Clock:
 def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
                      num_samples: int, batch_size: int, starts: list[int], device: torch.device,
                      vae: torch.nn.Module | None = None, progress: bool = True, warmup_batches: int = 0,
-                     timed: bool = True) -> Iterator[Batch]:
+                     timed: bool = True, precision: str = "fp32") -> Iterator[Batch]:
     """Draw the batches [start, start + batch_size) for each of ``starts``, one at a time, so the
     caller can store each before the next begins; sample i's label and noise come from stream
     (seed, i), so a batch does not depend on which process draws it or when.
@@ -234,8 +275,9 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
         y = streams.labels(cfg.num_classes)
         x = streams.randn(shape)
         method.reset()
-        with _Clock(device) as clock:
+        with _Clock(device) as clock, precision_mode(precision, device):
             x = sampler.sample(denoiser, x, y, noise=streams.noise_source(shape), listener=method)
+        x = x.float()
         if i < extra:
             continue  # an untimed warm-up pass: nothing kept
         vae_seconds = None
@@ -251,7 +293,7 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
 
 def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
              indices: range, batch_size: int, device: torch.device, vae: torch.nn.Module | None = None,
-             progress: bool = True, warmup_batches: int = 0) -> SampleSet:
+             progress: bool = True, warmup_batches: int = 0, precision: str = "fp32") -> SampleSet:
     """All of ``indices`` (a range from 0) in memory: calibration, diagnostics and tests."""
     if indices.start != 0 or indices.step != 1:
         raise ValueError(f"indices must be range(0, n), got {indices}")
@@ -259,7 +301,7 @@ def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheM
     return SampleSet.from_batches(list(generate_batches(
         model, sampler, denoiser, method, seed=seed, num_samples=n, batch_size=batch_size,
         starts=batch_starts(n, batch_size), device=device, vae=vae, progress=progress,
-        warmup_batches=warmup_batches)))
+        warmup_batches=warmup_batches, precision=precision)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,6 +349,8 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
         vae = load_vae(vae_folder(plan.paths["assets"], m.vae)) if m.vae_pretrained else random_vae(int(cfg.seed))
         vae = vae.to(device)
     method, sampler = plan.method, plan.sampler
+    if cfg.compile:
+        compile_for(model, method)
     single = not grp.distributed and launcher == "basic"
 
     def sample_into(target: ShardStore, meth: CacheMethod, show: bool) -> tuple[int, float]:
@@ -316,7 +360,8 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
                 yield from generate_batches(model, sampler, denoiser, meth, seed=int(cfg.seed),
                                             num_samples=plan.num_samples, batch_size=plan.batch_size,
                                             starts=starts, device=device, vae=vae, progress=show,
-                                            warmup_batches=int(cfg.eval.warmup_batches), timed=timed)
+                                            warmup_batches=int(cfg.eval.warmup_batches), timed=timed,
+                                            precision=str(cfg.precision))
             finally:
                 meth.detach()
 
@@ -420,7 +465,8 @@ def _merge_and_record(plan: RunPlan, store: ShardStore, denoiser: CFGDenoiser, g
         peak_memory_gb=peak_gb, processes=grp.world_size,
         vae=None if m.vae == "none" else f"sd-vae-ft-{m.vae}" + ("" if m.vae_pretrained else " (random)"),
         extractor=get_extractor(plan.extractor).name if plan.score else None,  # pairing needs it first
-        device=_device_name(plan.device), dtype="fp32", torch_version=torch.__version__,
+        device=_device_name(plan.device), dtype=str(cfg.precision) + ("+compile" if cfg.compile else ""),
+        torch_version=torch.__version__,
         output_dir=str(plan.out_dir), notes="; ".join(notes) or None,
     )
     return samples, record, npz_path, grid_path

@@ -34,7 +34,7 @@ _SHARD_NAME = re.compile(r"^(\d{8})-(\d{8})\.npz$")
 
 # Config keys the sample set depends on. Everything else (scoring, loggers, paths, launcher,
 # device) may change between a run and its resumption.
-SAMPLE_KEYS = ("model", "method", "sampler", "seed", "cfg_scale", "precision", "eval.num_samples",
+SAMPLE_KEYS = ("model", "method", "sampler", "seed", "cfg_scale", "precision", "compile", "eval.num_samples",
                "eval.batch_size")
 SCORING_KEYS = ("model.extractor", "model.reference")  # inside "model", but not what it draws
 

@@ -67,6 +67,7 @@ def main(cfg: DictConfig) -> None:
     model, denoiser = build_model(plan)
     records = []
     for label, method in methods:
+        method.fused = False  # the probe observes every site, so cached steps must run site by site
         method.attach(model)
         probe = Probe(method, label, order)
         try:

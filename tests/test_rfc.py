@@ -122,8 +122,9 @@ def test_run_records_schedules_and_memory(make_cfg, tmp_path):
     assert rec.nfc == sum(len(s["full_steps"]) for s in schedules) / 2
     # per site: 3 output factors (m = 2) + its input at the last full step; plus block 0's input
     # forecast (3 factors). Rows = 3 samples x 2 (guidance), 16 tokens x 128 channels, fp32.
+    # Per site and row also s(t) and the 2 x 2 Gram matrix of the factors (for ||T_m(k)||).
     tensor = 3 * 2 * 16 * 128 * 4
-    assert rec.cache_bytes == (12 * (3 + 1) + 3) * tensor
+    assert rec.cache_bytes == (12 * (3 + 1) + 3) * tensor + 12 * 6 * (1 + 2 * 2) * 4
 
 
 @pytest.mark.parametrize("preset, params", [

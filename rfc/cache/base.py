@@ -116,6 +116,8 @@ class CacheMethod:
         self.step: StepInfo | None = None
         self.full = True  # decision for the current step
         self._stats = MethodStats()
+        self.fused = False  # cached steps through ``cached_forward`` (one function per step)
+        self.compile = False  # torch.compile the fused step function
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -131,6 +133,11 @@ class CacheMethod:
             block.forward = functools.partial(_block_forward, block, method=self, index=i)
         self.model = model
         self.depth = len(blocks)
+        if self.fused and self.can_fuse():
+            if "forward" in vars(model):
+                raise RuntimeError("the model already has a forward override (another method attached?)")
+            self.prepare_fused(model)
+            model.forward = functools.partial(_model_forward, model, method=self)
         self.reset()
 
     def detach(self) -> None:
@@ -138,8 +145,29 @@ class CacheMethod:
             return
         for block in self.model.blocks:
             vars(block).pop("forward", None)
+        vars(self.model).pop("forward", None)
         self.model = None
         self._release()
+
+    # ---- fused cached steps (optional) ---------------------------------------------------------
+    def can_fuse(self) -> bool:
+        """Whether this configuration has a fused cached step (else the per-site path runs)."""
+        return False
+
+    def prepare_fused(self, model: nn.Module) -> None:
+        """Build what the fused step needs from the attached model (stacked adaLN weights ...)."""
+
+    def fast_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor | None:
+        """The model output of a cached step computed in one function, or None on full steps
+        (the model's own forward then runs, with the blocks routed per site)."""
+        return None
+
+    def count_fused_cached(self, norm_tokens: int = 0) -> None:
+        """Accounting of a fused cached step: every block's adaLN ran, every site was predicted."""
+        self._stats.block_calls += self.depth
+        self._stats.cached_sites += 2 * self.depth
+        self._stats.norm_tokens += norm_tokens
 
     def _release(self) -> None:
         """Drop cached tensors but keep the last batch's accounting readable."""
@@ -233,6 +261,14 @@ def _block_forward(block: nn.Module, x: torch.Tensor, c: torch.Tensor, *, method
     mlp = method.branch(Site(index, "mlp"), BranchInput(x, block.norm2, shift_mlp, scale_mlp, method._stats),
                         block.mlp)
     return x + gate_mlp.unsqueeze(1) * mlp
+
+
+def _model_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                   method: CacheMethod) -> torch.Tensor:
+    """The model's forward with fused cached steps: the method's step function when it has one
+    for this step, else the model's own (class) forward."""
+    out = method.fast_forward(model, x, t, y)
+    return type(model).forward(model, x, t, y) if out is None else out
 
 
 class NoCache(CacheMethod):

@@ -1,0 +1,151 @@
+"""Fused cached steps (rfc/cache/fused.py) against the per-site path, and the precision modes.
+
+Tolerances: the fused step sums the same fp32 terms in another order, so a single cached step
+agrees to 1e-5 (absolute, on outputs of order 1) and whole 50-step trajectories to 1e-4 (1e-3 with
+bf16 factor storage).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_cache import ROOT, TINY, sample_with
+
+from baselines.fora import FORA
+from baselines.taylorseer import TaylorSeer
+from rfc.cache import CacheMethod
+from rfc.cache.fused import FactorBank, StackedModulation
+from rfc.method import RFC
+from rfc.models.dit import DiTConfig
+from rfc.models.load import build_dit
+from rfc.runner import precision_mode
+from rfc.samplers.sampling import DDIMSampler, DDPMSampler, StepInfo
+
+STEP_ATOL = 1e-5
+TRAJECTORY_ATOL = 1e-4
+TRAJECTORY_ATOL_BF16_STORAGE = 1e-3  # factors rounded to bf16, then scaled by k^4 / 4! and summed
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_dit(TINY, ROOT / "checkpoints" / "dit-tiny-digits.pt")
+
+
+def fusable() -> list[CacheMethod]:
+    return [FORA(interval=4), TaylorSeer(interval=4, order=2), TaylorSeer(interval=5, order=4, storage_dtype="bf16"),
+            RFC(tau=0.1), RFC(tau=0.3, order=3), RFC(rcs=False, interval=5), RFC(rfe=False, tau=0.1)]
+
+
+def pair(method: CacheMethod) -> tuple[CacheMethod, CacheMethod]:
+    fused, unfused = method, copy.deepcopy(method)
+    fused.fused, unfused.fused = True, False
+    return fused, unfused
+
+
+@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("sampler", [DDIMSampler(num_steps=50), DDPMSampler(num_steps=50)], ids=["ddim", "ddpm"])
+def test_fused_trajectories_equal_the_per_site_path(tiny, sampler, index):
+    fused, unfused = pair(fusable()[index])
+    a = sample_with(tiny, fused, sampler, n=4)
+    stats_fused = fused.stats()
+    b = sample_with(tiny, unfused, sampler, n=4)
+    err = (a - b).abs().max().item()
+    tol = TRAJECTORY_ATOL_BF16_STORAGE if fused.params().get("storage_dtype") == "bf16" else TRAJECTORY_ATOL
+    assert err <= tol, (fused.name, fused.params(), err)
+    # same schedule and the same accounting: the fused path does (and counts) what the per-site path does
+    assert stats_fused == unfused.stats(), fused.params()
+    assert stats_fused.cached_steps > 0
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_one_fused_cached_step_equals_the_per_site_step(tiny, index):
+    """Drive both paths through the same full steps, then compare the first cached step's output."""
+    fused, unfused = pair(fusable()[index])
+    sampler = DDIMSampler(num_steps=50)
+    torch.manual_seed(0)
+    x = torch.randn(6, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 10, 10, 10])
+    outs = {}
+    for name, method in (("fused", fused), ("unfused", unfused)):
+        method.attach(tiny)
+        try:
+            with torch.no_grad():
+                d = sampler.diffusion
+                for index, k in enumerate(reversed(range(d.num_timesteps))):
+                    info = StepInfo(index=index, timestep=int(d.timestep_map[k]), num_steps=d.num_timesteps)
+                    method.begin_step(info)
+                    out = tiny(x, d.model_timesteps(torch.full((6,), k)), y)
+                    method.end_step(info)
+                    if not method.full:
+                        outs[name] = (info.index, out)
+                        break
+        finally:
+            method.detach()
+    assert outs["fused"][0] == outs["unfused"][0]
+    err = (outs["fused"][1] - outs["unfused"][1]).abs().max().item()
+    assert err <= STEP_ATOL, (fused.params(), err)
+
+
+def test_fused_cached_step_runs_no_block_module(tiny):
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for b in tiny.blocks for m in (b.attn, b.mlp)]
+    try:
+        method = TaylorSeer(interval=50, order=2, warmup=3)  # steps 0-2 full, the rest cached
+        sample_with(tiny, method, DDIMSampler(num_steps=10), n=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(calls) == 3 * 2 * len(tiny.blocks)  # only the full steps ran attention and MLP
+    assert "forward" not in vars(tiny)  # detached
+
+
+def test_factor_bank_matches_the_per_site_recursion():
+    from rfc.cache.predictors import TaylorFactors
+
+    bank, ref = FactorBank(3, 2, gram=True), [TaylorFactors(3), TaylorFactors(3)]
+    torch.manual_seed(1)
+    for index in (0, 2, 3, 7, 9):
+        for s in range(2):
+            value = torch.randn(2, 4, 5)
+            bank.update(s, value, index)
+            ref[s].update(value, index)
+    for s in range(2):
+        assert all(torch.equal(bank.buf[i, s], f) for i, f in enumerate(ref[s].factors))
+        assert torch.equal(bank.predict(s, 12), ref[s].predict(12))
+        hi = bank.buf[1:, s].flatten(2).transpose(0, 1)  # (B, 3, 20)
+        torch.testing.assert_close(bank.gram[s], hi @ hi.transpose(1, 2), rtol=1e-6, atol=1e-6)
+
+
+def test_stacked_modulation_equals_each_blocks_own():
+    model = build_dit(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
+                                num_classes=10), None, init="dense", seed=0)
+    c = torch.randn(5, 64)
+    mods = StackedModulation(model.blocks, (0, 2, 5))(c)
+    for i, block in enumerate(model.blocks):
+        own = block.adaLN_modulation(c).chunk(6, dim=1)
+        for j, chunk in enumerate((0, 2, 5)):
+            torch.testing.assert_close(mods[:, i, j], own[chunk], rtol=1e-5, atol=1e-6)
+
+
+def test_precision_modes_restore_settings_and_bf16_runs_on_cpu(tiny):
+    before = torch.backends.cuda.matmul.allow_tf32
+    with precision_mode("tf32", torch.device("cpu")):
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    fp32 = sample_with(tiny, TaylorSeer(interval=4, order=2), DDIMSampler(num_steps=20), n=2)
+    with precision_mode("bf16", torch.device("cpu")):
+        bf16 = sample_with(tiny, TaylorSeer(interval=4, order=2), DDIMSampler(num_steps=20), n=2)
+    err = (bf16.float() - fp32).abs().max().item()
+    assert 0 < err < 0.5, err  # bf16 differs, but stays a close approximation
+    with pytest.raises(ValueError, match="precision"):
+        with precision_mode("fp8", torch.device("cpu")):
+            pass
+
+
+def test_precision_key_is_validated_before_work(make_cfg, tmp_path):
+    from rfc.runner import plan_run
+
+    with pytest.raises(ValueError, match="precision"):
+        plan_run(make_cfg("precision=fp16"), tmp_path / "out")
