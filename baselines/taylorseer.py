@@ -62,7 +62,7 @@ class TaylorSeer(CacheMethod):
         if self.full:
             return None
         self.count_fused_cached()
-        return self.step_fn(model, self.bank.factors(), self.bank.coefficients(self.step.index), x, t, y)
+        return self.step_fn(model, self.bank.factors(), self.bank.coefficients(self.step.index, padded=True), x, t, y)
 
     def cache_tensors(self) -> Iterable[torch.Tensor]:
         return self.bank.tensors()

@@ -318,12 +318,12 @@ class RFC(CacheMethod):
         index = self.step.index
         if self.magnitude == "taylor":
             self.count_fused_cached()
-            return self.taylor_step(model, self.bank.factors(), self.bank.coefficients(index), x, t, y)
+            return self.taylor_step(model, self.bank.factors(), self.bank.coefficients(index, padded=True), x, t, y)
         if tokens is None:
             tokens, c = model.embed(x, t, y)
         T = tokens.shape[1]
         self.count_fused_cached(norm_tokens=2 * self.depth * T - (T if inp0 is not None else 0))
-        coeffs = torch.tensor(self.bank.coefficients(index), device=x.device)
+        coeffs = torch.tensor(self.bank.coefficients(index, padded=True), device=x.device)
         return self.step_fn(model, self.mods, self.bank.factors(), self.inputs, self.ratios, self.bank.gram,
                             coeffs, tokens, c, inp0)
 

@@ -70,10 +70,12 @@ class FactorBank:
             flat = self.buf[1 : self.valid, site].float().flatten(2).transpose(0, 1)  # (B, n, T*C)
             self.gram[site, :, : self.valid - 1, : self.valid - 1] = flat @ flat.transpose(1, 2)
 
-    def coefficients(self, index: int) -> list[float]:
-        """c_i = k^i / i! for the valid factors, k = steps since the last full step."""
+    def coefficients(self, index: int, padded: bool = False) -> list[float]:
+        """c_i = k^i / i! for the valid factors, k = steps since the last full step; ``padded``
+        appends zeros up to order + 1 (the slots beyond ``valid`` hold zeros)."""
         k = index - self.last_index
-        return [k**i / math.factorial(i) for i in range(self.valid)]
+        coeffs = [k**i / math.factorial(i) for i in range(self.valid)]
+        return coeffs + [0.0] * (self.order + 1 - self.valid) if padded else coeffs
 
     def predict(self, site: int, index: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """sum_i c_i F[i, site] for one site, accumulated in ``out_dtype`` (the per-site path)."""
@@ -86,8 +88,11 @@ class FactorBank:
         return out
 
     def factors(self) -> torch.Tensor:
-        """The valid factors of every site, (valid, sites, B, T, C): a view, no copy."""
-        return self.buf[: self.valid]
+        """All factor slots of every site, (order + 1, sites, B, T, C), the buffer itself. Slots
+        beyond ``valid`` are zero (a bank is fresh per batch and fills in order), so with
+        ``coefficients(padded=True)`` one fixed shape serves every cached step: a compiled step
+        function is traced once per batch size, not once per factor count."""
+        return self.buf
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.buf, self.gram) if t is not None]
@@ -163,8 +168,8 @@ def relational_cached_forward(model: nn.Module, mods: StackedModulation, factors
         x = x + gate * (F0 + a * sum_{i>=1} c_i F_i)
 
     factors (I, S, B, T, C); inputs (S, B, T, C) = I(t); ratio (S, B) = s(t); grams (S, B, m, m);
-    coeffs (I,); inp0 = block 0's attention input when the schedule already computed it. With
-    fewer than two factors the prediction is F0 (plain reuse)."""
+    coeffs (I,); inp0 = block 0's attention input when the schedule already computed it. Before
+    two full steps the ratios are zero (and the higher factors zero), so the prediction is F0."""
     m = mods(c)  # (B, depth, 6, C)
     n = factors.shape[0]
     c_hi = coeffs[1:].float()
@@ -188,5 +193,5 @@ def relational_cached_forward(model: nn.Module, mods: StackedModulation, factors
 
 
 def maybe_compile(fn: Callable, enabled: bool) -> Callable:
-    """torch.compile(fn) when asked (fixed shapes: one graph per batch size and factor count)."""
+    """torch.compile(fn) when asked (fixed shapes: one graph per batch size)."""
     return torch.compile(fn, dynamic=False) if enabled else fn
