@@ -56,16 +56,23 @@ NUM_STEPS = 50
 TARGET_NFC = 14
 
 
-def step_methods(fused: bool) -> dict[str, Callable[[], CacheMethod]]:
+def step_methods(fused: bool, storage: str) -> dict[str, Callable[[], CacheMethod]]:
     """Methods whose cached step is timed (RFC with an unreachable tau: all cached after warm-up)."""
     def with_fused(m: CacheMethod) -> CacheMethod:
         m.fused = fused
         return m
 
     return {"fora": lambda: with_fused(FORA(interval=4)),
-            "taylorseer": lambda: with_fused(TaylorSeer(interval=4, order=2)),
-            "rfc": lambda: with_fused(RFC(tau=1e9, order=2)),
+            "taylorseer": lambda: with_fused(TaylorSeer(interval=4, order=2, storage_dtype=storage)),
+            "rfc": lambda: with_fused(RFC(tau=1e9, order=2, storage_dtype=storage)),
             "toca": lambda: ToCa(interval=4, fresh_ratio=0.07)}
+
+
+def storage_for(cfg: DictConfig, precision: str) -> str:
+    """storage_dtype=auto: bf16 factors under bf16 autocast (the branch outputs are bf16 there), else fp32."""
+    if str(cfg.storage_dtype) == "auto":
+        return "bf16" if precision == "bf16" else "fp32"
+    return str(cfg.storage_dtype)
 
 
 class Timer:
@@ -144,6 +151,7 @@ def bench_setting(cfg: DictConfig, model: torch.nn.Module, batch: int, precision
     rows: list[dict] = []
     e2e: list[dict] = []
     setting = {"batch_size": batch, "precision": precision, "compile": bool(cfg.compile), "full_step_s": None,
+               "storage_dtype": storage_for(cfg, precision),
                "steps": rows, "end_to_end": e2e}
 
     def peak_reset() -> None:
@@ -173,7 +181,7 @@ def bench_setting(cfg: DictConfig, model: torch.nn.Module, batch: int, precision
         for label, fused in paths:
             if name == "toca" and fused:
                 continue  # ToCa has no fused step (its cached steps recompute token subsets per block)
-            method = step_methods(fused)[name]()
+            method = step_methods(fused, storage_for(cfg, precision))[name]()
             method.compile = bool(cfg.compile) and fused
             peak_reset()
             method.attach(model)
@@ -222,12 +230,13 @@ def end_to_end(cfg: DictConfig, model: torch.nn.Module, compiled_full: torch.nn.
             den.model = model
 
     def nfc_of(tau: float) -> float:
-        return float(loop(RFC(tau=tau, order=2))[1])
+        return float(loop(RFC(tau=tau, order=2, storage_dtype=storage))[1])
 
     tau = None  # RFC's, bisected to NFC 14 on this model and batch just before RFC is timed
+    storage = storage_for(cfg, precision)
     methods = {"none": (lambda: NoCache(), True), "fora": (lambda: FORA(interval=4), False),
-               "taylorseer": (lambda: TaylorSeer(interval=4, order=2), False),
-               "rfc": (lambda: RFC(tau=tau, order=2), False),
+               "taylorseer": (lambda: TaylorSeer(interval=4, order=2, storage_dtype=storage), False),
+               "rfc": (lambda: RFC(tau=tau, order=2, storage_dtype=storage), False),
                "toca": (lambda: ToCa(interval=4, fresh_ratio=0.07), False)}
     base = None
     for name in ["none", *cfg.methods]:

@@ -8,13 +8,14 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/.pydeps:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >> "$OUT/gpu.txt" 2>&1
-bench() { python3 scripts/bench_latency.py model=dit-xl device=cuda out_dir="$OUT" "$@"; }
-# 1. the targets: bf16, torch.compile, batch 16 and 64: step fractions and NFC-14 end to end
-timeout "${T1:-270}" bench batch_sizes=[16] precisions=[bf16] compile=true end_to_end=true repeats=10 \
-  e2e_repeats=2 2>&1 | tee "$OUT/xl_b16_bf16_compile.log"
-timeout "${T2:-190}" bench batch_sizes=[64] precisions=[bf16] compile=true end_to_end=true repeats=10 \
-  e2e_repeats=2 2>&1 | tee "$OUT/xl_b64_bf16_compile.log"
-# 2. eager paths (the naive anchor's setting): bf16 and TF32, batch 16, steps only
-timeout "${T3:-90}" bench batch_sizes=[16] precisions=[bf16,tf32] compile=false repeats=10 2>&1 \
-  | tee "$OUT/xl_b16_eager.log"
+B=(python3 scripts/bench_latency.py model=dit-xl device=cuda "out_dir=$OUT")
+PARTS=${PARTS:-"1 2 3"}
+# 1-2. the targets: bf16, torch.compile, batch 16 and 64: step fractions and NFC-14 end to end
+[[ $PARTS == *1* ]] && timeout "${T1:-270}" "${B[@]}" batch_sizes=[16] precisions=[bf16] compile=true \
+  end_to_end=true repeats=10 e2e_repeats=2 2>&1 | tee "$OUT/xl_b16_bf16_compile.log"
+[[ $PARTS == *2* ]] && timeout "${T2:-190}" "${B[@]}" batch_sizes=[64] precisions=[bf16] compile=true \
+  end_to_end=true repeats=10 e2e_repeats=2 2>&1 | tee "$OUT/xl_b64_bf16_compile.log"
+# 3. eager paths (the naive anchor's setting): bf16 and TF32, batch 16, steps only
+[[ $PARTS == *3* ]] && timeout "${T3:-90}" "${B[@]}" batch_sizes=[16] precisions=[bf16,tf32] compile=false \
+  repeats=10 2>&1 | tee "$OUT/xl_b16_eager.log"
 ls -la "$OUT"

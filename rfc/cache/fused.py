@@ -122,8 +122,11 @@ class StackedModulation(nn.Module):
 def weighted_site_sum(factors: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out + sum_{i, s} weights[i, s, b, None, c] * factors[i, s, b, t, c].
 
-    factors (I, S, B, T, C), weights (I, S, B, C). Written as a loop of in-place multiply-adds so
-    eager mode never materialises an (I, S, B, T, C) temporary; torch.compile fuses the loop."""
+    factors (I, S, B, T, C), weights (I, S, B, C). Under torch.compile it is one reduction over
+    (i, s), which inductor emits as a single kernel that reads every factor once; in eager mode
+    the same sum is a loop of in-place multiply-adds, so no (I, S, B, T, C) temporary is built."""
+    if torch.compiler.is_compiling():
+        return out + (weights.unsqueeze(3) * factors).sum(dim=(0, 1), dtype=out.dtype)
     acc = out.clone()
     for i in range(factors.shape[0]):
         for s in range(factors.shape[1]):
