@@ -149,3 +149,31 @@ def test_precision_key_is_validated_before_work(make_cfg, tmp_path):
 
     with pytest.raises(ValueError, match="precision"):
         plan_run(make_cfg("precision=fp16"), tmp_path / "out")
+
+
+def test_compiled_weighted_sum_is_one_reduction_equal_to_the_eager_loop():
+    from rfc.cache.fused import weighted_site_sum
+
+    gen = torch.Generator().manual_seed(3)
+    factors = torch.randn(3, 4, 2, 16, 32, generator=gen)
+    weights, out = torch.randn(3, 4, 2, 32, generator=gen), torch.randn(2, 16, 32, generator=gen)
+    eager = weighted_site_sum(factors, weights, out)
+    compiled = torch.compile(weighted_site_sum, dynamic=False)(factors, weights, out)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+def test_compile_option_compiles_the_right_parts(tiny, monkeypatch):
+    from torch import nn
+
+    from rfc.cache import NoCache
+    from rfc.runner import compile_for
+
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compiled.append(type(self).__name__))
+    compile_for(tiny, NoCache())
+    assert compiled == ["DiT"]  # full compute: the whole forward
+    compiled.clear()
+    method = TaylorSeer(interval=4, order=2)
+    compile_for(tiny, method)
+    assert sorted(set(compiled)) == ["Attention", "Mlp"] and len(compiled) == 2 * len(tiny.blocks)
+    assert method.compile  # and the fused cached step
