@@ -8,18 +8,12 @@ branch outputs unchanged; the current step's gates are applied to them as usual.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-import torch
-from torch import nn
-
-from rfc.cache.base import BranchInput, CacheMethod, Site
-from rfc.cache.fused import FactorBank, TaylorStep
+from rfc.cache.fused import FactorBank, TaylorBankMethod
 from rfc.cache.schedules import require
 from rfc.samplers.sampling import StepInfo
 
 
-class FORA(CacheMethod):
+class FORA(TaylorBankMethod):
     name = "fora"
 
     def __init__(self, interval: int = 3, fused: bool = True) -> None:
@@ -35,28 +29,6 @@ class FORA(CacheMethod):
 
     def decide(self, step: StepInfo) -> bool:
         return step.index == 0 or step.down_index % self.interval == 0
-
-    def store(self, site: Site, inp: BranchInput, out: torch.Tensor) -> None:
-        self.bank.update(site.module_index, out, self.step.index)
-
-    def predict(self, site: Site, inp: BranchInput) -> torch.Tensor:
-        return self.bank.buf[0, site.module_index]
-
-    def can_fuse(self) -> bool:
-        return True
-
-    def prepare_fused(self, model: nn.Module) -> None:
-        self.step_fn = TaylorStep(model, self.compile)
-
-    def fast_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
-                     y: torch.Tensor) -> torch.Tensor | None:
-        if self.full:
-            return None
-        self.count_fused_cached()
-        return self.step_fn(model, self.bank.factors(), [1.0], x, t, y)
-
-    def cache_tensors(self) -> Iterable[torch.Tensor]:
-        return self.bank.tensors()
 
     def params(self) -> dict[str, object]:
         return {"interval": self.interval}

@@ -10,19 +10,13 @@ buffer for all sites. With ``fused`` (default) a cached step is one weighted sum
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-import torch
-from torch import nn
-
-from rfc.cache.base import BranchInput, CacheMethod, Site
-from rfc.cache.fused import FactorBank, TaylorStep
+from rfc.cache.fused import FactorBank, TaylorBankMethod
 from rfc.cache.predictors import parse_storage_dtype
 from rfc.cache.schedules import WarmupInterval, require
 from rfc.samplers.sampling import StepInfo
 
 
-class TaylorSeer(CacheMethod):
+class TaylorSeer(TaylorBankMethod):
     name = "taylorseer"
 
     def __init__(self, interval: int = 4, order: int = 4, warmup: int = 2, storage_dtype: str = "fp32",
@@ -43,29 +37,6 @@ class TaylorSeer(CacheMethod):
 
     def decide(self, step: StepInfo) -> bool:
         return self.schedule(step)
-
-    def store(self, site: Site, inp: BranchInput, out: torch.Tensor) -> None:
-        self.bank.update(site.module_index, out, self.step.index)
-
-    def predict(self, site: Site, inp: BranchInput) -> torch.Tensor:
-        return self.bank.predict(site.module_index, self.step.index, inp.x.dtype)
-
-    # ---- fused cached step ---------------------------------------------------------------------
-    def can_fuse(self) -> bool:
-        return True
-
-    def prepare_fused(self, model: nn.Module) -> None:
-        self.step_fn = TaylorStep(model, self.compile)
-
-    def fast_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
-                     y: torch.Tensor) -> torch.Tensor | None:
-        if self.full:
-            return None
-        self.count_fused_cached()
-        return self.step_fn(model, self.bank.factors(), self.bank.coefficients(self.step.index, padded=True), x, t, y)
-
-    def cache_tensors(self) -> Iterable[torch.Tensor]:
-        return self.bank.tensors()
 
     def params(self) -> dict[str, object]:
         return {"interval": self.schedule.interval, "order": self.order, "warmup": self.schedule.warmup,

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rfc.cache.base import BranchInput, CacheMethod, Site
+
 
 class FactorBank:
     """Taylor factors of all sites in one buffer: buf[i, s] is factor i of site s.
@@ -198,3 +200,33 @@ def relational_cached_forward(model: nn.Module, mods: StackedModulation, factors
 def maybe_compile(fn: Callable, enabled: bool) -> Callable:
     """torch.compile(fn) when asked (fixed shapes: one graph per batch size)."""
     return torch.compile(fn, dynamic=False) if enabled else fn
+
+
+class TaylorBankMethod(CacheMethod):
+    """A method whose cached sites are Taylor predictions from one FactorBank (FORA: order 0;
+    TaylorSeer: order m): full steps store into the bank, cached steps predict per site or, fused,
+    run TaylorStep. Subclasses set ``self.bank`` in ``reset`` and define ``decide``."""
+
+    bank: FactorBank
+
+    def store(self, site: Site, inp: BranchInput, out: torch.Tensor) -> None:
+        self.bank.update(site.module_index, out, self.step.index)
+
+    def predict(self, site: Site, inp: BranchInput) -> torch.Tensor:
+        return self.bank.predict(site.module_index, self.step.index, inp.x.dtype)
+
+    def can_fuse(self) -> bool:
+        return True
+
+    def prepare_fused(self, model: nn.Module) -> None:
+        self.step_fn = TaylorStep(model, self.compile)
+
+    def fast_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor | None:
+        if self.full:
+            return None
+        self.count_fused_cached()
+        return self.step_fn(model, self.bank.factors(), self.bank.coefficients(self.step.index, padded=True), x, t, y)
+
+    def cache_tensors(self) -> list[torch.Tensor]:
+        return self.bank.tensors()
