@@ -267,7 +267,7 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     extra = warmup_batches if len(starts) <= warmup_batches else 0
-    bar = tqdm(total=sum(min(batch_size, num_samples - s) for s in starts), unit="img", desc="sampling",
+    bar = tqdm(total=sum(_batch_len(s, batch_size, num_samples) for s in starts), unit="img", desc="sampling",
                disable=not progress)
     for i, start in enumerate(starts[:1] * extra + starts):
         batch = range(start, min(start + batch_size, num_samples))
@@ -321,7 +321,7 @@ def _sample_into(store: ShardStore, draw: Callable[[list[int], bool], Iterator[B
         store.write(batch)
     barrier()
     seconds = time.perf_counter() - t0
-    return sum(min(store.batch_size, store.num_samples - s) for s in todo), seconds
+    return sum(_batch_len(s, store.batch_size, store.num_samples) for s in todo), seconds
 
 
 def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str | None = None,
@@ -533,9 +533,13 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair_folder: Pat
     return record
 
 
+def _batch_len(start: int, batch_size: int, n: int) -> int:
+    return min(batch_size, n - start)
+
+
 def batch_sizes(n: int, batch_size: int) -> list[int]:
     """Sizes of the batches that split n samples (the last may be smaller): weights for means."""
-    return [min(batch_size, n - s) for s in range(0, n, batch_size)]
+    return [_batch_len(s, batch_size, n) for s in batch_starts(n, batch_size)]
 
 
 def _device_name(device: torch.device) -> str:

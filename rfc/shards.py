@@ -165,14 +165,9 @@ class ShardStore:
     def write(self, batch: Batch) -> Path:
         """Store a batch atomically, then record its range in the manifest."""
         path = self.path(batch.start, batch.stop)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as f:
-            np.savez(f, images=batch.images, labels=batch.labels, latency=np.float64(batch.latency),
+        atomic_savez(path, images=batch.images, labels=batch.labels, latency=np.float64(batch.latency),
                      vae_latency=np.float64(np.nan if batch.vae_latency is None else batch.vae_latency),
                      timed=np.bool_(batch.timed), stats=np.array(json.dumps(asdict(batch.stats))))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         with FileLock(str(self.dir / ".manifest.lock"), timeout=120):  # ranks share the manifest
             self._write_manifest()
         return path
@@ -216,4 +211,6 @@ def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as f:
         np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it visible
     os.replace(tmp, path)
