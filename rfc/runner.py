@@ -78,14 +78,18 @@ def model_config(m: DictConfig) -> DiTConfig:
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 @contextlib.contextmanager
 def precision_mode(precision: str, device: torch.device) -> Iterator[None]:
     """Numerics of the sampling loop. fp32: exact fp32 matmuls. tf32 (default): fp32 storage with
     TF32 tensor-core matmuls and convolutions on GPUs that have them (on a CPU it equals fp32).
     bf16: autocast of matmuls and attention to bfloat16; the residual stream, the sampler and the
     cache keep their own dtypes. The previous global settings are restored afterwards."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     tf32 = precision != "fp32"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
@@ -145,8 +149,7 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
         ev.paired = "off"
     if str(ev.paired) not in ("auto", "find", "off"):
         raise ValueError(f"eval.paired must be auto, find or off, got {ev.paired!r}")
-    if str(cfg.get("precision", "tf32")) not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    check_precision(str(cfg.get("precision", "tf32")))
     dit = model_config(m)
     if int(m.guided_channels) < 1 or int(m.guided_channels) > dit.in_channels:
         raise ValueError(f"model.guided_channels must be in 1..{dit.in_channels}, got {m.guided_channels}")
@@ -373,8 +376,8 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
     if grp.is_main:
-        samples, record, npz_path, grid_path = _merge_and_record(plan, store, denoiser, grp, launcher, sweep,
-                                                                 drawn, seconds, resumed, peak_gb)
+        samples, record, npz_path, grid_path = _merge_and_record(plan, store, denoiser, grp, launcher, single,
+                                                                 sweep, drawn, seconds, resumed, peak_gb)
     mode = str(cfg.eval.paired)
     # Paired full compute: rank 0 looks for a matching run in runs.csv; if none, the group draws one.
     pair_folder = None
@@ -409,12 +412,11 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
 
 
 def _merge_and_record(plan: RunPlan, store: ShardStore, denoiser: CFGDenoiser, grp: Group, launcher: str,
-                      sweep: str | None, drawn: int, seconds: float, resumed: int,
+                      single: bool, sweep: str | None, drawn: int, seconds: float, resumed: int,
                       peak_gb: float | None) -> tuple[SampleSet, RunRecord, Path, Path]:
     """Rank 0: merge the shards into samples.npz, grid and schedules, and fill the row's
     accounting and timing columns (quality metrics come later)."""
     cfg, m, method, sampler = plan.cfg, plan.cfg.model, plan.method, plan.sampler
-    single = not grp.distributed and launcher == "basic"
     samples = SampleSet.from_batches(store.load_all())
     npz_path = plan.out_dir / "samples.npz"
     atomic_savez(npz_path, arr_0=samples.images, arr_1=samples.labels)  # ADM layout: images, labels
