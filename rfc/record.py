@@ -54,11 +54,13 @@ class RunRecord:
     seed: int | None = None
     num_samples: int | None = None
     batch_size: int | None = None
-    nfc: float | None = None  # full computations per sample, mean over batches
+    nfc: float | None = None  # full computations per sample as the papers count them (ToCa: block 0 full)
     tflops: float | None = None  # analytic, per image, of what ran (B = 2 rows with guidance)
     full_sites: float | None = None  # branch computations on all tokens, per sample
     cached_sites: float | None = None  # branches predicted or reused, per sample
     partial_sites: float | None = None  # branches recomputed on a token subset, per sample
+    full_blocks: float | None = None  # block evaluations with both branches on all tokens, per sample
+    partial_blocks: float | None = None  # block evaluations that recomputed a token subset (ToCa), per sample
     cache_bytes: int | None = None  # peak bytes held by the method (whole batch)
     latency_s: float | None = None  # median seconds of the sampling loop per batch
     latency_spread_s: float | None = None  # max - min over timed batches

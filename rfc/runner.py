@@ -461,6 +461,8 @@ def _merge_and_record(plan: RunPlan, store: ShardStore, denoiser: CFGDenoiser, g
         full_sites=mean([s.full_sites for s in samples.stats]),
         cached_sites=mean([s.cached_sites for s in samples.stats]),
         partial_sites=mean([s.partial_sites for s in samples.stats]),
+        full_blocks=mean([s.full_blocks for s in samples.stats]),
+        partial_blocks=mean([s.partial_blocks for s in samples.stats]),
         cache_bytes=max(s.cache_bytes_peak for s in samples.stats),
         latency_s=latency, latency_spread_s=spread, timed_batches=len(timed), images_per_s=images_per_s,
         vae_latency_s=statistics.median(vae_times) if vae_times else None,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,10 +138,52 @@ def test_fora_n3_equals_taylorseer_n3_set():
     assert full_down_indices(FORA(3), 50) == full_down_indices(TaylorSeer(3, 2), 50)
 
 
-def test_toca_official_ddim50_schedule():
-    assert full_down_indices(ToCa(3, 0.07, "ddim50"), 50) == [
-        49, 45, 44, 40, 36, 32, 30, 27, 24, 21, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0]
+def toca_blocks(method: ToCa, num_steps: int, depth: int = 28) -> tuple[list[int], list[int]]:
+    """Down indices where block 0 is full, and where every block is full (the official code
+    decides per block; block 0's full computation may re-schedule the later blocks' interval)."""
+    method.reset()
+    block0, every = [], []
+    for i in range(num_steps):
+        step = StepInfo(index=i, timestep=0, num_steps=num_steps)
+        method.begin_step(step)
+        if method.block_full(0):
+            block0.append(step.down_index)
+        if all(method.block_full(b) for b in range(depth)):
+            every.append(step.down_index)
+    return block0, every
+
+
+def test_toca_official_per_block_schedule_ddim50_n3():
+    """The official README recipe: every block full at 18 steps, block 0 alone also at 45 and 32
+    (measured on the official code: the golden fixture's case)."""
+    every = [49, 44, 40, 36, 30, 27, 24, 21, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0]
+    block0, all_blocks = toca_blocks(ToCa(3, 0.07, "ddim50"), 50)
+    assert all_blocks == every
+    assert block0 == sorted([*every, 45, 32], reverse=True)
+    assert full_down_indices(ToCa(3, 0.07, "ddim50"), 50) == block0  # the step count (NFC) is block 0's
+
+
+def test_toca_official_per_block_schedule_ddim50_n4_gives_the_papers_nfc_17():
+    """RFC's Table 1 lists ToCa N=4 with NFC 17: the steps at which block 0 is full; every block
+    is full at 14 of them."""
+    block0, every = toca_blocks(ToCa(4, 0.07, "ddim50"), 50)
+    assert every == [49, 48, 40, 35, 28, 24, 20, 16, 14, 12, 10, 6, 3, 0]
+    assert block0 == sorted([*every, 42, 30, 8], reverse=True) and len(block0) == 17
+
+
+def test_toca_official_per_block_schedule_ddpm250_recipe():
+    """The DDPM-250 recipe (N=4, R=0.07, ddpm250 ratios): 74 block-0 full steps, 72 with every
+    block; block 0 alone at 245 and 155."""
+    block0, every = toca_blocks(ToCa(4, 0.07, "ddpm250"), 250)
+    assert every == [249, 240, 234, 228, 222, 216, 210, *range(205, 164, -5), 160, *range(152, 94, -4),
+                     *range(94, 47, -2), *range(45, -1, -3)]
+    assert block0 == sorted([*every, 245, 155], reverse=True)
+
+
+def test_toca_fixed_interval_and_whole_step_options():
     assert full_down_indices(ToCa(3, 0.0), 50) == [49, *range(48, -1, -3)]  # R = 0: fixed interval
+    block0, every = toca_blocks(ToCa(3, 0.07, "ddim50", schedule="step"), 50)
+    assert block0 == every and len(every) == 20 and {45, 32} <= set(every)
 
 
 # ---- accounting ----------------------------------------------------------------------------
@@ -162,6 +205,11 @@ def test_dit_xl2_tflops_match_the_papers():
     for interval, expected in [(4, 6.662), (5, 5.239), (7, 3.816), (9, 3.342)]:
         assert _tflops_per_image(TaylorSeer(interval, 2), narrow) == pytest.approx(expected, abs=0.001)
     assert _tflops_per_image(NoCache(), narrow) == pytest.approx(23.735, abs=0.01)
+    # RFC's Table 1: ToCa N=4 (R = 0.07, DDIM-50 recipe) at NFC 17 and 8.73 TFLOPs, reached only
+    # with the official per-block schedule (whole steps would give 9.95)
+    toca = ToCa(4, 0.07, "ddim50")
+    assert _tflops_per_image(toca, narrow) == pytest.approx(8.73, abs=0.005)
+    assert toca.stats().full_steps == 17 and toca.stats().full_blocks == 14 * 28 + 3
 
 
 def test_analytic_formula_matches_torch_flop_counter():
@@ -235,34 +283,68 @@ def test_order_zero_is_reuse():
     assert len(f.factors) == 1 and torch.equal(f.predict(7), torch.full((3,), 5.0))
 
 
-def test_toca_token_counts_follow_the_formula(tiny):
-    """k = int(clamp(R * (3 - 4 s/T) * (0.8 + 0.4 l/(D-1)) * 2.5, 0, 1) * tokens) for each MLP at
-    each partial step, and attention is never recomputed on partial steps."""
+@pytest.mark.parametrize("divisor", [27, None])
+def test_toca_token_counts_follow_the_official_formula(tiny, divisor):
+    """k = int(fp32(clamp(R * l_layer * l_step * 2.5, 0, 1)) * tokens) for the MLP of every block on
+    the partial path, l_layer = 0.8 + 0.4 layer / X (X = 27 as the official code hard-codes, or
+    depth - 1), l_step = 3 - 4 s / T; attention is never recomputed there. Computed independently
+    in numpy float32."""
     R, T, D, tokens = 0.2, 50, 6, 16
-    method = ToCa(interval=3, fresh_ratio=R)
-    full = full_down_indices(ToCa(interval=3, fresh_ratio=R), T)
+    method = ToCa(interval=3, fresh_ratio=R, layer_divisor=divisor)
     sample_with(tiny, method, DDIMSampler(num_steps=T), n=2)
-    expected = []
-    for s in range(T - 1, -1, -1):
-        if s in full:
-            continue
+    X = 27 if divisor else D - 1
+    probe = ToCa(interval=3, fresh_ratio=R)
+    expected, full_blocks, partial_blocks = [], 0, 0
+    for i in range(T):
+        probe.begin_step(StepInfo(index=i, timestep=0, num_steps=T))
+        s = T - 1 - i
         for layer in range(D):
-            r = min(max(R * (3 - 4 * s / T) * (0.8 + 0.4 * layer / (D - 1)) * 2.5, 0.0), 1.0)
-            if int(r * tokens) > 0:
-                expected.append(int(r * tokens))
+            if probe.block_full(layer):
+                full_blocks += 1
+                continue
+            ratio = R * (1 - 0.2 + 2 * 0.2 * layer / X) * (3 - 4 * s / T) * 2.5
+            k = int(np.float32(np.clip(np.float32(ratio), 0, 1)) * np.float32(tokens))
+            if k > 0:
+                expected.append(k)
+                partial_blocks += 1
     stats = method.stats()
     assert stats.partial_mlp_tokens == expected and len(expected) > 0
     assert stats.partial_attn_tokens == []
-    assert stats.full_steps == len(full)
+    assert (stats.full_blocks, stats.partial_blocks) == (full_blocks, partial_blocks)
+    assert stats.full_steps == len(full_down_indices(ToCa(interval=3, fresh_ratio=R), T))
+
+
+def test_toca_staleness_counts_every_partial_step(tiny):
+    """A token's staleness grows at every partial step of its block, also when the ratio leaves no
+    token to recompute (the official counter). DDIM-50, N = 3: s = 49 is full, the interval becomes
+    5, so 48..46 are partial; at 45 block 0 is full (interval 4 now) and blocks 1.. stay partial.
+    l_step = 3 - 4 s / 50 < 0 there, so no token is recomputed at all."""
+    method = ToCa(interval=3, fresh_ratio=0.07)
+    method.attach(tiny)
+    try:
+        x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+        for i in range(5):
+            step = StepInfo(index=i, timestep=999 - 20 * i, num_steps=50)
+            method.begin_step(step)
+            with torch.no_grad():
+                tiny(x, torch.full((2,), step.timestep), y)
+            method.end_step(step)
+        stale = {site.block: (int(v.min()), int(v.max())) for site, v in method.staleness.items()}
+        assert stale == {0: (0, 0), **{b: (4, 4) for b in range(1, 6)}}
+        assert method.stats().partial_mlp_tokens == [] and method.stats().partial_blocks == 0
+    finally:
+        method.detach()
 
 
 def test_spatial_bonus_marks_one_token_per_2x2_block():
+    """In every 2x2 block the best token gets + 0.6 x that block's own maximum."""
     score = torch.arange(16.0).view(1, 16) / 16  # 4x4 grid; the bottom-right token of each block wins
     out = spatial_bonus(score)
     boosted = (out - score).view(4, 4)
     winners = boosted.nonzero().tolist()
     assert winners == [[1, 1], [1, 3], [3, 1], [3, 3]]
-    assert torch.allclose(boosted[1, 1], torch.tensor(0.6 * 15 / 16))
+    for (r, c), top in zip(winners, (5, 7, 13, 15), strict=True):
+        assert boosted[r, c] == pytest.approx(0.6 * top / 16, rel=1e-6)
 
 
 # ---- configuration -------------------------------------------------------------------------
@@ -277,6 +359,8 @@ def test_spatial_bonus_marks_one_token_per_2x2_block():
     (["method=toca", "method.fresh_ratio=-0.1"], "method.fresh_ratio"),
     (["method=toca", "method.ratio_schedule=cosine"], "method.ratio_schedule"),
     (["method=toca", "method.interval=0"], "method.interval"),
+    (["method=toca", "method.schedule=whole"], "method.schedule"),
+    (["method=toca", "method.layer_divisor=0"], "method.layer_divisor"),
 ])
 def test_invalid_settings_fail_at_config_time(make_cfg, tmp_path, overrides, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -286,7 +370,8 @@ def test_invalid_settings_fail_at_config_time(make_cfg, tmp_path, overrides, key
 def test_presets_build_with_official_defaults(make_cfg, tmp_path):
     expected = {"none": {}, "fora": {"interval": 3},
                 "taylorseer": {"interval": 4, "order": 4, "warmup": 2, "storage_dtype": "fp32"},
-                "toca": {"interval": 3, "fresh_ratio": 0.07, "ratio_schedule": "ddim50"}}
+                "toca": {"interval": 3, "fresh_ratio": 0.07, "ratio_schedule": "ddim50", "schedule": "official",
+                         "layer_divisor": 27}}
     for name, params in expected.items():
         method = plan_run(make_cfg(f"method={name}"), tmp_path / name).method
         assert method.name == name and method.params() == params
@@ -302,6 +387,9 @@ def test_multirun_of_all_methods_appends_four_rows(tmp_path):
     rows = list(csv.DictReader((tmp_path / "runs.csv").open()))
     assert [r["method"] for r in rows] == ["none", "fora", "taylorseer", "toca"]
     assert [float(r["nfc"]) for r in rows] == [50, 18, 14, 20]
+    # what ran, per block (6 blocks): ToCa is full in every block at 18 steps, in block 0 alone at 2
+    assert [float(r["full_blocks"]) for r in rows] == [300, 108, 84, 110]
+    assert [float(r["partial_blocks"]) > 0 for r in rows] == [False, False, False, True]
     tflops = [float(r["tflops"]) for r in rows]
     assert len(set(tflops)) == 4 and tflops[0] == max(tflops)
     assert all(int(r["cache_bytes"]) > 0 for r in rows[1:]) and rows[0]["cache_bytes"] == "0"

@@ -75,13 +75,15 @@ class BranchInput:
 class MethodStats:
     """Per-batch accounting, per sample (every row of a batch follows the same schedule)."""
 
-    full_steps: int = 0  # steps decided "full"
+    full_steps: int = 0  # steps decided "full": the NFC the papers report (ToCa: block 0 full)
     full_indices: list[int] = field(default_factory=list)  # their forward-order indices
     cached_steps: int = 0
     full_sites: int = 0  # branch computations that ran on every token
     cached_sites: int = 0  # branches predicted or reused without compute
     partial_sites: int = 0  # branches recomputed on a token subset (ToCa)
     block_calls: int = 0  # adaLN modulations computed (one per block per step)
+    full_blocks: int = 0  # blocks whose branches both ran on every token
+    partial_blocks: int = 0  # blocks that recomputed some tokens (ToCa); the rest were cached
     full_attn: int = 0
     full_mlp: int = 0
     partial_attn_tokens: list[int] = field(default_factory=list)
@@ -92,6 +94,14 @@ class MethodStats:
     @property
     def total_steps(self) -> int:
         return self.full_steps + self.cached_steps
+
+    def count_block(self, full_sites_before: int, partial_sites_before: int) -> None:
+        """Classify one block evaluation by what its branches ran (counted since the given marks)."""
+        full = self.full_sites - full_sites_before
+        if full == 2:
+            self.full_blocks += 1
+        elif full or self.partial_sites - partial_sites_before:
+            self.partial_blocks += 1
 
     def flops(self, rows: int, tokens: int, hidden: int, heads: int) -> float:
         """Analytic FLOPs per sample of what ran; rows = 2 with guidance (the papers' B)."""
@@ -253,13 +263,14 @@ class CacheMethod:
 def _block_forward(block: nn.Module, x: torch.Tensor, c: torch.Tensor, *, method: CacheMethod,
                    index: int) -> torch.Tensor:
     """DiTBlock.forward, op for op, with each branch routed through the method."""
-    method._stats.block_calls += 1
+    stats = method._stats
+    stats.block_calls += 1
+    marks = stats.full_sites, stats.partial_sites
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-    attn = method.branch(Site(index, "attn"), BranchInput(x, block.norm1, shift_msa, scale_msa, method._stats),
-                         block.attn)
+    attn = method.branch(Site(index, "attn"), BranchInput(x, block.norm1, shift_msa, scale_msa, stats), block.attn)
     x = x + gate_msa.unsqueeze(1) * attn
-    mlp = method.branch(Site(index, "mlp"), BranchInput(x, block.norm2, shift_mlp, scale_mlp, method._stats),
-                        block.mlp)
+    mlp = method.branch(Site(index, "mlp"), BranchInput(x, block.norm2, shift_mlp, scale_mlp, stats), block.mlp)
+    stats.count_block(*marks)
     return x + gate_mlp.unsqueeze(1) * mlp
 
 
@@ -294,6 +305,7 @@ class NoCache(CacheMethod):
         super().begin_step(step)
         s, d = self._stats, self.depth
         s.block_calls += d
+        s.full_blocks += d
         s.full_attn += d
         s.full_mlp += d
         s.full_sites += 2 * d

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rfc.cache.base import BranchInput, CacheMethod, Site
+from rfc.cache.predictors import taylor_expand
 
 
 class FactorBank:
@@ -83,11 +84,7 @@ class FactorBank:
         """sum_i c_i F[i, site] for one site, accumulated in ``out_dtype`` (the per-site path)."""
         if self.last_index is None:
             raise RuntimeError("Taylor prediction before any full step")
-        coeffs = self.coefficients(index)
-        out = self.buf[0, site].to(out_dtype)
-        for i in range(1, len(coeffs)):
-            out = out + self.buf[i, site].to(out_dtype) * coeffs[i]
-        return out
+        return taylor_expand([self.buf[i, site] for i in range(self.valid)], index - self.last_index, out_dtype)
 
     def factors(self) -> torch.Tensor:
         """All factor slots of every site, (order + 1, sites, B, T, C), the buffer itself. Slots

@@ -4,6 +4,7 @@ Taylor expansion over the full steps."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -14,6 +15,17 @@ def parse_storage_dtype(name: str, key: str = "method.storage_dtype") -> torch.d
     if name not in STORAGE_DTYPES:
         raise ValueError(f"{key} must be one of {sorted(STORAGE_DTYPES)}, got {name!r}")
     return STORAGE_DTYPES[name]
+
+
+def taylor_expand(factors: Sequence[torch.Tensor], k: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """sum_i factors[i] * k^i / i!, evaluated term by term as the official TaylorSeer code does,
+    ``(1 / i!) * F_i * k^i`` in that order and summed from i = 0 up. For orders >= 3 the rounding
+    of 1/i! and of the two products depends on that order (F_i * (k^i / i!) is a few ulps away),
+    so this is the one place the expansion is written."""
+    out = factors[0].to(out_dtype)
+    for i in range(1, len(factors)):
+        out = out + (1 / math.factorial(i)) * factors[i].to(out_dtype) * (k**i)
+    return out
 
 
 class TaylorFactors:
@@ -44,11 +56,7 @@ class TaylorFactors:
     def predict(self, index: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.last_index is None:
             raise RuntimeError("Taylor prediction before any full step")
-        k = index - self.last_index
-        out = self.factors[0].to(out_dtype)
-        for i in range(1, len(self.factors)):
-            out = out + self.factors[i].to(out_dtype) * (k**i / math.factorial(i))
-        return out
+        return taylor_expand(self.factors, index - self.last_index, out_dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.factors)
