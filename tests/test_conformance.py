@@ -9,6 +9,10 @@ are skipped with that path in the reason."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,18 +21,25 @@ from rfc.conformance import CASES, FIXTURE_ENV, RELATIVE_TOLERANCE, Fixture, fix
 from rfc.models.dit import DiT
 
 FOLDER = fixture_dir()
-pytestmark = pytest.mark.skipif(not (FOLDER / "fixture.json").is_file(),
-                                reason=f"conformance fixture not found at {FOLDER} (set ${FIXTURE_ENV} to its folder)")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def fixture() -> Fixture:
+    if not (FOLDER / "fixture.json").is_file():
+        pytest.skip(f"conformance fixture not found at {FOLDER} (set ${FIXTURE_ENV} to its folder)")
     return Fixture(FOLDER)
+
+
+def test_script_without_fixture_names_the_folder(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "conformance.py"), "--fixture", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and str(tmp_path) in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_the_fixture_model_is_ours(fixture):
     """The official weights load strictly into our DiT, and our fixed sin-cos table is theirs."""
-    official = torch.load(FOLDER / "weights.pt", weights_only=True)
+    official = torch.load(fixture.folder / "weights.pt", weights_only=True)
     assert set(official) == set(fixture.model.state_dict())
     assert torch.equal(DiT(fixture.config).pos_embed, official["pos_embed"])
 

@@ -1,0 +1,70 @@
+"""Replay the golden fixture of official outputs through the harness and print the comparison.
+
+    python scripts/conformance.py                      # fixture at ../shared/conformance
+    python scripts/conformance.py --fixture DIR --json results/conformance.json
+
+Every case runs on the per-site path, and also on the fused cached step where the method has one.
+Prints a Markdown table (max abs difference of the final latents, relative to max |latent|,
+bit-identical or not, full-step schedules) and optionally writes it as JSON with the machine it
+ran on. Exit status 1 when a per-site case is not bit-identical or a fused one exceeds the
+tolerance, 2 when the fixture is missing. The same checks run in tests/test_conformance.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from rfc.conformance import CASES, RELATIVE_TOLERANCE, REPO_ROOT, Fixture, fixture_dir, run_case  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fixture", type=Path, default=None, help="fixture folder (default: $RFC_CONFORMANCE "
+                        "or ../shared/conformance)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    folder = args.fixture or fixture_dir()
+    if not (folder / "fixture.json").is_file():
+        print(f"error: no conformance fixture at {folder} (fixture.json missing); pass --fixture DIR", file=sys.stderr)
+        return 2
+    if args.json is not None and not args.json.parent.is_dir():
+        print(f"error: --json: folder {args.json.parent} does not exist", file=sys.stderr)
+        return 2
+    fixture = Fixture(folder)
+    rows, ok = [], True
+    print("| case | path | max abs diff | rel. to max abs latent | bit-identical | full steps (every block) "
+          "| NFC (block 0 full) | schedule as official |")
+    print("|---|---|---|---|---|---|---|---|")
+    for case in CASES:
+        for fused in (False, True) if case.fusable else (False,):
+            start = time.perf_counter()
+            r = run_case(fixture, case, fused)
+            passed = (r.within_tolerance if fused else r.bit_identical) and r.same_full_blocks
+            ok &= passed
+            rows.append({**asdict(r), "about": case.about, "seconds": round(time.perf_counter() - start, 2),
+                         "passed": passed})
+            print(f"| {case.name} | {r.path} | {r.max_abs:.3g} | {r.rel:.2g} | {'yes' if r.bit_identical else 'no'} "
+                  f"| {len(r.full_steps)} | {r.nfc} | {'yes' if r.same_full_blocks else 'NO'} |", flush=True)
+    print(f"tolerance for fused paths: {RELATIVE_TOLERANCE:g} x max |latent|; per-site paths: bit-identical")
+    if args.json is not None:
+        meta = {"fixture": os.path.relpath(folder.resolve(), REPO_ROOT),
+                "machine": f"{platform.machine()} CPU, 1 thread", "torch": torch.__version__,
+                "python": platform.python_version(), "tolerance_rel": RELATIVE_TOLERANCE}
+        args.json.write_text(json.dumps({"meta": meta, "cases": rows}, indent=1) + "\n")
+        print(f"written: {args.json}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
