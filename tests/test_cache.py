@@ -380,7 +380,7 @@ def test_presets_build_with_official_defaults(make_cfg, tmp_path):
 def test_multirun_of_all_methods_appends_four_rows(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), "-m", "method=none,fora,taylorseer,toca", "eval=smoke",
-         "eval.num_samples=4", "eval.batch_size=4", f"paths.outputs={tmp_path}/outputs",
+         "eval.num_samples=4", "eval.batch_size=4", "eval.warmup_batches=0", f"paths.outputs={tmp_path}/outputs",
          f"paths.runs_csv={tmp_path}/runs.csv"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

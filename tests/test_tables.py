@@ -35,7 +35,8 @@ def _md_rows(path: Path) -> dict[str, list[str]]:
 
 def test_rfc_table1_on_the_tiny_model_and_its_tables(tmp_path):
     proc = _run(str(ROOT / "run.py"), "-m", "experiment=rfc_table1", "eval=smoke", "eval.num_samples=4",
-                "eval.batch_size=4", f"paths.runs_csv={tmp_path}/runs.csv", f"paths.outputs={tmp_path}/out")
+                "eval.batch_size=4", "eval.warmup_batches=0",  # one timed pass per row: warm-up is tested elsewhere
+                f"paths.runs_csv={tmp_path}/runs.csv", f"paths.outputs={tmp_path}/out")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "runs.csv").open()))
     assert len(rows) == 13 and {r["experiment"] for r in rows} == {"rfc_table1"}
@@ -74,7 +75,8 @@ def test_rfc_table1_on_the_tiny_model_and_its_tables(tmp_path):
 def test_four_parallel_joblib_jobs_append_four_complete_rows(tmp_path):
     proc = _run(str(ROOT / "run.py"), "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
                 "method=none,fora,taylorseer,toca", "eval=smoke", "eval.num_samples=4", "eval.batch_size=4",
-                "eval.paired=off", f"paths.runs_csv={tmp_path}/runs.csv", f"paths.outputs={tmp_path}/out")
+                "eval.paired=off", "eval.warmup_batches=0", f"paths.runs_csv={tmp_path}/runs.csv",
+                f"paths.outputs={tmp_path}/out")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "runs.csv").open()))
     assert sorted(r["method"] for r in rows) == ["fora", "none", "taylorseer", "toca"]
@@ -83,8 +85,9 @@ def test_four_parallel_joblib_jobs_append_four_complete_rows(tmp_path):
 
 def test_wandb_offline_writes_one_run_per_job(tmp_path):
     proc = _run(str(ROOT / "run.py"), "-m", "logger=both", "method=none,fora", "eval=smoke", "eval.num_samples=4",
-                "eval.batch_size=4", f"logger.wandb.dir={tmp_path}/wb", f"paths.runs_csv={tmp_path}/runs.csv",
-                f"paths.outputs={tmp_path}/out", env={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
+                "eval.batch_size=4", "eval.warmup_batches=0", f"logger.wandb.dir={tmp_path}/wb",
+                f"paths.runs_csv={tmp_path}/runs.csv", f"paths.outputs={tmp_path}/out",
+                env={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     rows = list(csv.DictReader((tmp_path / "runs.csv").open()))
