@@ -116,6 +116,11 @@ class CaseResult:
     def within_tolerance(self) -> bool:
         return self.rel <= RELATIVE_TOLERANCE
 
+    @property
+    def passed(self) -> bool:
+        """The conformance rule: per-site bit-identical, fused within tolerance, same blocks full."""
+        return (self.within_tolerance if self.path == "fused" else self.bit_identical) and self.same_full_blocks
+
 
 class _Tracker:
     """Listener between the sampler and the method that remembers the current call."""
@@ -179,11 +184,6 @@ def run_case(fixture: Fixture, case: Case, fused: bool = False) -> CaseResult:
         nfc=method.stats().full_steps, block0_full_steps=int(ran[:, 0].sum()))
 
 
-def run_all(fixture: Fixture) -> list[CaseResult]:
-    """Every case, per-site, and fused where the method has a fused cached step."""
-    results = []
-    for case in CASES:
-        results.append(run_case(fixture, case))
-        if case.fusable:
-            results.append(run_case(fixture, case, fused=True))
-    return results
+def case_paths() -> list[tuple[Case, bool]]:
+    """(case, fused) for every case on the per-site path, and fused where the method has a fused step."""
+    return [(case, fused) for case in CASES for fused in ((False, True) if case.fusable else (False,))]
