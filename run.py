@@ -40,20 +40,17 @@ def _join_slurm_tasks(device: str) -> None:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="run")
 def main(cfg: DictConfig) -> None:
-    from rfc.models.load import CheckpointError, MissingAssetError
-    from rfc.runner import run
+    from rfc.cli import run_job
 
-    try:
-        hc = HydraConfig.get()
-        launcher = hc.runtime.choices.get("launcher") or "basic"
-        if launcher != "basic":
-            _join_slurm_tasks(str(cfg.device))
-        sweep = hc.sweep.dir if hc.mode.name == "MULTIRUN" else None
-        run(cfg, hc.runtime.output_dir, sweep=sweep, launcher=launcher)
-    except (MissingAssetError, CheckpointError, ValueError) as err:
-        # Configuration and asset problems: one clear line, no traceback, non-zero exit.
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    hc = HydraConfig.get()
+    launcher = hc.runtime.choices.get("launcher") or "basic"
+    if launcher != "basic":
+        _join_slurm_tasks(str(cfg.device))
+    sweep = hc.sweep.dir if hc.mode.name == "MULTIRUN" else None
+    code = run_job(cfg, hc.runtime.output_dir, list(hc.overrides.task), sweep=sweep, launcher=launcher,
+                   main=distributed.group().is_main)
+    if code:
+        sys.exit(code)
 
 
 def _cli_device() -> str:
@@ -61,6 +58,12 @@ def _cli_device() -> str:
 
 
 if __name__ == "__main__":
+    from rfc.cli import check_resume_argument
+
+    problem = check_resume_argument(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     # Under torchrun: join the group first, so all ranks agree on one output folder.
     distributed.init_from_env(_cli_device())
     distributed.share_run_stamp()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.stats import Reference, load_reference, reference_from_features
+from eval.stats import Reference, check_reference_file, load_reference, reference_from_features
 from rfc.models.load import MissingAssetError, require_file
 
 Extractor = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -67,14 +67,17 @@ BUILTIN_REFERENCES = {"digits": "sklearn-digits-1797"}
 
 def get_extractor(name: str) -> ExtractorSpec:
     if name not in EXTRACTORS:
-        raise ValueError(f"unknown feature extractor {name!r} (available: {', '.join(EXTRACTORS)}). "
+        raise ValueError(f"unknown feature extractor {name!r} (eval.extractor; available: {', '.join(EXTRACTORS)}). "
                          "Set eval.score=false to record a run without quality metrics.")
     return EXTRACTORS[name]
 
 
 def check_reference(reference: str) -> None:
+    """Before sampling: a bundled reference's name, or an .npz that loads and holds usable
+    statistics or images (``eval.reference``)."""
     if reference not in BUILTIN_REFERENCES:
-        require_file(reference, "reference batch")
+        require_file(reference, "reference batch (eval.reference)")
+        check_reference_file(reference)
 
 
 def resolve_reference(reference: str, spec: ExtractorSpec, extract: Extractor) -> Reference:

@@ -9,7 +9,7 @@ extractors are never compared).
 
 from __future__ import annotations
 
-import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from eval.fid import feature_statistics, frechet_distance
 from eval.metrics import inception_score, precision_recall
+from rfc.errors import NonFiniteError
 
 IS_SPLITS = 10  # ADM: 10 splits
 PR_K = 3  # ADM: k = 3 nearest neighbours
@@ -44,26 +45,101 @@ def save_stats(path: str | Path, feats: dict[str, np.ndarray], extractor: str,
                stats: dict[str, np.ndarray] | None = None) -> Path:
     """Write ADM-layout statistics of a feature set (atomically), reusable as a reference;
     ``stats`` = stats_of(feats) when the caller already has them."""
+    from rfc.files import atomic_savez
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **(stats or stats_of(feats)), features=feats["features"], extractor=np.array(extractor))
-    os.replace(tmp, path)
+    atomic_savez(path, **(stats or stats_of(feats)), features=feats["features"], extractor=np.array(extractor))
     return path
+
+
+class NpzError(ValueError):
+    """An .npz input that cannot be used; the message names the file and what is wrong."""
+
+
+def read_npz(path: str | Path, what: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz (all, or those of ``keys`` it has), loaded now, so that a damaged
+    file fails here with its name. With ``keys``, the other members' headers are still read:
+    ``{name: (shape, dtype)}`` under the key ``"__headers__"``."""
+    path = Path(path)
+    if not path.is_file():
+        raise NpzError(f"{what} {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("a bare .npy array, not an .npz archive")
+            wanted = data.files if keys is None else [k for k in data.files if k in keys]
+            out = {k: data[k] for k in wanted}
+        if keys is not None:
+            with zipfile.ZipFile(path) as zf:
+                out["__headers__"] = {n[:-4]: _npy_header(zf, n) for n in zf.namelist() if n.endswith(".npy")}
+        return out
+    except Exception as err:  # zipfile, EOF, pickle and format errors differ by damage
+        raise NpzError(f"{what} {path} is not a readable .npz ({type(err).__name__}: {err})") from err
+
+
+def _npy_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one .npy member, without reading its data."""
+    with zf.open(name) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def check_statistics(arrays: dict[str, np.ndarray], path: str | Path) -> None:
+    """mu / sigma (and mu_s / sigma_s) come in pairs, with matching shapes and finite values."""
+    for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        has_mu, has_sigma = mu_key in arrays, sigma_key in arrays
+        if has_mu != has_sigma:
+            raise NpzError(f"{path} has {mu_key if has_mu else sigma_key} but no {sigma_key if has_mu else mu_key}: "
+                           "statistics need both")
+        if not has_mu:
+            continue
+        mu, sigma = np.asarray(arrays[mu_key]), np.asarray(arrays[sigma_key])
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise NpzError(f"{path}: {mu_key} {mu.shape} and {sigma_key} {sigma.shape} are not a mean and its "
+                           "covariance")
+        for key, value in ((mu_key, mu), (sigma_key, sigma)):
+            if not np.isfinite(value).all():
+                raise NonFiniteError(f"{path}: {key} holds NaN or inf; the statistics are damaged, compute them again")
+
+
+def check_images(shape: tuple[int, ...], dtype: np.dtype, path: str | Path) -> None:
+    """ADM's sample layout: uint8 (N, H, W, C) with N >= 1."""
+    if dtype != np.uint8 or len(shape) != 4 or shape[0] == 0:
+        raise NpzError(f"{path}: arr_0 must hold uint8 images (N, H, W, C) with N >= 1, got {dtype} {shape}")
+
+
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "extractor")
+
+
+def check_reference_file(path: str | Path) -> None:
+    """What can be checked of a reference before any sampling, without reading its images: it
+    opens, it holds statistics or images, its statistics are whole and finite, its images are
+    uint8 NHWC."""
+    arrays = read_npz(path, "reference", keys=STAT_KEYS)
+    headers = arrays.pop("__headers__")
+    if "mu" not in arrays and "sigma" not in arrays and "arr_0" not in headers:
+        raise NpzError(f"reference {path} has neither statistics (mu, sigma) nor images (arr_0)")
+    check_statistics(arrays, path)
+    if "arr_0" in headers:
+        check_images(*headers["arr_0"], path)
 
 
 def load_reference(path: str | Path, extractor_name: str, extract) -> Reference:  # noqa: ANN001 - extractor
     """A reference from an .npz: precomputed statistics where present (checked against the
     extractor), features from ``arr_0`` where needed (precision / recall, or no statistics)."""
     path = Path(path)
-    with np.load(path) as data:
-        keys = set(data.files)
-        if "extractor" in keys and str(data["extractor"]) != extractor_name:
-            raise ValueError(f"{path} holds statistics of the {data['extractor']} extractor, not {extractor_name}")
-        arrays = {k: data[k] for k in keys - {"extractor"}}
+    arrays = read_npz(path, "reference")
+    if "extractor" in arrays and str(arrays["extractor"]) != extractor_name:
+        raise NpzError(f"{path} holds statistics of the {arrays['extractor']} extractor, not {extractor_name}")
+    arrays.pop("extractor", None)
+    check_statistics(arrays, path)
     feats = None
     if "features" in arrays:
         feats = {"features": arrays["features"]}
     elif "arr_0" in arrays:
+        check_images(arrays["arr_0"].shape, arrays["arr_0"].dtype, path)
         feats = extract(arrays["arr_0"])
     if "mu" in arrays:
         mu, sigma = arrays["mu"], arrays["sigma"]
@@ -72,7 +148,7 @@ def load_reference(path: str | Path, extractor_name: str, extract) -> Reference:
         st = stats_of(feats)
         mu, sigma, mu_s, sigma_s = st["mu"], st["sigma"], st.get("mu_s"), st.get("sigma_s")
     else:
-        raise ValueError(f"{path} has neither statistics (mu, sigma) nor images (arr_0)")
+        raise NpzError(f"{path} has neither statistics (mu, sigma) nor images (arr_0)")
     return Reference(path.name, mu, sigma, mu_s, sigma_s, None if feats is None else feats["features"])
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rfc.cache import CacheMethod
 from rfc.config import CALIBRATION_FILE, tau_key
+from rfc.files import atomic_write_text
 from rfc.runner import batch_sizes, build, build_model, generate, plan_run
 
 
@@ -100,5 +101,5 @@ def save_calibration(cfg: DictConfig, result: Calibration, num_samples: int, see
         table[key] = {"tau": result.tau, "nfc": result.nfc, "target": result.target,
                       "within_tolerance": result.within_tolerance, "calibration_samples": num_samples,
                       "calibration_seed": seed, "trials": result.trials}
-        path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
     return path, key

@@ -30,5 +30,8 @@ def save_grid(images: np.ndarray, path: Path, n: int = 64, min_side: int = 32) -
     scale = max(1, -(-min_side // h))
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    pil.save(path)
+    from rfc.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="PNG")
     return path

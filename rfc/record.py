@@ -19,13 +19,19 @@ def new_run_id() -> str:
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
+RESULT_PATHS = ("results",)  # what the harness itself writes into the tree: not code
+
+
 def git_sha(repo: str | Path) -> str | None:
-    """Commit of the code that produced a row, with "-dirty" when the tree had local changes."""
+    """Commit of the code that produced a row, with "-dirty" when tracked code had local changes.
+    Changes under results/ (rows, tables, figures the harness writes) do not count: they describe
+    results, not the code that made them."""
+    excludes = [f":(exclude){p}" for p in RESULT_PATHS]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                              timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excludes],
+                               cwd=repo, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return sha + ("-dirty" if dirty else "") if sha else None

@@ -8,8 +8,8 @@ first sample is drawn, so a mistake costs seconds, not a sampling job.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
+import logging
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -24,22 +24,27 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from eval.extractors import check_reference, get_extractor, resolve_reference
-from eval.loggers import build_loggers, cell
+from eval.loggers import build_loggers, cell, read_runs
 from eval.metrics import psnr_ssim
-from eval.stats import distances, quality_metrics, save_stats, stats_of
+from eval.stats import check_statistics, distances, quality_metrics, save_stats, stats_of
 from rfc.cache import CacheMethod, MethodStats, NoCache
 from rfc.distributed import Group, barrier, broadcast, group
+from rfc.errors import ConfigError, FolderLockedError, NonFiniteError
+from rfc.files import FolderLock, atomic_savez, atomic_write_text, check_writable_file
 from rfc.images import save_grid, to_uint8_nhwc
 from rfc.models.dit import DiT, DiTConfig, dit_config
 from rfc.models.load import build_dit, require_file
 from rfc.models.vae import LATENT_DOWNSAMPLE, check_vae_folder, decode, load_vae, random_vae, vae_folder
 from rfc.record import RunRecord, git_sha
-from rfc.samplers.sampling import CFGDenoiser, Sampler
+from rfc.samplers.sampling import CFGDenoiser, Sampler, StepInfo
 from rfc.seeding import SampleStreams
-from rfc.shards import Batch, ShardStore, atomic_savez, batch_starts, rank_starts, sample_config
+from rfc.shards import Batch, ShardStore, batch_starts, rank_starts, sample_config
+from rfc.validate import as_bool, as_float, as_int, check_arguments
 
+LOG = logging.getLogger("rfc")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VAE_CHOICES = ("ema", "mse", "none")
+MIN_SCORED_SAMPLES = 2  # a covariance needs two samples
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,26 +58,47 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{local_rank}"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name} is not a device torch knows: use auto, cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} requested but CUDA is not available")
+        raise ConfigError(f"device={name} requested but CUDA is not available (use device=cpu or device=auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name} is not supported: use auto, cpu, cuda or cuda:N")
     return device
 
 
 def model_config(m: DictConfig) -> DiTConfig:
     """DiTConfig from configs/model/*.yaml: a named arch ("DiT-XL/2") or explicit sizes."""
     if m.vae not in VAE_CHOICES:
-        raise ValueError(f"model.vae must be one of {VAE_CHOICES}, got {m.vae!r}")
+        raise ConfigError(f"model.vae must be one of {VAE_CHOICES}, got {m.vae!r}")
     latent = m.vae != "none"
-    if latent and m.image_size % LATENT_DOWNSAMPLE:
-        raise ValueError(f"image_size {m.image_size} is not a multiple of {LATENT_DOWNSAMPLE}")
-    input_size = m.image_size // LATENT_DOWNSAMPLE if latent else m.image_size
-    common = dict(input_size=input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-                  learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob)
+    image_size = as_int(m.image_size, "model.image_size", 1)
+    if latent and image_size % LATENT_DOWNSAMPLE:
+        raise ConfigError(f"model.image_size {image_size} is not a multiple of {LATENT_DOWNSAMPLE} (the VAE's "
+                          "downsampling)")
+    input_size = image_size // LATENT_DOWNSAMPLE if latent else image_size
+    common = dict(input_size=input_size, in_channels=as_int(m.in_channels, "model.in_channels", 1),
+                  num_classes=as_int(m.num_classes, "model.num_classes", 1),
+                  learn_sigma=as_bool(m.learn_sigma, "model.learn_sigma"),
+                  class_dropout_prob=as_float(m.class_dropout_prob, "model.class_dropout_prob", 0.0, 1.0))
     if m.get("arch"):
-        return dit_config(m.arch, **common)
-    return DiTConfig(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth,
-                     num_heads=m.num_heads, **common)
+        config = dit_config(m.arch, **common)
+    else:
+        config = DiTConfig(patch_size=as_int(m.patch_size, "model.patch_size", 1),
+                           hidden_size=as_int(m.hidden_size, "model.hidden_size", 1),
+                           depth=as_int(m.depth, "model.depth", 1), num_heads=as_int(m.num_heads, "model.num_heads", 1),
+                           **common)
+    if config.input_size % config.patch_size:
+        raise ConfigError(f"model.image_size {image_size} gives a {config.input_size}-pixel input, which patch size "
+                          f"{config.patch_size} does not divide")
+    if config.hidden_size % config.num_heads:
+        raise ConfigError(f"model.hidden_size {config.hidden_size} is not divisible by model.num_heads "
+                          f"{config.num_heads}")
+    return config
 
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -80,7 +106,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 @contextlib.contextmanager
@@ -135,47 +161,57 @@ class RunPlan:
 
 
 def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
-    """Validate the config and check every input file; raises before anything expensive."""
+    """Validate the config and check every input and output file; raises before anything
+    expensive, naming the key or file at fault."""
     ev, m = cfg.eval, cfg.model
-    if int(ev.num_samples) < 1:
-        raise ValueError(f"eval.num_samples must be >= 1, got {ev.num_samples}")
-    if int(ev.batch_size) < 1:
-        raise ValueError(f"eval.batch_size must be >= 1, got {ev.batch_size}")
-    if int(cfg.seed) < 0:
-        raise ValueError(f"seed must be >= 0, got {cfg.seed}")
-    if int(ev.warmup_batches) < 0:
-        raise ValueError(f"eval.warmup_batches must be >= 0, got {ev.warmup_batches}")
+    num_samples = as_int(ev.num_samples, "eval.num_samples", 1)
+    batch_size = as_int(ev.batch_size, "eval.batch_size", 1)
+    as_int(cfg.seed, "seed", 0)
+    as_int(ev.warmup_batches, "eval.warmup_batches", 0)
+    as_int(ev.grid_size, "eval.grid_size", 1)
+    cfg_scale = as_float(cfg.cfg_scale, "cfg_scale")
+    as_bool(cfg.compile, "compile")
+    score = as_bool(ev.score, "eval.score")
     if ev.paired is False:  # YAML reads a bare off as false
         ev.paired = "off"
     if str(ev.paired) not in ("auto", "find", "off"):
-        raise ValueError(f"eval.paired must be auto, find or off, got {ev.paired!r}")
+        raise ConfigError(f"eval.paired must be auto, find or off, got {ev.paired!r}")
     check_precision(str(cfg.get("precision", "tf32")))
     dit = model_config(m)
-    if int(m.guided_channels) < 1 or int(m.guided_channels) > dit.in_channels:
-        raise ValueError(f"model.guided_channels must be in 1..{dit.in_channels}, got {m.guided_channels}")
-    if float(cfg.cfg_scale) > 1.0 and dit.class_dropout_prob <= 0:
-        raise ValueError("guidance needs a null class: model.class_dropout_prob must be > 0 when cfg_scale > 1")
+    if as_int(m.guided_channels, "model.guided_channels") < 1 or int(m.guided_channels) > dit.in_channels:
+        raise ConfigError(f"model.guided_channels must be in 1..{dit.in_channels}, got {m.guided_channels}")
+    if cfg_scale > 1.0 and dit.class_dropout_prob <= 0:
+        raise ConfigError("guidance needs a null class: model.class_dropout_prob must be > 0 when cfg_scale > 1")
+    if score and num_samples < MIN_SCORED_SAMPLES:
+        raise ConfigError(f"eval.num_samples={num_samples} is too few to score (FID needs a covariance of at least "
+                          f"{MIN_SCORED_SAMPLES} samples): raise it or set eval.score=false")
     device = resolve_device(str(cfg.device), group().local_rank)
+    check_arguments(cfg.method, "method")
+    check_arguments(cfg.sampler, "sampler")
     method = build(cfg.method, "method")
     sampler = build(cfg.sampler, "sampler", learn_sigma=dit.learn_sigma)
     paths = OmegaConf.to_container(cfg.paths, resolve=True)
     if m.pretrained:
-        require_file(m.checkpoint, f"{m.name} checkpoint")
+        require_file(m.checkpoint, f"{m.name} checkpoint (model.checkpoint)")
     if m.vae != "none" and m.vae_pretrained:
         check_vae_folder(vae_folder(paths["assets"], m.vae))
-    if not m.pretrained:
-        vae_note = "" if m.vae == "none" else (" and a random VAE" if not m.vae_pretrained else "")
-        print(f"note: model.pretrained=false: random DiT weights{vae_note} (timing is real, images are not)"
-              + ("" if ev.score else "; quality metrics skipped (eval.score=false)"))
-    score = bool(ev.score)
     extractor = str(ev.extractor) if score else None
     if score:
         get_extractor(extractor).check(paths)
         check_reference(str(ev.reference))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return RunPlan(cfg, device, dit, int(ev.num_samples), int(ev.batch_size), score, extractor, out, method,
-                   sampler, paths)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the run folder {out} ({err.strerror or err})") from err
+    check_writable_file(out / "record.json", "the run folder's")
+    if cfg.logger.get("csv"):
+        check_writable_file(cfg.paths.runs_csv, "paths.runs_csv")
+    if not m.pretrained:
+        vae_note = "" if m.vae == "none" else (" and a random VAE" if not m.vae_pretrained else "")
+        print(f"note: model.pretrained=false: random DiT weights{vae_note} (timing is real, images are not)"
+              + ("" if score else "; quality metrics skipped (eval.score=false)"))
+    return RunPlan(cfg, device, dit, num_samples, batch_size, score, extractor, out, method, sampler, paths)
 
 
 def build_model(plan: RunPlan) -> tuple[DiT, CFGDenoiser]:
@@ -196,7 +232,7 @@ def build(node: DictConfig, group: str, **kwargs: object) -> object:
     except InstantiationException as err:
         cause = err.__cause__
         if isinstance(cause, (ValueError, TypeError)):
-            raise ValueError(f"{group}: {cause}") from cause
+            raise ConfigError(str(cause) if str(cause).startswith(f"{group}.") else f"{group}: {cause}") from cause
         raise
 
 
@@ -272,26 +308,86 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
     extra = warmup_batches if len(starts) <= warmup_batches else 0
     bar = tqdm(total=sum(_batch_len(s, batch_size, num_samples) for s in starts), unit="img", desc="sampling",
                disable=not progress)
-    for i, start in enumerate(starts[:1] * extra + starts):
-        batch = range(start, min(start + batch_size, num_samples))
-        streams = SampleStreams(seed, batch, device)
-        y = streams.labels(cfg.num_classes)
-        x = streams.randn(shape)
-        method.reset()
-        with _Clock(device) as clock, precision_mode(precision, device):
-            x = sampler.sample(denoiser, x, y, noise=streams.noise_source(shape), listener=method)
-        x = x.float()
-        if i < extra:
-            continue  # an untimed warm-up pass: nothing kept
-        vae_seconds = None
-        if vae is not None:
-            with _Clock(device) as vae_clock:
-                x = decode(vae, x)
-            vae_seconds = vae_clock.seconds
-        yield Batch(start, to_uint8_nhwc(x), y.cpu().numpy().astype(np.int64), method.stats(), clock.seconds,
-                    vae_seconds, timed and (extra > 0 or i - extra >= warmup_batches))
-        bar.update(len(batch))
-    bar.close()
+    try:
+        for i, start in enumerate(starts[:1] * extra + starts):
+            batch = range(start, min(start + batch_size, num_samples))
+            streams = SampleStreams(seed, batch, device)
+            y = streams.labels(cfg.num_classes)
+            x = streams.randn(shape)
+            method.reset()
+            with _Clock(device) as clock, precision_mode(precision, device):
+                x = sampler.sample(denoiser, x, y, noise=streams.noise_source(shape), listener=method)
+            x = x.float()
+            bad = _non_finite_rows(x)  # checked after the clock stopped: the check costs no latency
+            if bad is not None:
+                with precision_mode(precision, device):
+                    raise _non_finite_batch(batch, bad, sampler, denoiser, method, SampleStreams(seed, batch, device),
+                                            shape, cfg)
+            if i < extra:
+                continue  # an untimed warm-up pass: nothing kept
+            vae_seconds = None
+            if vae is not None:
+                with _Clock(device) as vae_clock:
+                    x = decode(vae, x)
+                vae_seconds = vae_clock.seconds
+                bad = _non_finite_rows(x)
+                if bad is not None:
+                    raise NonFiniteError(f"sample {start + bad} is finite in latent space but the VAE decoded it to "
+                                         "NaN or inf: the VAE weights are damaged (fetch them again)")
+            yield Batch(start, to_uint8_nhwc(x), y.cpu().numpy().astype(np.int64), method.stats(), clock.seconds,
+                        vae_seconds, timed and (extra > 0 or i - extra >= warmup_batches))
+            bar.update(len(batch))
+    finally:
+        bar.close()  # before any error line reaches the terminal
+
+
+def _non_finite_rows(x: torch.Tensor) -> int | None:
+    """Index (within the batch) of the first sample holding NaN or inf, or None."""
+    finite = torch.isfinite(x).flatten(1).all(1)
+    if bool(finite.all()):
+        return None
+    return int((~finite).nonzero()[0, 0])
+
+
+class _StepWatch:
+    """Forwards the sampler's step announcements to the method and checks the denoiser's input
+    and output of every step: where a batch turned non-finite (used only after it did)."""
+
+    def __init__(self, method: CacheMethod, denoiser: CFGDenoiser) -> None:
+        self.method, self.denoiser = method, denoiser
+        self.step: int | None = None
+        self.found: str | None = None
+
+    def begin_step(self, step: StepInfo) -> None:
+        self.step = step.index
+        self.method.begin_step(step)
+
+    def end_step(self, step: StepInfo) -> None:
+        self.method.end_step(step)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.found is None and _non_finite_rows(x) is not None:
+            self.found = f"in the sampler update after step {self.step - 1}" if self.step else "in the initial noise"
+        out = self.denoiser(x, t, y)
+        if self.found is None and _non_finite_rows(out.float()) is not None:
+            self.found = f"in the model output at step {self.step}"
+        return out
+
+
+def _non_finite_batch(batch: range, bad: int, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod,
+                      streams: SampleStreams, shape: tuple[int, ...], cfg: DiTConfig) -> NonFiniteError:
+    """The error for a batch that came out non-finite. To say at which step, the batch is drawn
+    again (same noise, same method) watching every step: one extra batch, paid only on failure."""
+    watch = _StepWatch(method, denoiser)
+    method.reset()
+    y = streams.labels(cfg.num_classes)
+    sampler.sample(watch, streams.randn(shape), y, noise=streams.noise_source(shape), listener=watch)
+    found = watch.found or f"in the last sampler update (step {sampler.num_steps - 1})"
+    return NonFiniteError(
+        f"sample {batch.start + bad} came out non-finite (NaN or inf), first {found} (forward step index, "
+        f"0 = noisiest, of {sampler.num_steps}); nothing of its batch [{batch.start}, {batch.stop}) was stored or "
+        "recorded. Check cfg_scale, the sampler and method settings and the weights (precision=fp32 rules out "
+        "bf16 overflow)")
 
 
 def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
@@ -338,19 +434,33 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
     grp = group()
     plan = plan_run(cfg, out_dir)
     store = ShardStore(plan.out_dir, sample_config(cfg), plan.num_samples, plan.batch_size)
-    resumed = store.check()  # a folder of another configuration is refused here, before any work
+    store.check()  # a folder of another configuration is refused here, before any work
     loggers = build_loggers(cfg, sweep) if grp.is_main else []  # fails fast, e.g. W&B online without a login
-    if grp.is_main:
-        store.create()
-    barrier()
-    m, device = cfg.model, plan.device
-    torch.set_grad_enabled(False)
+    lock, refusal = FolderLock(plan.out_dir), None
+    if grp.is_main:  # rank 0 holds the folder for its whole group
+        try:
+            lock.acquire()
+        except FolderLockedError as err:
+            refusal = str(err)
+    refusal = broadcast(refusal)
+    if refusal:
+        raise FolderLockedError(refusal)
+    try:
+        return _run_locked(plan, store, loggers, grp, progress, sweep, launcher)
+    finally:
+        lock.release()
 
-    model, denoiser = build_model(plan)
+
+def _run_locked(plan: RunPlan, store: ShardStore, loggers: list, grp: Group, progress: bool, sweep: str | None,
+                launcher: str) -> RunRecord | None:
+    cfg, m, device = plan.cfg, plan.cfg.model, plan.device
+    torch.set_grad_enabled(False)
+    model, denoiser = build_model(plan)  # unreadable or non-finite weights stop the run here
     vae = None
     if m.vae != "none":
         vae = load_vae(vae_folder(plan.paths["assets"], m.vae)) if m.vae_pretrained else random_vae(int(cfg.seed))
         vae = vae.to(device)
+    resumed = _open_store(store, grp)
     method, sampler = plan.method, plan.sampler
     if cfg.compile:
         compile_for(model, method)
@@ -390,9 +500,7 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
         pair_store = ShardStore(plan.out_dir / "full_compute", {**store.config, "method": "none"},
                                 plan.num_samples, plan.batch_size)
         pair_store.check()
-        if grp.is_main:
-            pair_store.create()
-        barrier()
+        _open_store(pair_store, grp)
         sample_into(pair_store, NoCache(), False)
     if not grp.is_main:
         return None
@@ -404,11 +512,27 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
             atomic_savez(pair_store.folder / "samples.npz", arr_0=pair_images, arr_1=samples.labels)
         record = score(record, samples, plan, pair_folder, pair_images, notes)
 
-    (plan.out_dir / "record.json").write_text(json.dumps(record.as_dict(), indent=2) + "\n")
+    atomic_write_text(plan.out_dir / "record.json", json.dumps(record.as_dict(), indent=2) + "\n")
     print(f"samples: {npz_path}\ngrid:    {grid_path}")
+    LOG.info("samples: %s; grid: %s; record: %s", npz_path, grid_path, plan.out_dir / "record.json")
     for logger in loggers:
-        print(logger.log(record, plan.out_dir))
+        line = logger.log(record, plan.out_dir)
+        print(line)
+        LOG.info("%s", line)
     return record
+
+
+def _open_store(store: ShardStore, grp: Group) -> int:
+    """Rank 0 verifies the shards already in the folder (rejects are named and set aside, to be
+    redrawn) and writes the manifest; every rank waits. Returns the samples already on disk."""
+    resumed = 0
+    if grp.is_main:
+        resumed, problems = store.verify()
+        for problem in problems:
+            LOG.warning("%s", problem)
+        store.create()
+    barrier()
+    return resumed
 
 
 def _merge_and_record(plan: RunPlan, store: ShardStore, denoiser: CFGDenoiser, grp: Group, launcher: str,
@@ -423,7 +547,7 @@ def _merge_and_record(plan: RunPlan, store: ShardStore, denoiser: CFGDenoiser, g
     grid_path = save_grid(samples.images, plan.out_dir / "grid.png", n=int(cfg.eval.grid_size))
     schedules = [{"batch": b.start // plan.batch_size, "first_index": b.start, "full_steps": b.stats.full_indices}
                  for b in samples.batches]  # forward-order indices of the full steps
-    (plan.out_dir / "schedules.json").write_text(json.dumps(schedules) + "\n")
+    atomic_write_text(plan.out_dir / "schedules.json", json.dumps(schedules) + "\n")
 
     weights = batch_sizes(plan.num_samples, plan.batch_size)
 
@@ -483,13 +607,9 @@ PAIRING_COLUMNS = ("model", "arch", "image_size", "sampler", "respacing", "num_s
 def find_full_compute(record: RunRecord, runs_csv: str | Path) -> Path | None:
     """Output folder of the latest full-compute run with the same model, sampler, guidance, seeds
     and sample count (so sample i of both sets started from the same noise), with its files."""
-    path = Path(runs_csv)
-    if not path.exists():
-        return None
     want = {c: cell(getattr(record, c)) for c in PAIRING_COLUMNS}
-    with path.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("method") == "none"
-                and all(r.get(c, "") == v for c, v in want.items())]
+    rows = [r for r in read_runs(runs_csv) if r.get("method") == "none"
+            and all(r.get(c, "") == v for c, v in want.items())]
     for row in reversed(rows):
         folder = Path(row.get("output_dir") or "")
         if (folder / "samples.npz").exists() and (folder / "stats.npz").exists():
@@ -505,6 +625,9 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair_folder: Pat
     spec = get_extractor(plan.extractor)
     extract = spec.build(plan.paths, str(plan.device))
     feats = extract(samples.images)
+    if not np.isfinite(feats["features"]).all():
+        raise NonFiniteError(f"the {spec.name} features of the samples hold NaN or inf: the extractor's weights "
+                             "are damaged (fetch them again)")
     ref = resolve_reference(str(plan.cfg.eval.reference), spec, extract)
     reason = "the Inception weights have no logits layer" if spec.name.startswith("inception") else None
     own = stats_of(feats)  # computed once: metrics, stats.npz and the paired distances share it
@@ -524,6 +647,7 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair_folder: Pat
         pair_images = np.load(pair_folder / "samples.npz")["arr_0"]
         with np.load(pair_folder / "stats.npz") as st:
             pair_stats = {k: st[k] for k in st.files if k.startswith(("mu", "sigma"))}
+        check_statistics(pair_stats, pair_folder / "stats.npz")
         notes.append(f"paired with {pair_folder}")
     elif pair_images is not None:
         pair_feats = extract(pair_images)

@@ -10,8 +10,9 @@ A shard is one sampling batch [start, stop) of the global index space. Batches a
 index 0 in steps of eval.batch_size whatever the number of processes, so batch b holds the same
 samples (and, with per-sample noise streams, the same numbers) in every layout; rank r draws
 batches r, r + K, r + 2K, ... Each shard is written under a temporary name and renamed, so a
-shard either exists whole or not at all. The shard files are the record of what is done; the
-manifest's ``completed`` list mirrors them for people and tools reading the folder.
+shard either exists whole or not at all; it carries its own index range, and the manifest records
+every shard's range and sha256. A resume verifies every shard against that record before trusting
+it: a truncated, bit-flipped, foreign or misnamed shard is set aside and redrawn.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from rfc.cache import MethodStats
+from rfc.errors import RunError
+from rfc.files import atomic_savez, atomic_write_text, file_digest
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
@@ -107,35 +110,91 @@ class ShardStore:
         self.dir = self.folder / SHARD_DIR
         self.manifest = self.folder / MANIFEST
         self.config, self.num_samples, self.batch_size = config, num_samples, batch_size
+        self.layout = {s: min(s + batch_size, num_samples) for s in batch_starts(num_samples, batch_size)}
 
     # -- manifest --------------------------------------------------------------------------
 
-    def check(self) -> int:
-        """Refuse a folder whose manifest describes other samples; return how many samples are
-        already on disk (0 for a fresh folder). Cheap: reads the manifest and lists the shards."""
+    def _read_manifest(self) -> dict:
+        try:
+            body = json.loads(self.manifest.read_text())
+            if not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+            return body
+        except (OSError, ValueError) as err:
+            raise ResumeError(f"{self.manifest} is unreadable ({err}); it describes the samples in {self.folder}, "
+                              "so the folder cannot be resumed: move it aside and start a new run") from err
+
+    def check(self) -> None:
+        """Refuse a folder whose manifest describes other samples. Cheap: reads the manifest."""
         if not self.manifest.exists():
             if self.dir.exists() and any(self._shard_files()):
                 raise ResumeError(f"{self.dir} holds shards but {self.manifest} is missing; "
                                   "cannot tell which configuration drew them")
-            return 0
-        saved = json.loads(self.manifest.read_text())
-        diffs = config_differences(saved.get("config", {}), self.config)
+            return
+        diffs = config_differences(self._read_manifest().get("config", {}), self.config)
         if diffs:
             raise ResumeError(f"refusing to resume {self.folder}: its samples were drawn with another "
                               f"configuration ({'; '.join(diffs)}). Use a new output folder, or restore "
                               "these settings to continue it.")
-        return sum(stop - start for start, stop in self.completed())
 
     def create(self) -> None:
         """Write the manifest of a fresh folder (kept as is when it exists and matches)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if not self.manifest.exists():
-            self._write_manifest()
+            self._write_manifest({})
 
-    def _write_manifest(self) -> None:
+    def _recorded(self) -> dict[str, dict]:
+        """The manifest's shard entries (name -> start, stop, sha256); {} for a fresh folder."""
+        if not self.manifest.exists():
+            return {}
+        return dict(self._read_manifest().get("shards") or {})
+
+    def _write_manifest(self, shards: dict[str, dict]) -> None:
+        ranges = [(e["start"], e["stop"]) for e in shards.values()]
         body = {"config": self.config, "num_samples": self.num_samples, "batch_size": self.batch_size,
-                "completed": [list(r) for r in _merge_ranges(self.completed())]}
-        _atomic_write_text(self.manifest, json.dumps(body, indent=1, sort_keys=True) + "\n")
+                "completed": [list(r) for r in _merge_ranges(ranges)], "shards": shards}
+        atomic_write_text(self.manifest, json.dumps(body, indent=1, sort_keys=True) + "\n")
+
+    # -- verification ----------------------------------------------------------------------
+
+    def verify(self) -> tuple[int, list[str]]:
+        """Check every shard on disk before a resume builds on it: a shard the manifest lists must
+        match its recorded checksum, one it does not list (written just before a crash, or by an
+        older version) must load and hold the index range its name says. A shard that fails is
+        moved to ``rejected/`` (kept, not deleted) and will be redrawn. Temporary files of killed
+        writers are removed. Call with the run folder locked. Returns the number of samples on
+        disk and one message per rejected shard."""
+        recorded, kept, problems = self._recorded(), {}, []
+        for path in self._shard_files():
+            start, stop = (int(g) for g in _SHARD_NAME.match(path.name).groups())
+            entry = recorded.get(path.name)
+            if self.layout.get(start) != stop:
+                problem = f"its range [{start}, {stop}) is not a batch of this run ({self.batch_size} per batch)"
+            elif entry is not None:
+                digest = file_digest(path)
+                problem = None if digest == entry.get("sha256") else "its checksum differs from the manifest's"
+            else:
+                problem = _shard_content_problem(path, start, stop)
+                digest = None if problem else file_digest(path)
+            if problem:
+                problems.append(f"shard {path} rejected: {problem}; moved to {self._reject(path)}, it will be "
+                                "redrawn")
+            else:
+                kept[path.name] = {"start": start, "stop": stop, "sha256": digest}
+        for stale in [*self.dir.glob(".*.tmp"), *self.folder.glob(".*.tmp")] if self.dir.exists() else []:
+            stale.unlink(missing_ok=True)  # a killed writer's unfinished file: never renamed, never valid
+        if self.manifest.exists() and kept != recorded:
+            self._write_manifest(kept)
+        return sum(e["stop"] - e["start"] for e in kept.values()), problems
+
+    def _reject(self, path: Path) -> Path:
+        target_dir = self.folder / "rejected"
+        target_dir.mkdir(exist_ok=True)
+        target, n = target_dir / path.name, 1
+        while target.exists():
+            target, n = target_dir / f"{path.name}.{n}", n + 1
+        os.replace(path, target)
+        return target
 
     # -- shards ----------------------------------------------------------------------------
 
@@ -145,15 +204,9 @@ class ShardStore:
         return sorted(p for p in self.dir.iterdir() if _SHARD_NAME.match(p.name))
 
     def completed(self) -> list[tuple[int, int]]:
-        """Index ranges of the shards on disk that belong to this run's batch layout."""
-        expected = {s: min(s + self.batch_size, self.num_samples)
-                    for s in batch_starts(self.num_samples, self.batch_size)}
-        done = []
-        for path in self._shard_files():
-            start, stop = (int(g) for g in _SHARD_NAME.match(path.name).groups())
-            if expected.get(start) == stop:
-                done.append((start, stop))
-        return done
+        """Index ranges of the verified shards: listed in the manifest and present on disk."""
+        return sorted((e["start"], e["stop"]) for name, e in self._recorded().items()
+                      if self.layout.get(e["start"]) == e["stop"] and (self.dir / name).exists())
 
     def missing(self, starts: list[int]) -> list[int]:
         have = {start for start, _ in self.completed()}
@@ -163,31 +216,63 @@ class ShardStore:
         return self.dir / f"{start:08d}-{stop:08d}.npz"
 
     def write(self, batch: Batch) -> Path:
-        """Store a batch atomically, then record its range in the manifest."""
+        """Store a batch atomically (its range inside it), then record range and checksum in the
+        manifest."""
         path = self.path(batch.start, batch.stop)
-        atomic_savez(path, images=batch.images, labels=batch.labels, latency=np.float64(batch.latency),
-                     vae_latency=np.float64(np.nan if batch.vae_latency is None else batch.vae_latency),
-                     timed=np.bool_(batch.timed), stats=np.array(json.dumps(asdict(batch.stats))))
+        digest = atomic_savez(path, images=batch.images, labels=batch.labels, start=np.int64(batch.start),
+                              stop=np.int64(batch.stop), latency=np.float64(batch.latency),
+                              vae_latency=np.float64(np.nan if batch.vae_latency is None else batch.vae_latency),
+                              timed=np.bool_(batch.timed), stats=np.array(json.dumps(asdict(batch.stats))))
         with FileLock(str(self.dir / ".manifest.lock"), timeout=120):  # ranks share the manifest
-            self._write_manifest()
+            shards = self._recorded()
+            shards[path.name] = {"start": batch.start, "stop": batch.stop, "sha256": digest}
+            self._write_manifest(shards)
         return path
 
     def load(self, start: int, stop: int) -> Batch:
-        with np.load(self.path(start, stop)) as z:
-            vae = float(z["vae_latency"])
-            return Batch(start, z["images"], z["labels"].astype(np.int64),
-                         MethodStats(**json.loads(str(z["stats"]))), float(z["latency"]),
-                         None if np.isnan(vae) else vae, bool(z["timed"]))
+        path = self.path(start, stop)
+        try:
+            with np.load(path) as z:
+                if "start" in z.files and (int(z["start"]), int(z["stop"])) != (start, stop):
+                    raise ValueError(f"it holds samples [{int(z['start'])}, {int(z['stop'])})")
+                vae = float(z["vae_latency"])
+                return Batch(start, z["images"], z["labels"].astype(np.int64),
+                             MethodStats(**json.loads(str(z["stats"]))), float(z["latency"]),
+                             None if np.isnan(vae) else vae, bool(z["timed"]))
+        except Exception as err:
+            raise RunError(f"shard {path} is unreadable ({type(err).__name__}: {err}); run again with "
+                           f"resume={self.folder} to verify the shards and redraw the damaged ones") from err
 
     def load_all(self) -> list[Batch]:
         """Every batch of the run in index order; raises unless they cover [0, N) exactly once."""
-        ranges = sorted(self.completed())
-        want = [(s, min(s + self.batch_size, self.num_samples))
-                for s in batch_starts(self.num_samples, self.batch_size)]
+        ranges = self.completed()
+        want = sorted(self.layout.items())
         if ranges != want:
             lost = sorted(set(want) - set(ranges))
-            raise RuntimeError(f"{self.dir}: {len(lost)} batch(es) missing, first {lost[:3]}")
+            raise RunError(f"{self.dir}: {len(lost)} batch(es) missing, first {lost[:3]}; run again with "
+                           f"resume={self.folder} to draw them")
         return [self.load(s, e) for s, e in ranges]
+
+
+SHARD_KEYS = {"images", "labels", "latency", "vae_latency", "timed", "stats"}
+
+
+def _shard_content_problem(path: Path, start: int, stop: int) -> str | None:
+    """Why a shard the manifest does not list cannot be used (None: it can): it must load whole and
+    hold the samples its name says."""
+    try:
+        with np.load(path) as z:
+            if not SHARD_KEYS <= set(z.files):
+                return f"it lacks {', '.join(sorted(SHARD_KEYS - set(z.files)))}"
+            if "start" in z.files and (int(z["start"]), int(z["stop"])) != (start, stop):
+                return f"it holds samples [{int(z['start'])}, {int(z['stop'])}), not [{start}, {stop})"
+            images, labels = z["images"], z["labels"]
+            json.loads(str(z["stats"]))
+    except Exception as err:
+        return f"it is unreadable ({type(err).__name__}: {err})"
+    if len(images) != stop - start or len(labels) != stop - start or images.dtype != np.uint8:
+        return f"it holds {len(images)} {images.dtype} images and {len(labels)} labels, not {stop - start}"
+    return None
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -198,19 +283,3 @@ def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             merged.append([start, stop])
     return [(a, b) for a, b in merged]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez under a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it visible
-    os.replace(tmp, path)

@@ -45,6 +45,7 @@ from baselines.toca import ToCa  # noqa: E402
 from rfc.cache import CacheMethod, NoCache  # noqa: E402
 from rfc.calibration import bisect_tau  # noqa: E402
 from rfc.config import register_resolvers  # noqa: E402
+from rfc.files import atomic_write_text  # noqa: E402
 from rfc.method import RFC  # noqa: E402
 from rfc.models.load import build_dit  # noqa: E402
 from rfc.runner import model_config, precision_mode, resolve_device  # noqa: E402
@@ -318,7 +319,7 @@ def main(cfg: DictConfig) -> None:
                 partial["estimated_speedup"] = estimate(partial)
                 result["settings"] = [*done, partial]
                 result["seconds"] = time.perf_counter() - t0
-                path.write_text(json.dumps(result, indent=1) + "\n")
+                atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
             bench_setting(cfg, model, int(batch), str(precision), device, save)
     print_table(result)

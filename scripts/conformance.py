@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from rfc.conformance import RELATIVE_TOLERANCE, REPO_ROOT, Fixture, case_paths, fixture_dir, run_case  # noqa: E402
+from rfc.files import atomic_write_text  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"fixture": os.path.relpath(folder.resolve(), REPO_ROOT),
                 "machine": f"{platform.machine()} CPU, 1 thread", "torch": torch.__version__,
                 "python": platform.python_version(), "tolerance_rel": RELATIVE_TOLERANCE}
-        args.json.write_text(json.dumps({"meta": meta, "cases": rows}, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps({"meta": meta, "cases": rows}, indent=1) + "\n")
         print(f"written: {args.json}")
     return 0 if ok else 1
 

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rfc.config import register_resolvers  # noqa: E402
+from rfc.files import atomic_write_text  # noqa: E402
 
 register_resolvers()
 
@@ -86,7 +87,7 @@ def main(cfg: DictConfig) -> None:
     summary.update(model=str(cfg.model.name), sampler=plan.sampler.name, num_steps=steps, target_nfc=target,
                    num_samples=int(d.num_samples), seed=int(d.seed), tau=cal.tau, device=str(plan.device),
                    torch_version=torch.__version__)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary["methods"], indent=2))
     print(f"wrote {out_dir}")
 

@@ -36,32 +36,41 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from eval.extractors import get_extractor
-    from eval.stats import load_reference, quality_metrics, save_stats
+    from eval.stats import check_images, check_reference_file, load_reference, quality_metrics, read_npz, save_stats
+    from rfc.errors import ConfigError, NonFiniteError, RunError
+    from rfc.files import check_writable_file
     from rfc.models.load import MissingAssetError
 
-    for f in (args.reference, args.samples):
-        if not f.exists():
-            print(f"error: {f} does not exist", file=sys.stderr)
-            return 2
     paths = {"assets": str(args.assets), "digits_classifier": str(args.digits_classifier)}
     spec = get_extractor(args.extractor)
     try:
+        # Everything that can be checked cheaply, before any feature is extracted.
+        check_reference_file(args.reference)
+        images = read_npz(args.samples, "samples").get("arr_0")
+        if images is None:
+            raise ConfigError(f"{args.samples} has no arr_0 images")
+        check_images(images.shape, images.dtype, args.samples)
+        if len(images) < 2:
+            raise ConfigError(f"{args.samples} holds {len(images)} image; FID needs at least 2")
+        if args.save_stats is not None:
+            check_writable_file(args.save_stats, "--save-stats")
         spec.check(paths)
         extract = spec.build(paths, args.device)
-        with np.load(args.samples) as data:
-            if "arr_0" not in data.files:
-                print(f"error: {args.samples} has no arr_0 images", file=sys.stderr)
-                return 2
-            images = data["arr_0"]
         feats = extract(images)
+        if not np.isfinite(feats["features"]).all():
+            raise NonFiniteError(f"the {spec.name} features of {args.samples} hold NaN or inf: the extractor's "
+                                 "weights are damaged")
         ref = load_reference(args.reference, spec.name, extract)
         reason = "the Inception weights have no logits layer" if args.extractor == "inception" else None
         metrics = quality_metrics(feats, ref, reason)
-    except (MissingAssetError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if args.save_stats is not None:
+            save_stats(args.save_stats, feats, spec.name)
+    except (MissingAssetError, ValueError, RunError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    if args.save_stats is not None:
-        save_stats(args.save_stats, feats, spec.name)
+    except OSError as err:
+        print(f"error: cannot use {err.filename or 'a file'}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(json.dumps({"extractor": spec.name, "reference": str(args.reference), "samples": str(args.samples),
                       "num_samples": len(images), **metrics}))
     return 0

@@ -17,6 +17,7 @@ against latency, one curve per method).
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import re
 import sys
@@ -26,6 +27,9 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from eval.loggers import read_raw, split_csv  # noqa: E402
+from rfc.files import atomic_path, atomic_write_text  # noqa: E402
 
 SETTING = ["experiment", "model", "image_size", "sampler", "num_steps", "cfg_scale", "num_samples"]
 # (header, CSV column, better: -1 lower, +1 higher, 0 not ranked)
@@ -54,7 +58,7 @@ def label_of(row: pd.Series) -> str:
 
 
 def load(csv_path: Path, experiment: str | None, model: str | None) -> pd.DataFrame:
-    df = pd.read_csv(csv_path)
+    df = pd.read_csv(io.StringIO(split_csv(read_raw(csv_path)).clean))  # torn records skipped
     for col in ("experiment", "variant", "sweep"):
         if col not in df:
             df[col] = np.nan
@@ -170,7 +174,8 @@ def pareto_plot(group: pd.DataFrame, path: Path, title: str) -> None:
             ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
 
 
@@ -199,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         title = (f"{exp}: {model} {size}px, {sampler.upper()}-{int(steps)}, CFG {cfg_scale:g}, {int(n)} samples"
                  + (", mean ± std over seeds" if args.aggregate else f", seed {int(group['seed'].iloc[0])}"))
         rows = table_rows(group, args.aggregate)
-        (args.out / f"{name}.md").write_text(render(rows, title, latex=False))
-        (args.out / f"{name}.tex").write_text(render(rows, title, latex=True))
+        atomic_write_text(args.out / f"{name}.md", render(rows, title, latex=False))
+        atomic_write_text(args.out / f"{name}.tex", render(rows, title, latex=True))
         pareto_plot(group, args.out / f"{name}_pareto.png", title)
         print(f"wrote {args.out / name}.md, .tex, _pareto.png ({len(rows)} methods)")
     return 0

@@ -56,7 +56,7 @@ def test_mismatches_name_the_keys(tmp_path):
 
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"model": _random_state(1), "args": object()}, tmp_path / "obj.pt")
-    with pytest.raises(Exception, match="[Ww]eights only"):
+    with pytest.raises(CheckpointError, match=r"obj\.pt.*[Ww]eights only"):
         build_dit(CFG, tmp_path / "obj.pt")
 
 

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 
+from rfc.errors import NonFiniteError, RunError
 from rfc.models.dit import DiT, DiTConfig
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that does not fit the model, with every offending key named."""
+class CheckpointError(RunError):
+    """A checkpoint that cannot be read or does not fit the model, with every offending key named."""
 
 
 class MissingAssetError(FileNotFoundError):
@@ -27,6 +28,8 @@ def require_file(path: str | Path, what: str, hint: str = FETCH_HINT) -> Path:
     if not p.exists():
         raise MissingAssetError(f"missing {what}: {p} does not exist. Fetch it with `{hint}` "
                                 f"(assets folder: set paths.assets=... or the RFC_ASSETS environment variable).")
+    if p.is_dir():
+        raise MissingAssetError(f"{what} {p} is a folder, not a file: point the setting at the file itself")
     return p
 
 
@@ -42,7 +45,7 @@ def extract_state_dict(obj: object) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor],
-                     optional: tuple[str, ...] = ("pos_embed",)) -> None:
+                     optional: tuple[str, ...] = ("pos_embed",), source: str | Path = "checkpoint") -> None:
     """Raise CheckpointError listing missing keys, unexpected keys and shape mismatches."""
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state and k not in optional)
@@ -59,14 +62,39 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor],
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
         if mismatched:
             parts.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
-        raise CheckpointError("checkpoint does not match the model config:\n  " + "\n  ".join(parts))
+        raise CheckpointError(f"{source} does not match the model config: " + "; ".join(parts))
+
+
+def read_checkpoint(path: str | Path) -> object:
+    """torch.load of a weights file; a file that is empty, truncated, not a checkpoint, or needs
+    pickled code becomes one CheckpointError naming it, never a loader traceback."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... by format
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {reason[:200]}); it is "
+                              "damaged or not a PyTorch weights file: download it again "
+                              f"(`{FETCH_HINT}`) or point model.checkpoint at a valid file") from err
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights holding NaN or infinity: they turn every sample into garbage that would
+    otherwise be scored and recorded as a result."""
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise NonFiniteError(f"checkpoint {source}: {key} holds {bad} non-finite value(s) (NaN or inf); "
+                                 "the weights are damaged: download or train them again")
 
 
 def load_checkpoint(model: DiT, path: str | Path) -> DiT:
     """Load ``path`` into ``model`` strictly. ``pos_embed`` may be absent (it is a fixed
-    function of the config and recomputed); every other difference is an error."""
-    state = extract_state_dict(torch.load(Path(path), map_location="cpu", weights_only=True))
-    check_state_dict(model, state)
+    function of the config and recomputed); every other difference is an error, and so is a
+    non-finite weight."""
+    state = extract_state_dict(read_checkpoint(path))
+    check_state_dict(model, state, source=f"checkpoint {path}")
+    check_finite(state, path)
     if "pos_embed" not in state:
         state = dict(state, pos_embed=model.pos_embed)
     model.load_state_dict(state, strict=True)

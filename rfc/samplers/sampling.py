@@ -58,13 +58,14 @@ class Sampler:
     def __init__(self, num_steps: int = 50, respacing: str | None = None, learn_sigma: bool = True,
                  num_train_timesteps: int = 1000) -> None:
         if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+            raise ValueError(f"sampler.num_steps must be >= 1, got {num_steps}")
         respacing = str(num_steps) if respacing in (None, "") else str(respacing)
         self.respacing = respacing
         self.diffusion = GaussianDiffusion(num_train_timesteps, respacing, learn_sigma=learn_sigma)
         if self.diffusion.num_timesteps != num_steps:
             raise ValueError(
-                f"respacing {respacing!r} gives {self.diffusion.num_timesteps} steps but num_steps is {num_steps}"
+                f"sampler.respacing {respacing!r} gives {self.diffusion.num_timesteps} steps but sampler.num_steps is "
+                f"{num_steps}"
             )
         self.num_steps = num_steps
 

@@ -1,0 +1,134 @@
+"""What the command line promises: a run ends with a result, or with one line saying what went wrong
+and what to do, under a fixed exit code, and that line is also in the run folder's log.
+
+Exit codes: 0 done; 2 a predictable failure (a bad key, a missing or damaged file, non-finite
+samples, a folder in use, a full disk), the message naming the key or file; 130 interrupted
+(Ctrl-C), with the command that resumes; 1 an unexpected failure (a bug), with its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from rfc.errors import RunError
+from rfc.models.load import MissingAssetError
+
+LOG = logging.getLogger("rfc")
+LOG_FILE = "run.log"
+EXIT_OK, EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXPECTED = (ValueError, RunError, MissingAssetError)  # ConfigError and ResumeError are ValueErrors
+
+
+class _LineFormatter(logging.Formatter):
+    """``error: ...`` on the terminal; a traceback only for unexpected failures."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """The run log; a log write that fails (the disk is full) must not hide the real error."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
+
+
+def attach_log(out_dir: str | Path | None, main: bool = True) -> list[logging.Handler]:
+    """Send the ``rfc`` logger to stderr (warnings and errors) and, on the main process, to
+    ``<out_dir>/run.log`` (everything, time-stamped). Returns the handlers, for :func:`detach_log`."""
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING)
+    console.setFormatter(_LineFormatter())
+    handlers: list[logging.Handler] = [console]
+    if out_dir is not None and main:
+        try:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            file = _QuietFileHandler(Path(out_dir) / LOG_FILE, encoding="utf-8", delay=True)
+            file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            handlers.append(file)
+        except OSError:
+            pass  # an unwritable folder is reported by the run itself, on stderr
+    for handler in handlers:
+        LOG.addHandler(handler)
+    return handlers
+
+
+def detach_log(handlers: list[logging.Handler]) -> None:
+    for handler in handlers:
+        LOG.removeHandler(handler)
+        handler.close()
+
+
+def resume_command(out_dir: str | Path, overrides: Sequence[str]) -> str:
+    """The command that continues this run in its folder: the same overrides, resume=<folder>."""
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.run.dir="))]
+    return " ".join(["python run.py", *map(shlex.quote, keep), shlex.quote(f"resume={out_dir}")])
+
+
+def describe_os_error(err: OSError, out_dir: str | Path, overrides: Sequence[str]) -> str:
+    """One line for a failed read or write: which file, why, and what to do."""
+    where = err.filename or "a file"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"disk full while writing {where}: nothing partial was kept; free space, then resume with: "
+                f"{resume_command(out_dir, overrides)}")
+    return f"cannot use {where}: {err.strerror or err}; fix it, then resume with: {resume_command(out_dir, overrides)}"
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def run_job(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), sweep: str | None = None,
+            launcher: str = "basic", main: bool = True) -> int:
+    """One job of the command line (a run, or one job of a multirun) with its failures mapped to
+    the exit codes above; returns the exit code."""
+    from rfc.runner import run
+
+    handlers = attach_log(out_dir, main)
+    try:
+        LOG.info("start: %s", " ".join(["python run.py", *overrides]))
+        run(cfg, out_dir, sweep=sweep, launcher=launcher)
+        LOG.info("done")
+        return EXIT_OK
+    except KeyboardInterrupt:
+        LOG.error("interrupted: the batches finished so far are kept in %s; resume with: %s", out_dir,
+                  resume_command(out_dir, overrides))
+        return EXIT_INTERRUPTED
+    except EXPECTED as err:
+        LOG.error("%s", one_line(err))
+        return EXIT_ERROR
+    except OSError as err:
+        LOG.error("%s", describe_os_error(err, out_dir, overrides))
+        return EXIT_ERROR
+    except Exception:
+        LOG.exception("unexpected failure; the traceback below is also in %s", Path(out_dir) / LOG_FILE)
+        return EXIT_BUG
+    finally:
+        detach_log(handlers)
+
+
+def check_resume_argument(argv: Sequence[str]) -> str | None:
+    """Before Hydra makes the folder: ``resume=`` must name an existing run folder. Returns the
+    error line, or None. (A mistyped folder would otherwise start a fresh run there.)"""
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if not values or values[-1] in ("", "null", "None"):
+        return None
+    folder = Path(values[-1])
+    if not folder.is_dir():
+        return f"resume={folder}: no such run folder; check the path (run folders live under paths.outputs)"
+    if not (folder / "manifest.json").exists():
+        return (f"resume={folder}: the folder holds no samples (no manifest.json), so there is nothing to resume; "
+                "start a new run without resume=")
+    return None
