@@ -138,9 +138,11 @@ def _append_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        except BaseException:
+        except BaseException as err:
             with contextlib.suppress(OSError):
                 f.truncate(size)  # never leave half a row behind
+            if isinstance(err, OSError) and err.filename is None:
+                err.filename = str(path)
             raise
 
 

@@ -45,9 +45,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with tmp.open("rb+") as f:
             os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(err, OSError) and err.filename in (None, str(tmp)):
+            err.filename = str(path)  # name the file being written, not its vanished temporary
         raise
 
 
