@@ -165,6 +165,18 @@ def test_unusable_reference_is_named_before_sampling(make_cfg, tmp_path, capsys,
     assert str(path) in err and not (tmp_path / "out" / "shards").exists()
 
 
+def test_damaged_vae_is_named(make_cfg, tmp_path, capsys, earlier):
+    vae = tmp_path / "assets" / "sd-vae-ft-ema"
+    vae.mkdir(parents=True)
+    (vae / "config.json").write_text("{")  # cut short
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 64)
+    code = job(make_cfg, tmp_path, "model=dit-s", "model.pretrained=false", "model.vae_pretrained=true",
+               "model.image_size=64", f"paths.assets={tmp_path / 'assets'}")
+    err = capsys.readouterr().err
+    refused(code, err, f"cannot load the VAE from {vae}", tmp_path, earlier)
+    assert "fetch_assets.py vae-ema" in err and not (tmp_path / "out" / "shards").exists()
+
+
 @pytest.mark.parametrize("kind", ["csv-is-folder", "csv-under-a-file", "run-folder-is-a-file"])
 def test_unwritable_outputs_are_found_before_sampling(make_cfg, tmp_path, capsys, earlier, kind):
     blocker = tmp_path / "blocker"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from rfc.models.load import require_file
+from rfc.errors import NonFiniteError, RunError
+from rfc.models.load import FETCH_HINT, require_file
 
 LATENT_SCALE = 0.18215  # DiT divides latents by this before decoding
 LATENT_DOWNSAMPLE = 8
@@ -48,9 +49,21 @@ def check_vae_folder(folder: str | Path) -> Path:
 
 def load_vae(folder: str | Path) -> torch.nn.Module:
     from diffusers.models import AutoencoderKL
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.set_verbosity_error()  # its install hints (accelerate) would bury the run's own lines
     folder = check_vae_folder(folder)
-    return AutoencoderKL.from_pretrained(str(folder), local_files_only=True).eval().requires_grad_(False)
+    fetch = f"{FETCH_HINT} {folder.name.replace('sd-vae-ft-', 'vae-')}"
+    try:
+        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # diffusers, safetensors and json raise their own types for damaged files
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise RunError(f"cannot load the VAE from {folder} ({type(err).__name__}: {reason}); its files are damaged "
+                       f"or incomplete: fetch them again (`{fetch}`)") from err
+    for name, value in vae.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(f"VAE {folder}: {name} holds NaN or inf; fetch it again (`{fetch}`)")
+    return vae.eval().requires_grad_(False)
 
 
 def random_vae(seed: int = 0) -> torch.nn.Module:
