@@ -145,6 +145,7 @@ class FolderLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # the holder's line describes a live holder only
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
