@@ -75,6 +75,9 @@ def get_extractor(name: str) -> ExtractorSpec:
 def check_reference(reference: str) -> None:
     """Before sampling: a bundled reference's name, or an .npz that loads and holds usable
     statistics or images (``eval.reference``)."""
+    if reference in ("None", ""):
+        raise ValueError(f"eval.reference is not set: name a bundled set ({', '.join(BUILTIN_REFERENCES)}) or an "
+                         "ADM-layout .npz, or set eval.score=false")
     if reference not in BUILTIN_REFERENCES:
         require_file(reference, "reference batch (eval.reference)")
         check_reference_file(reference)

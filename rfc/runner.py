@@ -45,6 +45,7 @@ LOG = logging.getLogger("rfc")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VAE_CHOICES = ("ema", "mse", "none")
 MIN_SCORED_SAMPLES = 2  # a covariance needs two samples
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     ev, m = cfg.eval, cfg.model
     num_samples = as_int(ev.num_samples, "eval.num_samples", 1)
     batch_size = as_int(ev.batch_size, "eval.batch_size", 1)
-    as_int(cfg.seed, "seed", 0)
+    as_int(cfg.seed, "seed", 0, MAX_SEED)
     as_int(ev.warmup_batches, "eval.warmup_batches", 0)
     as_int(ev.grid_size, "eval.grid_size", 1)
     cfg_scale = as_float(cfg.cfg_scale, "cfg_scale")

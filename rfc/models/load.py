@@ -24,6 +24,8 @@ FETCH_HINT = "python scripts/fetch_assets.py"
 
 def require_file(path: str | Path, what: str, hint: str = FETCH_HINT) -> Path:
     """Return ``path`` if it exists, else raise a MissingAssetError naming it and the fix."""
+    if path is None or str(path) == "":
+        raise MissingAssetError(f"missing {what}: no path is set; give one on the command line or in its config")
     p = Path(path)
     if not p.exists():
         raise MissingAssetError(f"missing {what}: {p} does not exist. Fetch it with `{hint}` "
