@@ -381,7 +381,9 @@ def _env() -> dict[str, str]:
 def _slow_run(folder: Path, tmp_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "run.py"), "sampler=ddpm", "sampler.num_steps=100", "eval.num_samples=48",
            "eval.batch_size=4", "eval.score=false", f"hydra.run.dir={folder}", f"paths.runs_csv={tmp_path}/runs.csv"]
-    return subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default: a test run started in the background inherits it ignored
+    return subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(predicate, timeout: float = 120) -> None:  # noqa: ANN001 - a callable
