@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import subprocess
@@ -61,10 +63,14 @@ def test_psnr_ssim_of_identical_and_perturbed_images():
 
 
 def _evaluate(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """scripts/evaluate.py's main in this process (its exit code and its JSON line); the command
+    line itself is run by test_evaluate_refuses_statistics_of_another_extractor."""
+    from scripts.evaluate import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(list(args)) == 0
+    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def test_evaluate_script_with_digits_extractor_and_saved_stats(tmp_path):
@@ -111,7 +117,7 @@ def test_multirun_none_taylorseer_gives_paired_metrics(tmp_path):
 def test_paired_metrics_generated_on_demand_when_no_full_compute_run_exists(make_cfg, tmp_path):
     from rfc.runner import run
 
-    rec = run(make_cfg("method=fora", "eval.num_samples=70", "eval.batch_size=70"), tmp_path / "out",
+    rec = run(make_cfg("method=fora", "eval.num_samples=24", "eval.batch_size=24"), tmp_path / "out",
               progress=False)
     assert rec.fid2fc > 0 and rec.psnr > 0 and "generated on demand" in rec.notes
     assert (tmp_path / "out" / "full_compute" / "samples.npz").exists()
@@ -147,19 +153,26 @@ def inception_assets(tmp_path_factory):
 
 
 def test_evaluate_script_with_inception_features(inception_assets, tmp_path):
-    """Digits through the FID Inception (converted weights): FID, sFID (2023-d spatial features),
-    precision and recall; IS missing with its reason. (Reloading saved statistics is the same code
-    path for every extractor and is checked with the digits one: each 2048-d scipy sqrtm costs
-    about 18 s on 2 cores.)"""
+    """Digits through the FID Inception (converted weights): FID, precision and recall against a
+    statistics-only reference (pool features, mu, sigma), IS missing with its reason, and the
+    samples' saved statistics with the 2023-d spatial ones. The reference carries no spatial
+    statistics, so sFID is left out: it is the same Frechet distance, and each 2048-d scipy sqrtm
+    costs about 25 s on 2 cores. (Reloading saved statistics is checked with the digits extractor.)"""
+    from eval.extractors import get_extractor
+    from eval.stats import stats_of
+
     images, _ = load_digits_uint8()
-    np.savez(tmp_path / "ref.npz", arr_0=images[:10])
+    ref_feats = get_extractor("inception").build({"assets": str(inception_assets)}, "cpu")(images[:10])
+    ref = stats_of({"features": ref_feats["features"]})
+    np.savez(tmp_path / "ref.npz", mu=ref["mu"], sigma=ref["sigma"], features=ref_feats["features"],
+             extractor=np.array("inception-v3-tf"))
     np.savez(tmp_path / "samples.npz", arr_0=images[10:20])
     common = ["--extractor", "inception", "--assets", str(inception_assets)]
     first = _evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), *common,
                       "--save-stats", str(tmp_path / "sample_stats.npz"))
-    assert first["extractor"] == "inception-v3-tf" and first["fid"] > 0 and first["sfid"] > 0
+    assert first["extractor"] == "inception-v3-tf" and first["fid"] > 0 and first["sfid"] is None
     assert 0 <= first["precision"] <= 1 and 0 <= first["recall"] <= 1
     assert first["inception_score"] is None and "no logits" in first["notes"]
     with np.load(tmp_path / "sample_stats.npz") as st:
-        assert st["mu_s"].shape == (2023,) and st["mu"].shape == (2048,)
+        assert st["mu_s"].shape == (2023,) and st["sigma_s"].shape == (2023, 2023) and st["mu"].shape == (2048,)
         assert str(st["extractor"]) == "inception-v3-tf" and st["features"].shape == (10, 2048)
