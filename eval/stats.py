@@ -17,7 +17,7 @@ import numpy as np
 
 from eval.fid import feature_statistics, frechet_distance
 from eval.metrics import inception_score, precision_recall
-from rfc.errors import NonFiniteError
+from rfc.errors import NonFiniteError, reason
 
 IS_SPLITS = 10  # ADM: 10 splits
 PR_K = 3  # ADM: k = 3 nearest neighbours
@@ -74,7 +74,7 @@ def read_npz(path: str | Path, what: str, keys: tuple[str, ...] | None = None) -
                 out["__headers__"] = {n[:-4]: _npy_header(zf, n) for n in zf.namelist() if n.endswith(".npy")}
         return out
     except Exception as err:  # zipfile, EOF, pickle and format errors differ by damage
-        raise NpzError(f"{what} {path} is not a readable .npz ({type(err).__name__}: {err})") from err
+        raise NpzError(f"{what} {path} is not a readable .npz ({reason(err)})") from err
 
 
 def _npy_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -102,6 +102,14 @@ def check_statistics(arrays: dict[str, np.ndarray], path: str | Path) -> None:
         for key, value in ((mu_key, mu), (sigma_key, sigma)):
             if not np.isfinite(value).all():
                 raise NonFiniteError(f"{path}: {key} holds NaN or inf; the statistics are damaged, compute them again")
+
+
+def check_features(feats: dict[str, np.ndarray], extractor: str, what: str) -> None:
+    """Refuse non-finite features: the extractor's weights are damaged, and any metric from them
+    would be garbage."""
+    if not np.isfinite(feats["features"]).all():
+        raise NonFiniteError(f"the {extractor} features of {what} hold NaN or inf: the extractor's weights are "
+                             "damaged (fetch them again)")
 
 
 def check_images(shape: tuple[int, ...], dtype: np.dtype, path: str | Path) -> None:

@@ -21,3 +21,9 @@ class NonFiniteError(RunError):
 
 class FolderLockedError(RunError):
     """Another process holds the run folder."""
+
+
+def reason(err: BaseException, limit: int = 200) -> str:
+    """Why a loader failed, in one line: ``Type: first line of its message``."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__

@@ -69,16 +69,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
-def npz_bytes(**arrays: np.ndarray) -> bytes:
-    """An uncompressed .npz in memory: what :func:`atomic_savez` writes, for checksumming first."""
+def atomic_savez(path: str | Path, **arrays: np.ndarray) -> str:
+    """np.savez written atomically; returns the sha256 of the bytes written (built in memory first,
+    so the checksum is of exactly what reached the disk)."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def atomic_savez(path: str | Path, **arrays: np.ndarray) -> str:
-    """np.savez written atomically; returns the sha256 of the bytes written."""
-    data = npz_bytes(**arrays)
+    data = buf.getvalue()
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
@@ -140,7 +136,7 @@ class FolderLock:
         os.ftruncate(fd, 0)
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp} "
-                     f"({' '.join(sys.argv[:1] + sys.argv[1:])[:500]})\n".encode())
+                     f"({' '.join(sys.argv)[:500]})\n".encode())
         self._fd = fd
 
     def release(self) -> None:
@@ -149,9 +145,3 @@ class FolderLock:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
-    def __enter__(self) -> FolderLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from eval.extractors import check_reference, get_extractor, resolve_reference
 from eval.loggers import build_loggers, cell, read_runs
 from eval.metrics import psnr_ssim
-from eval.stats import check_statistics, distances, quality_metrics, save_stats, stats_of
+from eval.stats import check_features, check_statistics, distances, quality_metrics, save_stats, stats_of
 from rfc.cache import CacheMethod, MethodStats, NoCache
 from rfc.distributed import Group, barrier, broadcast, group
 from rfc.errors import ConfigError, FolderLockedError, NonFiniteError
@@ -626,9 +626,7 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair_folder: Pat
     spec = get_extractor(plan.extractor)
     extract = spec.build(plan.paths, str(plan.device))
     feats = extract(samples.images)
-    if not np.isfinite(feats["features"]).all():
-        raise NonFiniteError(f"the {spec.name} features of the samples hold NaN or inf: the extractor's weights "
-                             "are damaged (fetch them again)")
+    check_features(feats, spec.name, "the samples")
     ref = resolve_reference(str(plan.cfg.eval.reference), spec, extract)
     reason = "the Inception weights have no logits layer" if spec.name.startswith("inception") else None
     own = stats_of(feats)  # computed once: metrics, stats.npz and the paired distances share it

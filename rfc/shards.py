@@ -28,7 +28,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from rfc.cache import MethodStats
-from rfc.errors import RunError
+from rfc.errors import RunError, reason
 from rfc.files import atomic_savez, atomic_write_text, file_digest
 
 MANIFEST = "manifest.json"
@@ -233,14 +233,15 @@ class ShardStore:
         path = self.path(start, stop)
         try:
             with np.load(path) as z:
-                if "start" in z.files and (int(z["start"]), int(z["stop"])) != (start, stop):
-                    raise ValueError(f"it holds samples [{int(z['start'])}, {int(z['stop'])})")
+                other = _other_range(z, start, stop)
+                if other:
+                    raise ValueError(other)
                 vae = float(z["vae_latency"])
                 return Batch(start, z["images"], z["labels"].astype(np.int64),
                              MethodStats(**json.loads(str(z["stats"]))), float(z["latency"]),
                              None if np.isnan(vae) else vae, bool(z["timed"]))
         except Exception as err:
-            raise RunError(f"shard {path} is unreadable ({type(err).__name__}: {err}); run again with "
+            raise RunError(f"shard {path} is unreadable ({reason(err)}); run again with "
                            f"resume={self.folder} to verify the shards and redraw the damaged ones") from err
 
     def load_all(self) -> list[Batch]:
@@ -264,14 +265,23 @@ def _shard_content_problem(path: Path, start: int, stop: int) -> str | None:
         with np.load(path) as z:
             if not SHARD_KEYS <= set(z.files):
                 return f"it lacks {', '.join(sorted(SHARD_KEYS - set(z.files)))}"
-            if "start" in z.files and (int(z["start"]), int(z["stop"])) != (start, stop):
-                return f"it holds samples [{int(z['start'])}, {int(z['stop'])}), not [{start}, {stop})"
+            other = _other_range(z, start, stop)
+            if other:
+                return other
             images, labels = z["images"], z["labels"]
             json.loads(str(z["stats"]))
     except Exception as err:
-        return f"it is unreadable ({type(err).__name__}: {err})"
+        return f"it is unreadable ({reason(err)})"
     if len(images) != stop - start or len(labels) != stop - start or images.dtype != np.uint8:
         return f"it holds {len(images)} {images.dtype} images and {len(labels)} labels, not {stop - start}"
+    return None
+
+
+def _other_range(z: np.lib.npyio.NpzFile, start: int, stop: int) -> str | None:
+    """The shard's own record of its samples, when it contradicts its name (None: it agrees, or
+    the shard predates the record)."""
+    if "start" in z.files and (int(z["start"]), int(z["stop"])) != (start, stop):
+        return f"it holds samples [{int(z['start'])}, {int(z['stop'])}), not [{start}, {stop})"
     return None
 
 

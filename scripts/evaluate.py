@@ -18,8 +18,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -36,8 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from eval.extractors import get_extractor
-    from eval.stats import check_images, check_reference_file, load_reference, quality_metrics, read_npz, save_stats
-    from rfc.errors import ConfigError, NonFiniteError, RunError
+    from eval.stats import (
+        check_features,
+        check_images,
+        check_reference_file,
+        load_reference,
+        quality_metrics,
+        read_npz,
+        save_stats,
+    )
+    from rfc.errors import ConfigError, RunError
     from rfc.files import check_writable_file
     from rfc.models.load import MissingAssetError
 
@@ -57,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         spec.check(paths)
         extract = spec.build(paths, args.device)
         feats = extract(images)
-        if not np.isfinite(feats["features"]).all():
-            raise NonFiniteError(f"the {spec.name} features of {args.samples} hold NaN or inf: the extractor's "
-                                 "weights are damaged")
+        check_features(feats, spec.name, str(args.samples))
         ref = load_reference(args.reference, spec.name, extract)
         reason = "the Inception weights have no logits layer" if args.extractor == "inception" else None
         metrics = quality_metrics(feats, ref, reason)

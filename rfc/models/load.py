@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from rfc.errors import NonFiniteError, RunError
+from rfc.errors import NonFiniteError, RunError, reason
 from rfc.models.dit import DiT, DiTConfig
 
 
@@ -74,20 +74,19 @@ def read_checkpoint(path: str | Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... by format
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}: {reason[:200]}); it is "
+        raise CheckpointError(f"cannot read checkpoint {path} ({reason(err)}); it is "
                               "damaged or not a PyTorch weights file: download it again "
                               f"(`{FETCH_HINT}`) or point model.checkpoint at a valid file") from err
 
 
-def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Refuse weights holding NaN or infinity: they turn every sample into garbage that would
-    otherwise be scored and recorded as a result."""
+def check_finite(state: dict[str, torch.Tensor], source: str, fix: str) -> None:
+    """Refuse weights (DiT or VAE) holding NaN or infinity: they turn every sample into garbage
+    that would otherwise be scored and recorded as a result. ``source`` names the file, ``fix``
+    says what to do."""
     for key, value in state.items():
         if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
-            raise NonFiniteError(f"checkpoint {source}: {key} holds {bad} non-finite value(s) (NaN or inf); "
-                                 "the weights are damaged: download or train them again")
+            raise NonFiniteError(f"{source}: {key} holds {bad} non-finite value(s) (NaN or inf); {fix}")
 
 
 def load_checkpoint(model: DiT, path: str | Path) -> DiT:
@@ -96,7 +95,7 @@ def load_checkpoint(model: DiT, path: str | Path) -> DiT:
     non-finite weight."""
     state = extract_state_dict(read_checkpoint(path))
     check_state_dict(model, state, source=f"checkpoint {path}")
-    check_finite(state, path)
+    check_finite(state, f"checkpoint {path}", "the weights are damaged: download or train them again")
     if "pos_embed" not in state:
         state = dict(state, pos_embed=model.pos_embed)
     model.load_state_dict(state, strict=True)

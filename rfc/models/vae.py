@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from rfc.errors import NonFiniteError, RunError
-from rfc.models.load import FETCH_HINT, require_file
+from rfc.errors import RunError, reason
+from rfc.models.load import FETCH_HINT, check_finite, require_file
 
 LATENT_SCALE = 0.18215  # DiT divides latents by this before decoding
 LATENT_DOWNSAMPLE = 8
@@ -57,12 +57,9 @@ def load_vae(folder: str | Path) -> torch.nn.Module:
     try:
         vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:  # diffusers, safetensors and json raise their own types for damaged files
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise RunError(f"cannot load the VAE from {folder} ({type(err).__name__}: {reason}); its files are damaged "
+        raise RunError(f"cannot load the VAE from {folder} ({reason(err)}); its files are damaged "
                        f"or incomplete: fetch them again (`{fetch}`)") from err
-    for name, value in vae.state_dict().items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise NonFiniteError(f"VAE {folder}: {name} holds NaN or inf; fetch it again (`{fetch}`)")
+    check_finite(vae.state_dict(), f"VAE {folder}", f"fetch it again (`{fetch}`)")
     return vae.eval().requires_grad_(False)
 
 
