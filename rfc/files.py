@@ -29,6 +29,31 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
+def memo_digest(path: str | Path, memo: str | Path | None = None) -> str:
+    """sha256 of a file, remembered in the JSON file ``memo`` under the file's identity (absolute
+    path, size, mtime, inode), so a 2.7 GB checkpoint or a 1.4 GB reference batch is hashed once,
+    not on every run. A file that changed gets a new identity and is hashed again; a memo that
+    cannot be read or written is ignored (the digest is then computed every time)."""
+    import json
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    known: dict[str, str] = {}
+    if memo is not None:
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(Path(memo).read_text())
+            known = loaded if isinstance(loaded, dict) else {}
+        if isinstance(known.get(key), str) and len(known[key]) == 64:
+            return known[key]
+    digest = file_digest(path)
+    if memo is not None:
+        with contextlib.suppress(OSError):
+            Path(memo).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(memo, json.dumps({**known, key: digest}, indent=0, sort_keys=True) + "\n")
+    return digest
+
+
 def temp_name(path: Path) -> Path:
     """A temporary sibling of ``path`` no other process or thread will pick (pid + random)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
