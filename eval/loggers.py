@@ -18,17 +18,9 @@ from filelock import FileLock
 from omegaconf import DictConfig
 
 from rfc.files import atomic_write_text
-from rfc.record import RunRecord
+from rfc.record import RunRecord, cell
 
 LOG = logging.getLogger("rfc")
-
-
-def cell(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
 
 
 @dataclass

@@ -1,10 +1,14 @@
 """Sample-quality metrics as OpenAI's ADM evaluator defines them, plus paired image metrics.
 
-FID / sFID: Frechet distance of Gaussian fits (eval.fid). IS: exp(E_x KL(p(y|x) || p(y))) averaged
-over 10 splits. Precision / recall: the k = 3 nearest-neighbour manifold estimate (Kynkaanniemi et
-al.): a point is inside a set's manifold when it lies within the distance from some set member to
-that member's k-th nearest neighbour; precision = fraction of samples inside the reference
-manifold, recall = fraction of reference points inside the samples' manifold.
+FID / sFID: Frechet distance of Gaussian fits (eval.fid). IS: exp(E_x KL(p(y|x) || p(y))) per part
+of ``IS_SPLIT_SIZE`` = 5,000 consecutive samples (the last part may be smaller), averaged over the
+parts, exactly as ADM's ``compute_inception_score`` does: the number of parts follows from the
+sample count (50,000 -> 10 parts, 12,000 -> 5,000 / 5,000 / 2,000), so IS is comparable with the
+papers' only when it is split the same way. Precision / recall: the k = 3 nearest-neighbour
+manifold estimate (Kynkaanniemi et al.): a point is inside a set's manifold when it lies within the
+distance from some set member to that member's k-th nearest neighbour; precision = fraction of
+samples inside the reference manifold, recall = fraction of reference points inside the samples'
+manifold.
 """
 
 from __future__ import annotations
@@ -12,17 +16,47 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+IS_SPLIT_SIZE = 5000  # ADM: compute_inception_score(activations, split_size=5000)
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> float:
-    """IS from (N, K) logits; N must be divisible into ``splits`` parts (ADM: 10 of 5,000)."""
-    if len(logits) < splits:
-        raise ValueError(f"need at least {splits} samples for {splits} IS splits, got {len(logits)}")
-    probs = torch.from_numpy(np.asarray(logits, dtype=np.float64)).softmax(dim=1).numpy()
+
+def is_parts(n: int, split_size: int = IS_SPLIT_SIZE) -> list[int]:
+    """Sizes of the consecutive parts IS averages over: ``split_size`` each, the rest in a last,
+    smaller part (ADM's ``range(0, n, split_size)``). Public so the split itself can be checked."""
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"inception score needs at least 1 sample, got {n!r}")
+    if isinstance(split_size, bool) or not isinstance(split_size, int | np.integer) or split_size < 1:
+        raise ValueError(f"inception score split_size must be a positive integer, got {split_size!r}")
+    return [min(split_size, n - start) for start in range(0, n, split_size)]
+
+
+def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
+    """IS of (N, K) classifier logits, as ADM computes it: softmax per row, then for each part of
+    ``is_parts(N, split_size)`` exp(mean over rows of KL(p(y|x) || part's mean p(y))), and the mean
+    of those part scores.
+
+    The softmax is taken in float64 after subtracting each row's maximum, so large logits neither
+    overflow nor lose the small probabilities. There is no epsilon inside the logs: a probability
+    is 0 only when it underflows float64 (a logit gap over ~745), and its term is then given its
+    limit, 0 * log 0 = 0 (ADM's arithmetic gives NaN there; wherever it gives a number, this is
+    the same arithmetic term for term)."""
+    x = np.asarray(logits, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"inception score needs (N, K) logits, got an array of shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"inception score needs at least one sample and one class, got logits of shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("inception score logits hold NaN or inf")
+    shifted = np.exp(x - x.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
     scores = []
-    for part in np.array_split(probs, splits):
+    start = 0
+    for size in is_parts(len(probs), split_size):
+        part = probs[start : start + size]
+        start += size
         marginal = part.mean(axis=0, keepdims=True)
-        kl = (part * (np.log(part + 1e-30) - np.log(marginal + 1e-30))).sum(axis=1).mean()
-        scores.append(np.exp(kl))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0)
+        scores.append(np.exp(terms.sum(axis=1).mean()))
     return float(np.mean(scores))
 
 

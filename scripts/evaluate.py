@@ -1,6 +1,7 @@
 """Score a sample set made anywhere against a reference, like OpenAI's ADM evaluator.
 
     python scripts/evaluate.py REF.npz SAMPLES.npz [--extractor inception|digits] [--save-stats OUT.npz]
+                               [--cache DIR]
 
 REF.npz: an ADM reference batch (arr_0 and/or mu, sigma, mu_s, sigma_s), statistics written by
 --save-stats or by a run (stats.npz), or any sample set (arr_0). SAMPLES.npz: arr_0 uint8 NHWC
@@ -8,6 +9,9 @@ images (a run's samples.npz). Prints one JSON line with fid, sfid, inception_sco
 recall (null where the extractor cannot give one, with the reason in "notes").
 --save-stats writes the samples' statistics in the same layout, reusable as REF.npz (a
 full-compute run's statistics become the reference for FID2FC).
+--cache DIR keeps REF.npz's extracted features there (a run's paths.store works), keyed by the
+file's sha256 and the extractor's weights, so scoring again against an ADM reference batch does not
+run its 10,000 images through Inception again.
 """
 
 from __future__ import annotations
@@ -31,14 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--digits-classifier", type=Path, default=ROOT / "checkpoints" / "digits-classifier.pt")
     p.add_argument("--save-stats", type=Path, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--cache", type=Path, default=None, help="folder for the reference's extracted features")
     args = p.parse_args(argv)
 
-    from eval.extractors import get_extractor
+    from eval.extractors import get_extractor, resolve_reference
     from eval.stats import (
         check_features,
         check_images,
         check_reference_file,
-        load_reference,
         quality_metrics,
         read_npz,
         save_stats,
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from rfc.models.load import MissingAssetError
 
     paths = {"assets": str(args.assets), "digits_classifier": str(args.digits_classifier)}
+    if args.cache is not None:
+        paths["store"] = str(args.cache)
     spec = get_extractor(args.extractor)
     try:
         # Everything that can be checked cheaply, before any feature is extracted.
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         extract = spec.build(paths, args.device)
         feats = extract(images)
         check_features(feats, spec.name, str(args.samples))
-        ref = load_reference(args.reference, spec.name, extract)
+        ref = resolve_reference(str(args.reference), spec, extract, paths)
         reason = "the Inception weights have no logits layer" if args.extractor == "inception" else None
         metrics = quality_metrics(feats, ref, reason)
         if args.save_stats is not None:
