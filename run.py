@@ -43,12 +43,15 @@ def main(cfg: DictConfig) -> None:
     from rfc.cli import run_job
 
     hc = HydraConfig.get()
-    launcher = hc.runtime.choices.get("launcher") or "basic"
+    # The launcher in effect is Hydra's own choice (hydra/launcher=joblib, or what launcher=local|slurm
+    # selects); the project's launcher group alone would miss a joblib override.
+    launcher = hc.runtime.choices.get("hydra/launcher") or "basic"
     if launcher != "basic":
         _join_slurm_tasks(str(cfg.device))
     sweep = hc.sweep.dir if hc.mode.name == "MULTIRUN" else None
+    n_jobs = hc.launcher.get("n_jobs") if launcher == "joblib" else None
     code = run_job(cfg, hc.runtime.output_dir, list(hc.overrides.task), sweep=sweep, launcher=launcher,
-                   main=distributed.group().is_main)
+                   main=distributed.group().is_main, n_jobs=None if n_jobs is None else int(n_jobs))
     if code:
         sys.exit(code)
 

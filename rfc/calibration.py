@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rfc.cache import CacheMethod
 from rfc.config import CALIBRATION_FILE, tau_key
+from rfc.devices import DeviceUse
 from rfc.files import atomic_write_text
 from rfc.runner import batch_sizes, build, build_model, generate, plan_run
 
@@ -88,7 +89,8 @@ def calibrate(cfg: DictConfig, target: float, num_samples: int, batch_size: int,
         sizes = batch_sizes(num_samples, batch_size)
         return float(np.average([s.full_steps for s in samples.stats], weights=sizes))
 
-    return bisect_tau(nfc_of, target, tolerance)
+    with DeviceUse(plan.device):  # runs timing on this device see the calibration's load
+        return bisect_tau(nfc_of, target, tolerance)
 
 
 def save_calibration(cfg: DictConfig, result: Calibration, num_samples: int, seed: int) -> tuple[Path, str]:

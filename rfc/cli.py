@@ -91,15 +91,16 @@ def one_line(err: BaseException) -> str:
 
 
 def run_job(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), sweep: str | None = None,
-            launcher: str = "basic", main: bool = True) -> int:
+            launcher: str = "basic", main: bool = True, n_jobs: int | None = None) -> int:
     """One job of the command line (a run, or one job of a multirun) with its failures mapped to
-    the exit codes above; returns the exit code."""
+    the exit codes above; returns the exit code. ``launcher``: Hydra's launcher in effect (its
+    hydra/launcher choice) and ``n_jobs`` its joblib workers: they decide whether jobs run at once."""
     from rfc.runner import run
 
     handlers = attach_log(out_dir, main)
     try:
         LOG.info("start: %s", " ".join(["python run.py", *overrides]))
-        run(cfg, out_dir, sweep=sweep, launcher=launcher)
+        run(cfg, out_dir, sweep=sweep, launcher=launcher, n_jobs=n_jobs)
         LOG.info("done")
         return EXIT_OK
     except KeyboardInterrupt:

@@ -156,8 +156,10 @@ class FolderLock:
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise FolderLockedError(f"{self.path.parent} is in use by {holder}; wait for that run to finish "
-                                    "or give this one another folder") from None
+            err = FolderLockedError(f"{self.path.parent} is in use by {holder}; wait for that run to finish "
+                                    "or give this one another folder")
+            err.holder = holder
+            raise err from None
         os.ftruncate(fd, 0)
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp} "

@@ -11,6 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def cell(value: object) -> str:
+    """A value as its CSV cell: "" for None (unknown), repr for floats (round-trips exactly)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
@@ -47,12 +56,15 @@ class RunRecord:
     experiment: str | None = None  # experiment preset (configs/experiment) the run belongs to
     variant: str | None = None  # the row's label in that experiment's tables ("TaylorSeer N=4 m=2")
     sweep: str | None = None  # Hydra multirun folder: rows of one sweep share it
+    setting_id: str | None = None  # rfc.setting.setting_id of the sample setting (= its full-compute store entry)
     model: str | None = None
     arch: str | None = None
     image_size: int | None = None
+    checkpoint: str | None = None  # weights: "sha256:<16 hex>" of the checkpoint, or "random:<init>:<config>"
     method: str | None = None
     method_params: str | None = None  # JSON of the method's hyperparameters
     sampler: str | None = None
+    sampler_params: str | None = None  # JSON of the sampler's own parameters (DDIM's eta)
     respacing: str | None = None
     num_steps: int | None = None
     cfg_scale: float | None = None
@@ -88,8 +100,11 @@ class RunRecord:
     extractor: str | None = None  # feature space of fid / sfid
     reference: str | None = None  # what fid is measured against
     vae: str | None = None
-    device: str | None = None
-    dtype: str | None = None
+    device: str | None = None  # GPU name, or "cpu (<machine>)"
+    cpu_threads: int | None = None  # torch's intra-op threads on a CPU (they set its speed); empty on a GPU
+    precision_mode: str | None = None  # fp32 | tf32 | bf16
+    compile: bool | None = None  # torch.compile'd model / cached steps
+    fused: bool | None = None  # cached steps through the fused path (it ran, not only configured); empty: none
     torch_version: str | None = None
     output_dir: str | None = None
     notes: str | None = None  # why a metric is missing, what the paired metrics compare with

@@ -8,6 +8,8 @@ first sample is drawn, so a mistake costs seconds, not a sampling job.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import statistics
@@ -23,14 +25,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from eval.extractors import check_reference, get_extractor, resolve_reference
-from eval.loggers import build_loggers, cell, read_runs
+from eval.extractors import check_reference, extractor_id, get_extractor, resolve_reference
+from eval.loggers import build_loggers
 from eval.metrics import psnr_ssim
-from eval.stats import check_features, check_statistics, distances, quality_metrics, save_stats, stats_of
+from eval.stats import check_features, distances, quality_metrics, save_stats, stats_of
 from rfc.cache import CacheMethod, MethodStats, NoCache
+from rfc.devices import DeviceUse, concurrency
 from rfc.distributed import Group, barrier, broadcast, group
-from rfc.errors import ConfigError, FolderLockedError, NonFiniteError
-from rfc.files import FolderLock, atomic_savez, atomic_write_text, check_writable_file
+from rfc.errors import ConfigError, FolderLockedError, NonFiniteError, RunError
+from rfc.files import FolderLock, atomic_savez, atomic_write_text, check_writable_file, memo_digest
 from rfc.images import save_grid, to_uint8_nhwc
 from rfc.models.dit import DiT, DiTConfig, dit_config
 from rfc.models.load import build_dit, require_file
@@ -38,7 +41,9 @@ from rfc.models.vae import LATENT_DOWNSAMPLE, check_vae_folder, decode, load_vae
 from rfc.record import RunRecord, git_sha
 from rfc.samplers.sampling import CFGDenoiser, Sampler, StepInfo
 from rfc.seeding import SampleStreams
-from rfc.shards import Batch, ShardStore, batch_starts, rank_starts, sample_config
+from rfc.setting import setting_id
+from rfc.shards import Batch, ShardStore, batch_starts, rank_starts
+from rfc.store import FullComputeEntry, store_root
 from rfc.validate import as_bool, as_float, as_int, check_arguments
 
 LOG = logging.getLogger("rfc")
@@ -159,6 +164,7 @@ class RunPlan:
     method: CacheMethod
     sampler: Sampler
     paths: dict = field(default_factory=dict)
+    setting: dict = field(default_factory=dict)  # rfc.setting.SAMPLE_KEYS -> value: what fixes the samples
 
 
 def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
@@ -208,11 +214,39 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     check_writable_file(out / "record.json", "the run folder's")
     if cfg.logger.get("csv"):
         check_writable_file(cfg.paths.runs_csv, "paths.runs_csv")
+    check_writable_file(Path(paths["store"]) / "digests.json", "paths.store's")  # full-compute sets, statistics
     if not m.pretrained:
         vae_note = "" if m.vae == "none" else (" and a random VAE" if not m.vae_pretrained else "")
         print(f"note: model.pretrained=false: random DiT weights{vae_note} (timing is real, images are not)"
               + ("" if score else "; quality metrics skipped (eval.score=false)"))
-    return RunPlan(cfg, device, dit, num_samples, batch_size, score, extractor, out, method, sampler, paths)
+    plan = RunPlan(cfg, device, dit, num_samples, batch_size, score, extractor, out, method, sampler, paths)
+    plan.setting = sample_setting(plan)
+    return plan
+
+
+def vae_name(m: DictConfig) -> str | None:
+    return None if m.vae == "none" else f"sd-vae-ft-{m.vae}" + ("" if m.vae_pretrained else " (random)")
+
+
+def sample_setting(plan: RunPlan) -> dict[str, object]:
+    """The run's values of rfc.setting.SAMPLE_KEYS: what every sample's numbers depend on. The row
+    records them column by column, the shard manifest refuses a resume that changes one, and the
+    full-compute store files this setting's set under their id. Weights are named by content (the
+    checkpoint's sha256, memoized in the store), random weights by their init and architecture
+    (the seed is its own key)."""
+    cfg, m = plan.cfg, plan.cfg.model
+    if m.pretrained:
+        weights = "sha256:" + memo_digest(m.checkpoint, Path(plan.paths["store"]) / "digests.json")[:16]
+    else:
+        arch = json.dumps(dataclasses.asdict(plan.dit), sort_keys=True)
+        weights = f"random:{m.init}:{hashlib.sha256(arch.encode()).hexdigest()[:8]}"
+    sampler = plan.sampler
+    return dict(model=str(m.name), arch=str(m.get("arch") or "custom"), image_size=int(m.image_size),
+                vae=vae_name(m), sampler=sampler.name, sampler_params=json.dumps(sampler.params(), sort_keys=True),
+                respacing=sampler.respacing, num_steps=sampler.num_steps, cfg_scale=float(cfg.cfg_scale),
+                guided_channels=int(m.guided_channels), checkpoint=weights, seed=int(cfg.seed),
+                num_samples=plan.num_samples, batch_size=plan.batch_size, device=device_name(plan.device),
+                precision_mode=str(cfg.precision), compile=as_bool(cfg.compile, "compile"))
 
 
 def build_model(plan: RunPlan) -> tuple[DiT, CFGDenoiser]:
@@ -295,7 +329,8 @@ class _Clock:
 def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
                      num_samples: int, batch_size: int, starts: list[int], device: torch.device,
                      vae: torch.nn.Module | None = None, progress: bool = True, warmup_batches: int = 0,
-                     timed: bool = True, precision: str = "fp32") -> Iterator[Batch]:
+                     timed: bool = True, precision: str = "fp32", device_use: DeviceUse | None = None,
+                     desc: str = "sampling") -> Iterator[Batch]:
     """Draw the batches [start, start + batch_size) for each of ``starts``, one at a time, so the
     caller can store each before the next begins; sample i's label and noise come from stream
     (seed, i), so a batch does not depend on which process draws it or when.
@@ -303,11 +338,13 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
     Latency: the first ``warmup_batches`` batches are not timed (they pay one-time allocation,
     kernel selection and caching costs); when there are not more batches than that, the first is
     run that many extra times, untimed and discarded, before sampling. ``timed=False`` marks
-    every batch unmeasured (a session whose timing is not trustworthy, e.g. several processes)."""
+    every batch unmeasured (a session whose timing is not trustworthy, e.g. several processes).
+    With ``device_use``, a batch during which another job of the harness used the device is not
+    timed either, and names that job in ``Batch.shared``."""
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     extra = warmup_batches if len(starts) <= warmup_batches else 0
-    bar = tqdm(total=sum(_batch_len(s, batch_size, num_samples) for s in starts), unit="img", desc="sampling",
+    bar = tqdm(total=sum(_batch_len(s, batch_size, num_samples) for s in starts), unit="img", desc=desc,
                disable=not progress)
     try:
         for i, start in enumerate(starts[:1] * extra + starts):
@@ -316,8 +353,10 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
             y = streams.labels(cfg.num_classes)
             x = streams.randn(shape)
             method.reset()
+            before = device_use.snapshot() if device_use is not None else None
             with _Clock(device) as clock, precision_mode(precision, device):
                 x = sampler.sample(denoiser, x, y, noise=streams.noise_source(shape), listener=method)
+            shared = DeviceUse.shared(before, device_use.snapshot()) if device_use is not None else None
             x = x.float()
             bad = _non_finite_rows(x)  # checked after the clock stopped: the check costs no latency
             if bad is not None:
@@ -335,8 +374,9 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
                 if bad is not None:
                     raise NonFiniteError(f"sample {start + bad} is finite in latent space but the VAE decoded it to "
                                          "NaN or inf: the VAE weights are damaged (fetch them again)")
+            measured = timed and (extra > 0 or i - extra >= warmup_batches)
             yield Batch(start, to_uint8_nhwc(x), y.cpu().numpy().astype(np.int64), method.stats(), clock.seconds,
-                        vae_seconds, timed and (extra > 0 or i - extra >= warmup_batches))
+                        vae_seconds, measured and shared is None, shared if measured else None)
             bar.update(len(batch))
     finally:
         bar.close()  # before any error line reaches the terminal
@@ -409,32 +449,53 @@ def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheM
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Session:
+    """What one sampling session of the group did: samples drawn, wall seconds, and who else used
+    the device during batches that were to be timed (rank 0's view)."""
+
+    drawn: int = 0
+    seconds: float = 0.0
+    shared: list[str] = field(default_factory=list)
+
+
 def _sample_into(store: ShardStore, draw: Callable[[list[int], bool], Iterator[Batch]], grp: Group,
-                 timed: bool) -> tuple[int, float]:
-    """Draw this rank's missing batches into ``store``; every rank waits for the others. Returns
-    the number of samples the whole group drew in this session and its wall seconds."""
+                 timed: bool) -> Session:
+    """Draw this rank's missing batches into ``store``; every rank waits for the others."""
     mine = store.missing(rank_starts(store.num_samples, store.batch_size, grp.rank, grp.world_size))
     todo = store.missing(batch_starts(store.num_samples, store.batch_size))
     barrier()
     t0 = time.perf_counter()
+    session = Session()
     for batch in draw(mine, timed):
         store.write(batch)
+        if batch.shared:
+            session.shared.append(batch.shared)
     barrier()
-    seconds = time.perf_counter() - t0
-    return sum(_batch_len(s, store.batch_size, store.num_samples) for s in todo), seconds
+    session.seconds = time.perf_counter() - t0
+    session.drawn = sum(_batch_len(s, store.batch_size, store.num_samples) for s in todo)
+    return session
+
+
+def manifest_config(plan: RunPlan) -> dict:
+    """What a run folder's samples depend on, as its manifest records it: the sample setting
+    (rfc.setting) and the method's configuration. A resume that changes any of it is refused."""
+    return {**plan.setting, "method": OmegaConf.to_container(plan.cfg.method, resolve=True)}
 
 
 def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str | None = None,
-        launcher: str = "basic") -> RunRecord | None:
+        launcher: str = "basic", n_jobs: int | None = None) -> RunRecord | None:
     """Execute one configured run and hand its row to the configured loggers (CSV, W&B).
 
     Samples go to shards in ``out_dir`` as they are drawn: a rerun on the same folder draws only
     what is missing. Under torchrun every rank draws its share of the batches; rank 0 merges,
-    scores and logs (other ranks return None). Latency is measured only when one process draws
-    the samples under the basic launcher; otherwise the row records throughput alone."""
+    scores and logs (other ranks return None). Latency is recorded only when the job had its
+    device to itself (rfc.devices): one process, a launcher that runs jobs one at a time
+    (``launcher``, Hydra's hydra/launcher choice, with joblib's ``n_jobs``), and no other job of
+    the harness on the device during any timed batch."""
     grp = group()
     plan = plan_run(cfg, out_dir)
-    store = ShardStore(plan.out_dir, sample_config(cfg), plan.num_samples, plan.batch_size)
+    store = ShardStore(plan.out_dir, manifest_config(plan), plan.num_samples, plan.batch_size)
     store.check()  # a folder of another configuration is refused here, before any work
     loggers = build_loggers(cfg, sweep) if grp.is_main else []  # fails fast, e.g. W&B online without a login
     lock, refusal = FolderLock(plan.out_dir), None
@@ -447,13 +508,15 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
     if refusal:
         raise FolderLockedError(refusal)
     try:
-        return _run_locked(plan, store, loggers, grp, progress, sweep, launcher)
+        with DeviceUse(plan.device) as use:
+            return _run_locked(plan, store, loggers, grp, progress, sweep,
+                               concurrency(launcher, n_jobs, grp.world_size), use)
     finally:
         lock.release()
 
 
 def _run_locked(plan: RunPlan, store: ShardStore, loggers: list, grp: Group, progress: bool, sweep: str | None,
-                launcher: str) -> RunRecord | None:
+                busy: str | None, use: DeviceUse) -> RunRecord | None:
     cfg, m, device = plan.cfg, plan.cfg.model, plan.device
     torch.set_grad_enabled(False)
     model, denoiser = build_model(plan)  # unreadable or non-finite weights stop the run here
@@ -465,53 +528,56 @@ def _run_locked(plan: RunPlan, store: ShardStore, loggers: list, grp: Group, pro
     method, sampler = plan.method, plan.sampler
     if cfg.compile:
         compile_for(model, method)
-    single = not grp.distributed and launcher == "basic"
+    entry = FullComputeEntry(store_root(plan.paths), plan.setting)
+    # Full compute with no set in the store yet: this run's samples become the set. Its lock, held
+    # while it samples, makes cached jobs of the setting wait for it rather than draw the set again.
+    publish = grp.is_main and method.name == "none" and _claim(entry)
 
-    def sample_into(target: ShardStore, meth: CacheMethod, show: bool) -> tuple[int, float]:
+    def sample_into(target: ShardStore, meth: CacheMethod, timed: bool, desc: str) -> Session:
         def draw(starts: list[int], timed: bool) -> Iterator[Batch]:
             meth.attach(model)
             try:
                 yield from generate_batches(model, sampler, denoiser, meth, seed=int(cfg.seed),
-                                            num_samples=plan.num_samples, batch_size=plan.batch_size,
-                                            starts=starts, device=device, vae=vae, progress=show,
+                                            num_samples=target.num_samples, batch_size=target.batch_size,
+                                            starts=starts, device=device, vae=vae, progress=progress and grp.is_main,
                                             warmup_batches=int(cfg.eval.warmup_batches), timed=timed,
-                                            precision=str(cfg.precision))
+                                            precision=str(cfg.precision), device_use=use if timed else None,
+                                            desc=desc)
             finally:
                 meth.detach()
 
-        return _sample_into(target, draw, grp, single)
+        return _sample_into(target, draw, grp, timed)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    drawn, seconds = sample_into(store, method, progress and grp.is_main)
-    peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-    if grp.is_main:
-        samples, record, npz_path, grid_path = _merge_and_record(plan, store, denoiser, grp, launcher, single,
-                                                                 sweep, drawn, seconds, resumed, peak_gb)
-    mode = str(cfg.eval.paired)
-    # Paired full compute: rank 0 looks for a matching run in runs.csv; if none, the group draws one.
-    pair_folder = None
-    if grp.is_main and plan.score and method.name != "none" and mode != "off":
-        pair_folder = find_full_compute(record, plan.paths["runs_csv"])
-    generate_pair = bool(broadcast(grp.is_main and plan.score and method.name != "none" and mode == "auto"
-                                   and pair_folder is None))
-    pair_store = None
-    if generate_pair:
-        pair_store = ShardStore(plan.out_dir / "full_compute", {**store.config, "method": "none"},
-                                plan.num_samples, plan.batch_size)
-        pair_store.check()
-        _open_store(pair_store, grp)
-        sample_into(pair_store, NoCache(), False)
-    if not grp.is_main:
-        return None
-    notes = [record.notes] if record.notes else []
-    if plan.score:
-        pair_images = None
-        if pair_store is not None:
-            pair_images = SampleSet.from_batches(pair_store.load_all()).images
-            atomic_savez(pair_store.folder / "samples.npz", arr_0=pair_images, arr_1=samples.labels)
-        record = score(record, samples, plan, pair_folder, pair_images, notes)
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        session = sample_into(store, method, busy is None, "sampling")
+        peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        if grp.is_main:
+            samples, record, npz_path, grid_path = _merge_and_record(plan, store, denoiser, grp, busy, sweep, session,
+                                                                     resumed, peak_gb)
+            if publish:
+                entry.publish(npz_path, source=f"method=none run {plan.out_dir}")
+                LOG.info("published as the full-compute set %s (%s)", entry.id, entry.folder)
+        pair, drawn_pair = None, False
+        if plan.score and method.name != "none" and str(cfg.eval.paired) != "off":
+            pair, drawn_pair = _full_compute_pair(
+                entry, str(cfg.eval.paired), grp,
+                lambda target: sample_into(target, NoCache(), False, "full compute (for pairing)"))
+        if not grp.is_main:
+            return None
+        notes = [record.notes] if record.notes else []
+        if plan.score:
+            if pair is not None:
+                notes.append(f"paired with full-compute set {pair.id} ({pair.folder}"
+                             + (", drawn by this run)" if drawn_pair else ")"))
+            elif method.name != "none" and str(cfg.eval.paired) == "find":
+                notes.append(f"paired metrics missing: no full-compute set of this setting in {entry.folder.parent} "
+                             "(eval.paired=find)")
+            record = score(record, samples, plan, pair, notes, entry if publish else None)
+    finally:
+        if entry.held:
+            entry.release()
 
     atomic_write_text(plan.out_dir / "record.json", json.dumps(record.as_dict(), indent=2) + "\n")
     print(f"samples: {npz_path}\ngrid:    {grid_path}")
@@ -521,6 +587,75 @@ def _run_locked(plan: RunPlan, store: ShardStore, loggers: list, grp: Group, pro
         print(line)
         LOG.info("%s", line)
     return record
+
+
+def _claim(entry: FullComputeEntry) -> bool:
+    """Take the store entry for this full-compute run to publish its samples into: only when no
+    complete set is there and no other job is drawing one."""
+    if entry.try_lock() is not None:
+        return False
+    if entry.complete():
+        entry.release()
+        return False
+    return True
+
+
+WAIT_POLL_S = 2.0  # how often a job waiting for a full-compute set checks the store's lock
+
+
+def _lock_entry(entry: FullComputeEntry, grp: Group) -> None:
+    """Rank 0 takes the entry's lock, waiting while another job draws the set. The wait is a
+    series of short polls that every rank joins, so no collective of a torchrun group times out
+    during a 45-minute wait."""
+    since, last_said = time.monotonic(), None
+    while True:
+        holder = entry.try_lock() if grp.is_main else None
+        if broadcast(holder is None):
+            return
+        waited = time.monotonic() - since
+        if grp.is_main and (last_said is None or waited - last_said >= 60):
+            line = (f"waiting for the full-compute set {entry.id}, which {holder} is drawing "
+                    f"({waited / 60:.0f} min so far); it will be reused, not drawn again")
+            print(line)
+            LOG.info("%s", line)
+            last_said = waited
+        time.sleep(WAIT_POLL_S)
+
+
+def _full_compute_pair(entry: FullComputeEntry, mode: str, grp: Group,
+                       draw: Callable[[ShardStore], Session]) -> tuple[FullComputeEntry | None, bool]:
+    """The full-compute set of this run's setting from the store: used when it is there; with
+    ``eval.paired=auto`` drawn under the entry's lock when it is not (after waiting for any job
+    already drawing it, and resuming a killed draw from its shards). Returns the entry (None when
+    ``find`` found nothing) and whether this run drew it."""
+    if broadcast(entry.complete() if grp.is_main else None):
+        return entry, False
+    if mode != "auto":
+        return None, False
+    _lock_entry(entry, grp)
+    drew = False
+    try:
+        if not broadcast(entry.complete() if grp.is_main else None):
+            n, batch = int(entry.setting["num_samples"]), int(entry.setting["batch_size"])
+            shards = ShardStore(entry.folder, {**entry.setting, "method": "none"}, n, batch)
+            shards.check()
+            resumed = _open_store(shards, grp)
+            if grp.is_main:
+                LOG.info("drawing the full-compute set %s into %s (%d of %d samples already there)", entry.id,
+                         entry.folder, resumed, n)
+            draw(shards)
+            if grp.is_main:
+                full = SampleSet.from_batches(shards.load_all())
+                staging = entry.folder / "drawn.npz"
+                atomic_savez(staging, arr_0=full.images, arr_1=full.labels)
+                entry.publish(staging, source="drawn for pairing")
+                staging.unlink()
+            drew = True
+            barrier()
+    finally:
+        if grp.is_main:
+            entry.release()
+    return entry, drew
 
 
 def _open_store(store: ShardStore, grp: Group) -> int:
@@ -536,12 +671,12 @@ def _open_store(store: ShardStore, grp: Group) -> int:
     return resumed
 
 
-def _merge_and_record(plan: RunPlan, store: ShardStore, denoiser: CFGDenoiser, grp: Group, launcher: str,
-                      single: bool, sweep: str | None, drawn: int, seconds: float, resumed: int,
+def _merge_and_record(plan: RunPlan, store: ShardStore, denoiser: CFGDenoiser, grp: Group, busy: str | None,
+                      sweep: str | None, session: Session, resumed: int,
                       peak_gb: float | None) -> tuple[SampleSet, RunRecord, Path, Path]:
-    """Rank 0: merge the shards into samples.npz, grid and schedules, and fill the row's
+    """Rank 0: merge the shards into samples.npz, grid and schedules, and fill the row's setting,
     accounting and timing columns (quality metrics come later)."""
-    cfg, m, method, sampler = plan.cfg, plan.cfg.model, plan.method, plan.sampler
+    cfg, method = plan.cfg, plan.method
     samples = SampleSet.from_batches(store.load_all())
     npz_path = plan.out_dir / "samples.npz"
     atomic_savez(npz_path, arr_0=samples.images, arr_1=samples.labels)  # ADM layout: images, labels
@@ -558,30 +693,32 @@ def _merge_and_record(plan: RunPlan, store: ShardStore, denoiser: CFGDenoiser, g
     d = plan.dit
     flops = [s.flops(denoiser.batch_multiplier, d.num_tokens, d.hidden_size, d.num_heads) for s in samples.stats]
     notes = []
-    # Latency: single-process batches only (a resumed run may combine several such sessions).
-    timed = samples.timed if single else []
+    # Latency: batches timed while the job had the device to itself (a resumed run may combine
+    # several such sessions); none at all when this session shared it.
+    timed = samples.timed if busy is None and not session.shared else []
     latency = spread = images_per_s = None
     if timed:
         latencies = [b.latency for b in timed]
         latency, spread = statistics.median(latencies), max(latencies) - min(latencies)
         images_per_s = sum(len(b.labels) for b in timed) / sum(latencies)
-    elif drawn:
-        images_per_s = drawn / seconds
-    if not single:
-        how = f"{grp.world_size} processes" if grp.distributed else f"launcher={launcher}"
-        notes.append(f"latency not measured ({how}); images_per_s is this session's throughput")
+    elif session.drawn:
+        images_per_s = session.drawn / session.seconds
+    device = plan.setting["device"]
+    if busy is not None:
+        notes.append(f"latency not measured: {busy}; images_per_s is this session's throughput")
+    elif session.shared:
+        notes.append(f"latency not measured: another job of this harness used {device} during "
+                     f"{len(session.shared)} timed batch(es) ({session.shared[0]}); images_per_s is this session's "
+                     "throughput")
     elif not timed:
-        notes.append("latency not measured: no batch of this run was timed in a single-process session")
+        notes.append("latency not measured: no batch of this run was timed with the device to itself")
     if resumed:
         notes.append(f"resumed: {resumed} of {plan.num_samples} samples drawn by an earlier session")
     vae_times = [b.vae_latency for b in timed if b.vae_latency is not None]
     record = RunRecord(
         git_sha=git_sha(REPO_ROOT), experiment=cfg.get("experiment_name"), variant=cfg.get("variant_name"),
-        sweep=sweep, model=str(m.name), arch=str(m.get("arch") or "custom"),
-        image_size=int(m.image_size), method=method.name, method_params=json.dumps(method.params(), sort_keys=True),
-        sampler=sampler.name, respacing=sampler.respacing, num_steps=sampler.num_steps,
-        cfg_scale=float(cfg.cfg_scale), guided_channels=int(m.guided_channels), seed=int(cfg.seed),
-        num_samples=plan.num_samples, batch_size=plan.batch_size,
+        sweep=sweep, setting_id=setting_id(plan.setting), **plan.setting,
+        method=method.name, method_params=json.dumps(method.params(), sort_keys=True),
         nfc=mean([s.full_steps for s in samples.stats]), tflops=mean(flops) / 1e12,
         full_sites=mean([s.full_sites for s in samples.stats]),
         cached_sites=mean([s.cached_sites for s in samples.stats]),
@@ -592,42 +729,25 @@ def _merge_and_record(plan: RunPlan, store: ShardStore, denoiser: CFGDenoiser, g
         latency_s=latency, latency_spread_s=spread, timed_batches=len(timed), images_per_s=images_per_s,
         vae_latency_s=statistics.median(vae_times) if vae_times else None,
         peak_memory_gb=peak_gb, processes=grp.world_size,
-        vae=None if m.vae == "none" else f"sd-vae-ft-{m.vae}" + ("" if m.vae_pretrained else " (random)"),
-        extractor=get_extractor(plan.extractor).name if plan.score else None,  # pairing needs it first
-        device=_device_name(plan.device), dtype=str(cfg.precision) + ("+compile" if cfg.compile else ""),
-        torch_version=torch.__version__,
-        output_dir=str(plan.out_dir), notes="; ".join(notes) or None,
+        extractor=get_extractor(plan.extractor).name if plan.score else None,
+        cpu_threads=torch.get_num_threads() if plan.device.type == "cpu" else None,
+        fused=None if method.name == "none" else bool(method.fused and method.can_fuse()),
+        torch_version=torch.__version__, output_dir=str(plan.out_dir), notes="; ".join(notes) or None,
     )
     return samples, record, npz_path, grid_path
 
 
-PAIRING_COLUMNS = ("model", "arch", "image_size", "sampler", "respacing", "num_steps", "cfg_scale",
-                   "guided_channels", "seed", "num_samples", "vae", "extractor")
-
-
-def find_full_compute(record: RunRecord, runs_csv: str | Path) -> Path | None:
-    """Output folder of the latest full-compute run with the same model, sampler, guidance, seeds
-    and sample count (so sample i of both sets started from the same noise), with its files."""
-    want = {c: cell(getattr(record, c)) for c in PAIRING_COLUMNS}
-    rows = [r for r in read_runs(runs_csv) if r.get("method") == "none"
-            and all(r.get(c, "") == v for c, v in want.items())]
-    for row in reversed(rows):
-        folder = Path(row.get("output_dir") or "")
-        if (folder / "samples.npz").exists() and (folder / "stats.npz").exists():
-            return folder
-    return None
-
-
-def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair_folder: Path | None = None,
-          pair_images: np.ndarray | None = None, notes: list[str] | None = None) -> RunRecord:
+def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComputeEntry | None = None,
+          notes: list[str] | None = None, publish: FullComputeEntry | None = None) -> RunRecord:
     """Quality metrics against the reference, and paired metrics against full compute: the run
-    itself for method=none, else a matching earlier run (``pair_folder``) or full-compute samples
-    drawn for this run (``pair_images``)."""
+    itself for method=none, else the full-compute set of the run's setting from the store
+    (``pair``; its statistics are cached there per extractor). ``publish``: the store entry this
+    full-compute run just published, which keeps the statistics computed here."""
     spec = get_extractor(plan.extractor)
     extract = spec.build(plan.paths, str(plan.device))
     feats = extract(samples.images)
     check_features(feats, spec.name, "the samples")
-    ref = resolve_reference(str(plan.cfg.eval.reference), spec, extract)
+    ref = resolve_reference(str(plan.cfg.eval.reference), spec, extract, plan.paths)
     reason = "the Inception weights have no logits layer" if spec.name.startswith("inception") else None
     own = stats_of(feats)  # computed once: metrics, stats.npz and the paired distances share it
     q = quality_metrics(feats, ref, reason, own)
@@ -638,21 +758,24 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair_folder: Pat
     if "predictions" in feats:
         record.class_acc = float((feats["predictions"] == samples.labels).mean())
     save_stats(plan.out_dir / "stats.npz", feats, spec.name, own)
+    eid = extractor_id(spec, plan.paths)
+    if publish is not None:
+        publish.save_stats(eid, own, feats["features"], spec.name)
 
-    pair_stats = None
+    pair_images = pair_stats = None
     if record.method == "none":
         pair_images, pair_stats = samples.images, own  # full compute is its own pair
-    elif pair_folder is not None:
-        pair_images = np.load(pair_folder / "samples.npz")["arr_0"]
-        with np.load(pair_folder / "stats.npz") as st:
-            pair_stats = {k: st[k] for k in st.files if k.startswith(("mu", "sigma"))}
-        check_statistics(pair_stats, pair_folder / "stats.npz")
-        notes.append(f"paired with {pair_folder}")
-    elif pair_images is not None:
-        pair_feats = extract(pair_images)
-        pair_stats = stats_of(pair_feats)
-        save_stats(plan.out_dir / "full_compute" / "stats.npz", pair_feats, spec.name, pair_stats)
-        notes.append("full-compute pair generated on demand")
+    elif pair is not None:
+        pair_images, pair_labels = pair.load()
+        if not np.array_equal(pair_labels, samples.labels):
+            raise RunError(f"the full-compute set {pair.samples} has other class labels than this run's samples "
+                           f"although both claim setting {pair.id}; delete {pair.folder} and run again")
+        pair_stats = pair.load_stats(eid)
+        if pair_stats is None:
+            pair_feats = extract(pair_images)
+            check_features(pair_feats, spec.name, f"the full-compute set {pair.samples}")
+            pair_stats = stats_of(pair_feats)
+            pair.save_stats(eid, pair_stats, pair_feats["features"], spec.name)
     if pair_stats is not None:
         record.fid2fc, record.sfid2fc = distances(own, pair_stats)
         record.psnr, record.ssim = psnr_ssim(samples.images, pair_images)
@@ -669,9 +792,11 @@ def batch_sizes(n: int, batch_size: int) -> list[int]:
     return [_batch_len(s, batch_size, n) for s in batch_starts(n, batch_size)]
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The device as the row names it: the GPU's name, or the CPU's architecture (its thread count
+    is the row's cpu_threads: it changes the speed, not the samples)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import platform
 
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({platform.machine()})"

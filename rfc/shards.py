@@ -3,7 +3,8 @@ it was drawing, and a sharded (torchrun) run merges to the same set as a single 
 
 Layout inside a run folder::
 
-    manifest.json                        what the samples depend on + completed index ranges
+    manifest.json                        what the samples depend on (the run's sample setting,
+                                         rfc/setting.py, and its method) + completed index ranges
     shards/00000000-00000250.npz         one batch: images, labels, accounting, timing
 
 A shard is one sampling batch [start, stop) of the global index space. Batches are cut from
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf
 
 from rfc.cache import MethodStats
 from rfc.errors import RunError, reason
@@ -34,26 +34,6 @@ from rfc.files import atomic_savez, atomic_write_text, file_digest
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 _SHARD_NAME = re.compile(r"^(\d{8})-(\d{8})\.npz$")
-
-# Config keys the sample set depends on. Everything else (scoring, loggers, paths, launcher,
-# device) may change between a run and its resumption.
-SAMPLE_KEYS = ("model", "method", "sampler", "seed", "cfg_scale", "precision", "compile", "eval.num_samples",
-               "eval.batch_size")
-SCORING_KEYS = ("model.extractor", "model.reference")  # inside "model", but not what it draws
-
-
-def sample_config(cfg: DictConfig) -> dict:
-    """The part of a run config that determines its samples, resolved to plain values."""
-    out = {}
-    for key in SAMPLE_KEYS:
-        node = OmegaConf.select(cfg, key, default=None)
-        out[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-    for key in SCORING_KEYS:
-        group, name = key.split(".")
-        if isinstance(out.get(group), dict):
-            out[group].pop(name, None)
-    return out
-
 
 def _flatten(value: object, prefix: str) -> dict[str, object]:
     if isinstance(value, dict):
@@ -87,6 +67,7 @@ class Batch:
     latency: float  # seconds in the sampling loop (VAE excluded)
     vae_latency: float | None
     timed: bool  # False for a process's warm-up batches: not part of the latency figures
+    shared: str | None = None  # who else used the device while it was timed (this session only, not stored)
 
     @property
     def stop(self) -> int:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import platform
 import statistics
 import sys
 import time
@@ -45,10 +44,11 @@ from baselines.toca import ToCa  # noqa: E402
 from rfc.cache import CacheMethod, NoCache  # noqa: E402
 from rfc.calibration import bisect_tau  # noqa: E402
 from rfc.config import register_resolvers  # noqa: E402
+from rfc.devices import DeviceUse  # noqa: E402
 from rfc.files import atomic_write_text  # noqa: E402
 from rfc.method import RFC  # noqa: E402
 from rfc.models.load import build_dit  # noqa: E402
-from rfc.runner import model_config, precision_mode, resolve_device  # noqa: E402
+from rfc.runner import device_name, model_config, precision_mode, resolve_device  # noqa: E402
 from rfc.samplers.sampling import CFGDenoiser, DDIMSampler, StepInfo  # noqa: E402
 
 register_resolvers()
@@ -273,12 +273,6 @@ def estimate(setting: dict) -> list[dict]:
     return out
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def print_table(result: dict) -> None:
     print(f"\n{result['model']} on {result['device']} (torch {result['torch_version']})")
     print("| batch | precision | method | path | step (ms) | x full step | est. e2e speedup @NFC14 |")
@@ -303,6 +297,7 @@ def main(cfg: DictConfig) -> None:
     model = build_dit(dit, None, init="dense", seed=0).to(device).eval()
     result = {"model": str(cfg.model.name), "arch": str(cfg.model.get("arch") or "custom"),
               "device": device_name(device), "torch_version": torch.__version__,
+              "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
               "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
               "settings_requested": OmegaConf.to_container(cfg, resolve=True), "settings": []}
     out_dir = Path(str(cfg.out_dir))
@@ -310,6 +305,18 @@ def main(cfg: DictConfig) -> None:
     slug = "cuda" if device.type == "cuda" else "cpu"
     path = out_dir / f"{cfg.model.name}_{slug}_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     t0 = time.perf_counter()
+    with DeviceUse(device) as use:  # other jobs of the harness on this device invalidate the figures
+        start = use.snapshot()
+        _bench_all(cfg, model, device, result, path, t0, lambda: DeviceUse.shared(start, use.snapshot()))
+    print_table(result)
+    if result.get("device_shared_with"):
+        print(f"warning: another job of the harness used {result['device']} during the benchmark "
+              f"({result['device_shared_with']}): these figures are not the method's alone")
+    print(f"\nwrote {path} ({result['seconds']:.0f} s)")
+
+
+def _bench_all(cfg: DictConfig, model: torch.nn.Module, device: torch.device, result: dict, path: Path, t0: float,
+               shared: Callable[[], str | None]) -> None:
     for precision in cfg.precisions:
         for batch in cfg.batch_sizes:
             print(f"batch {batch}, {precision}{' + compile' if cfg.compile else ''}:", flush=True)
@@ -319,11 +326,10 @@ def main(cfg: DictConfig) -> None:
                 partial["estimated_speedup"] = estimate(partial)
                 result["settings"] = [*done, partial]
                 result["seconds"] = time.perf_counter() - t0
+                result["device_shared_with"] = shared()  # None: the device was the benchmark's alone
                 atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
             bench_setting(cfg, model, int(batch), str(precision), device, save)
-    print_table(result)
-    print(f"\nwrote {path} ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

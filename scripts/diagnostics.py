@@ -43,6 +43,17 @@ def closest_interval(make, num_steps: int, target: float) -> int:  # noqa: ANN00
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="diagnostics")
 def main(cfg: DictConfig) -> None:
+    from rfc.devices import DeviceUse
+    from rfc.runner import plan_run
+
+    target = float(cfg.target_nfc)
+    work = Path(HydraConfig.get().runtime.output_dir)
+    plan = plan_run(cfg, work)
+    with DeviceUse(plan.device):  # runs timing on this device see the diagnostics' load
+        _diagnose(cfg, plan, work, target)
+
+
+def _diagnose(cfg: DictConfig, plan, work: Path, target: float) -> None:  # noqa: ANN001 - a RunPlan
     import numpy as np
     import torch
 
@@ -50,11 +61,9 @@ def main(cfg: DictConfig) -> None:
     from baselines.taylorseer import TaylorSeer
     from rfc.calibration import calibrate
     from rfc.diagnostics import Probe, write_outputs
-    from rfc.runner import build, build_model, generate, plan_run
+    from rfc.runner import build, build_model, generate
 
-    d, target = cfg.diagnostics, float(cfg.target_nfc)
-    work = Path(HydraConfig.get().runtime.output_dir)
-    plan = plan_run(cfg, work)
+    d = cfg.diagnostics
     order = int(cfg.method.order)
     steps = plan.sampler.num_steps
     n_fora = closest_interval(FORA, steps, target)

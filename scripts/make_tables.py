@@ -4,14 +4,21 @@
     python scripts/make_tables.py --experiment rfc_table1 --model dit-xl
     python scripts/make_tables.py --aggregate                  # mean +- std over seeds
 
-One table per setting (experiment, model, image size, sampler, steps, guidance, sample count):
-Method | NFC | TFLOPs | Latency | Speedup | FID | sFID | FID2FC | sFID2FC | IS, the best value of a
-column bold and the second underlined (full compute is the reference and is not ranked), speedup
-= the full-compute row's latency / the row's (same setting and seed). Reruns of one configuration
-are told apart by run_id and time: the latest is used, or with --aggregate the mean and standard
-deviation over seeds (latest rerun per seed). Numbers are the CSV's, shown to 4 significant digits.
-Writes results/tables/<name>.md, .tex and <name>_pareto.png (FID and sFID against TFLOPs and
-against latency, one curve per method).
+One table per setting: the experiment and every key of rfc.setting.QUALITY_KEYS but the seed
+(model, weights, sampler, steps, guidance, sample count, device, precision mode, compile, batch
+size, extractor, reference), so rows of two settings are never mixed in one table. Columns: Method
+| NFC | TFLOPs | Latency | Speedup | FID | sFID | FID2FC | sFID2FC | IS, the best value of a ranked
+column bold and the second underlined (full compute is the reference and is not ranked).
+
+Latency is a row's own when the run had its device to itself; otherwise it is joined from the
+latest row of the same method (method, method_params, fused path) and the same timing setting
+(rfc.setting.TIMING_KEYS, e.g. a serial ``eval=latency`` run after a parallel quality sweep),
+marked with a dagger. Speedup = latency of full compute / the row's, both of the same timing
+setting, never across devices, precisions, compile modes, batch sizes or CPU thread counts; the
+caption names the setting. Reruns are told apart by run_id and time: the latest is used, or with
+--aggregate the mean and standard deviation over seeds (latest rerun per seed). Numbers are the
+CSV's, shown to 4 significant digits. Writes results/tables/<name>.md, .tex and <name>_pareto.png
+(FID and sFID against TFLOPs and against latency, one curve per method).
 """
 
 from __future__ import annotations
@@ -30,15 +37,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from eval.loggers import read_raw, split_csv  # noqa: E402
 from rfc.files import atomic_path, atomic_write_text  # noqa: E402
+from rfc.setting import (  # noqa: E402
+    METHOD_KEYS,
+    QUALITY_KEYS,
+    TIMING_KEYS,
+    describe_sampling,
+    describe_timing,
+    setting_id,
+)
 
-SETTING = ["experiment", "model", "image_size", "sampler", "num_steps", "cfg_scale", "num_samples"]
+TABLE_KEYS = ["experiment", *(k for k in QUALITY_KEYS if k != "seed")]
 # (header, CSV column, better: -1 lower, +1 higher, 0 not ranked)
 COLUMNS = [("NFC", "nfc", 0), ("TFLOPs", "tflops", 0), ("Latency (s)", "latency_s", -1), ("Speedup", "speedup", 1),
            ("FID", "fid", -1), ("sFID", "sfid", -1), ("FID2FC", "fid2fc", -1), ("sFID2FC", "sfid2fc", -1),
            ("IS", "inception_score", 1)]
-
-
+NUMERIC = [c for _, c, _ in COLUMNS if c != "speedup"]
+TEXT = sorted({*TABLE_KEYS, *TIMING_KEYS, *METHOD_KEYS, "seed", "variant", "sweep", "time", "run_id"})
 PAIRED = ("fid2fc", "sfid2fc")
+JOINED = "\u2020"  # dagger: latency from a separate timing run of the same timing setting
 
 
 def fmt(value: float) -> str:
@@ -51,48 +67,76 @@ def fmt(value: float) -> str:
 
 
 def label_of(row: pd.Series) -> str:
-    if isinstance(row.get("variant"), str) and row["variant"]:
+    if row.get("variant"):
         return row["variant"]
     params = row.get("method_params")
-    return f"{row['method']} {params}" if isinstance(params, str) and params not in ("", "{}") else str(row["method"])
+    return f"{row['method']} {params}" if params and params != "{}" else str(row["method"])
 
 
 def load(csv_path: Path, experiment: str | None, model: str | None) -> pd.DataFrame:
-    df = pd.read_csv(io.StringIO(split_csv(read_raw(csv_path)).clean))  # torn records skipped
-    for col in ("experiment", "variant", "sweep"):
-        if col not in df:
-            df[col] = np.nan
-    df["experiment"] = df["experiment"].astype(object).where(df["experiment"].notna(), "runs")
+    """The complete rows (torn records skipped), setting columns as their CSV text (so keys compare
+    exactly as rfc.setting writes them; columns older CSVs lack are empty) and metrics as floats."""
+    df = pd.read_csv(io.StringIO(split_csv(read_raw(csv_path)).clean), dtype=str, keep_default_na=False)
+    for col in {*TEXT, *NUMERIC} - set(df.columns):
+        df[col] = ""
+    df["experiment"] = df["experiment"].where(df["experiment"] != "", "runs")
     if experiment:
         df = df[df["experiment"] == experiment]
     if model:
         df = df[df["model"] == model]
     df = df.copy()
+    for col in NUMERIC:
+        df[col] = pd.to_numeric(df[col], errors="coerce")
     df["label"] = df.apply(label_of, axis=1)
     df["is_full"] = df["method"] == "none"
+    df["timing_key"] = df.apply(lambda r: setting_id(r, TIMING_KEYS), axis=1)
+    df["method_key"] = df.apply(lambda r: "|".join(r[k] for k in METHOD_KEYS), axis=1)
     return df.sort_values("time", kind="stable")
 
 
 def latest(df: pd.DataFrame) -> pd.DataFrame:
-    """The latest rerun of each (setting, label, seed); table order = first appearance."""
+    """The latest rerun of each (setting, method, seed); table order = first appearance."""
     order = {lab: i for i, lab in enumerate(dict.fromkeys(df["label"]))}
-    out = df.groupby([*SETTING, "label", "seed"], dropna=False, sort=False).tail(1)
+    out = df.groupby([*TABLE_KEYS, "label", "fused", "seed"], dropna=False, sort=False).tail(1)
     return out.assign(_order=out["label"].map(order)).sort_values(["_order", "seed"]).drop(columns="_order")
 
 
-def with_speedup(df: pd.DataFrame) -> pd.DataFrame:
-    full = df[df["is_full"]].set_index([*SETTING, "seed"])["latency_s"]
-    keys = list(zip(*[df[c] for c in [*SETTING, "seed"]], strict=True))
-    base = [full.get(k, np.nan) if not isinstance(full.get(k, np.nan), pd.Series) else full.get(k).iloc[-1]
-            for k in keys]
-    return df.assign(speedup=np.asarray(base, dtype=float) / df["latency_s"].astype(float))
+def with_latency(df: pd.DataFrame, every: pd.DataFrame) -> pd.DataFrame:
+    """Fill the latency of rows that have none from the latest row of ``every`` with the same
+    method and timing setting that has one (``latency_from`` names it), and compute the speedup
+    against full compute of the same timing setting: the table's own full-compute row where it
+    was timed in that setting, else the latest full-compute row that was."""
+    timed = every[every["latency_s"].notna()]
+    by_method = timed.groupby(["method_key", "timing_key"], sort=False).tail(1).set_index(["method_key",
+                                                                                            "timing_key"])
+    out = df.copy()
+    out["latency_from"] = ""
+    for i, row in out.iterrows():
+        if math.isnan(row["latency_s"]) and (row["method_key"], row["timing_key"]) in by_method.index:
+            src = by_method.loc[(row["method_key"], row["timing_key"])]
+            out.loc[i, ["latency_s", "latency_from"]] = [src["latency_s"], src["run_id"]]
+    full_timed = timed[timed["is_full"]].groupby("timing_key", sort=False).tail(1).set_index("timing_key")
+    base = {}
+    for key, group in out[out["is_full"] & out["latency_s"].notna()].groupby("timing_key", sort=False):
+        base[key] = group["latency_s"].iloc[-1]
+    speedups = []
+    for _, row in out.iterrows():
+        ref = base.get(row["timing_key"], full_timed["latency_s"].get(row["timing_key"], np.nan))
+        speedups.append(ref / row["latency_s"] if not math.isnan(row["latency_s"]) else np.nan)
+    return out.assign(speedup=speedups)
 
 
 def table_rows(group: pd.DataFrame, aggregate: bool) -> list[dict]:
-    """One dict per method: label, is_full, and per column (mean, std or None)."""
+    """One dict per method: label, is_full, per column (mean, std or None), whether its latency
+    was joined from a timing run, and the timing setting of its latency."""
     rows = []
-    for label, g in group.groupby("label", sort=False):
-        row = {"label": label, "is_full": bool(g["is_full"].iloc[0]), "seeds": len(g)}
+    variants = group.groupby("label", sort=False)["fused"].nunique()
+    for (label, fused), g in group.groupby(["label", "fused"], sort=False):
+        if variants[label] > 1:  # the same method through both code paths: say which is which
+            label = f"{label} ({'fused' if fused == 'True' else 'per-site'})"
+        row = {"label": label, "is_full": bool(g["is_full"].iloc[0]), "seeds": len(g),
+               "joined": bool((g["latency_from"] != "").any()),
+               "timing": g["timing_key"].iloc[-1] if g["latency_s"].notna().any() else None}
         for _, col, _ in COLUMNS:
             values = g[col].astype(float)
             if row["is_full"] and col in PAIRED:
@@ -132,22 +176,65 @@ def cell_text(value: tuple[float, float | None], col: str, rank: int | None, lat
     return text
 
 
-def render(rows: list[dict], title: str, latex: bool) -> str:
+def render(rows: list[dict], caption: list[str], latex: bool, marks: dict[str, str] | None = None) -> str:
+    """The table with its caption lines above it (LaTeX: as comments). ``marks``: a letter per
+    timing setting when the table's latencies come from more than one."""
     rk = ranks(rows)
     headers = ["Method", *[h for h, _, _ in COLUMNS]]
     lines = []
     if latex:
-        lines += [f"% {title}", r"\begin{tabular}{l" + "r" * len(COLUMNS) + "}", r"\toprule",
-                  " & ".join(headers) + r" \\", r"\midrule"]
+        lines += [f"% {line}" for line in caption]
+        lines += [r"\begin{tabular}{l" + "r" * len(COLUMNS) + "}", r"\toprule", " & ".join(headers) + r" \\",
+                  r"\midrule"]
     else:
-        lines += [f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += [f"**{caption[0]}**", "", *(f"{line}  " for line in caption[1:]), "",
+                  "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    dagger = r"$^\dagger$" if latex else JOINED
     for i, r in enumerate(rows):
         cells = [_escape(r["label"]) if latex else r["label"]]
-        cells += [cell_text(r[col], col, rk.get((i, col)), latex) for _, col, _ in COLUMNS]
+        for _, col, _ in COLUMNS:
+            text = cell_text(r[col], col, rk.get((i, col)), latex)
+            if col == "latency_s" and text != "-":
+                text += (dagger if r["joined"] else "") + ((marks or {}).get(r["timing"], ""))
+            cells.append(text)
         lines.append(" & ".join(cells) + r" \\" if latex else "| " + " | ".join(cells) + " |")
     if latex:
         lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
+
+
+def caption_of(group: pd.DataFrame, rows: list[dict], aggregate: bool) -> tuple[list[str], dict[str, str]]:
+    """What the table compares, line by line: the setting every row shares, how its quality was
+    measured, and what its latencies and speedups were measured on."""
+    first = group.iloc[0]
+    seeds = "mean ± std over seeds" if aggregate else f"seed {first['seed']}"
+    lines = [f"{first['experiment']}: {first['model']} {first['image_size']}px, {first['sampler'].upper()}-"
+             f"{first['num_steps']}, CFG {float(first['cfg_scale']):g}, {first['num_samples']} samples, {seeds}",
+             f"Samples drawn on {describe_sampling(first)}; weights {first['checkpoint'] or 'unrecorded'}"
+             + ("." if aggregate or not first["setting_id"] else f"; setting {first['setting_id']} (its full-compute "
+                f"set: <paths.store>/full_compute/{first['setting_id']}).")]
+    if first["extractor"]:
+        lines.append(f"Quality in the {first['extractor']} feature space against {first['reference']}; FID2FC / "
+                     "sFID2FC against full compute of this setting (same noise).")
+    timings = list(dict.fromkeys(r["timing"] for r in rows if r["timing"] is not None))
+    marks = {t: chr(ord("a") + i) for i, t in enumerate(timings)} if len(timings) > 1 else {}
+    if timings:
+        src = {k: group[group["timing_key"] == k].iloc[-1] for k in timings}
+        where = "; ".join(f"{marks[t]}: {describe_timing(src[t])}" if marks else describe_timing(src[t])
+                          for t in timings)
+        lines.append(f"Latency: seconds per batch ({where}). Speedup = full-compute latency / the row's, both of "
+                     "the same timing setting (device, CPU threads, precision, compile, batch size).")
+    if any(r["joined"] for r in rows):
+        lines.append(f"{JOINED} latency from a separate timing run (e.g. eval=latency) of the same method and timing "
+                     "setting: the quality run shared its device.")
+    return lines, marks
+
+
+def table_name(first: pd.Series) -> str:
+    compiled = "-compile" if first["compile"] == "True" else ""
+    return (f"{first['experiment']}_{first['model']}_{first['image_size']}px_{first['sampler']}{first['num_steps']}"
+            f"_cfg{float(first['cfg_scale']):g}_n{first['num_samples']}_{first['precision_mode'] or 'unknown'}"
+            f"{compiled}_b{first['batch_size']}_{setting_id(first, TABLE_KEYS)[:6]}")
 
 
 def _escape(text: str) -> str:
@@ -194,19 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     if df.empty:
         print("error: no rows match the filters", file=sys.stderr)
         return 2
-    df = with_speedup(latest(df))
+    table = with_latency(latest(df), df)
     args.out.mkdir(parents=True, exist_ok=True)
-    for key, group in df.groupby(SETTING, dropna=False, sort=False):
-        exp, model, size, sampler, steps, cfg_scale, n = key
-        name = f"{exp}_{model}_{size}px_{sampler}{int(steps)}_cfg{cfg_scale:g}_n{int(n)}"
+    for _, group in table.groupby(TABLE_KEYS, sort=False):
         if not args.aggregate and group["seed"].nunique() > 1:
             group = group[group["seed"] == group["seed"].iloc[0]]
-        title = (f"{exp}: {model} {size}px, {sampler.upper()}-{int(steps)}, CFG {cfg_scale:g}, {int(n)} samples"
-                 + (", mean ± std over seeds" if args.aggregate else f", seed {int(group['seed'].iloc[0])}"))
         rows = table_rows(group, args.aggregate)
-        atomic_write_text(args.out / f"{name}.md", render(rows, title, latex=False))
-        atomic_write_text(args.out / f"{name}.tex", render(rows, title, latex=True))
-        pareto_plot(group, args.out / f"{name}_pareto.png", title)
+        caption, marks = caption_of(group, rows, args.aggregate)
+        name = table_name(group.iloc[0])
+        atomic_write_text(args.out / f"{name}.md", render(rows, caption, latex=False, marks=marks))
+        atomic_write_text(args.out / f"{name}.tex", render(rows, caption, latex=True, marks=marks))
+        pareto_plot(group, args.out / f"{name}_pareto.png", caption[0])
         print(f"wrote {args.out / name}.md, .tex, _pareto.png ({len(rows)} methods)")
     return 0
 

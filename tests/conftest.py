@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,10 @@ from rfc.config import register_resolvers  # noqa: E402
 register_resolvers()
 
 torch.set_num_threads(2)
+# The suite's own device registry (rfc.devices): jobs outside the suite never count as sharing a
+# test run's device, and the suite's jobs (subprocesses too) see each other.
+os.environ["RFC_DEVICE_REGISTRY"] = tempfile.mkdtemp(prefix="rfc-device-registry-")
+atexit.register(shutil.rmtree, os.environ["RFC_DEVICE_REGISTRY"], True)
 
 
 @pytest.fixture

@@ -60,14 +60,15 @@ def test_two_process_gloo_run_equals_the_single_process_run(make_cfg, tmp_path):
     rows = _rows(tmp_path / "dist.csv")
     assert len(rows) == 1 and rows[0]["processes"] == "2"
     assert rows[0]["latency_s"] == "" and float(rows[0]["images_per_s"]) > 0
-    assert "latency not measured (2 processes)" in rows[0]["notes"]
-    dist_dir = Path(rows[0]["output_dir"])
-    assert len([p for p in (tmp_path / "dist").rglob("samples.npz") if p.parent.name != "full_compute"]) == 1
+    assert "latency not measured: 2 processes drew the samples" in rows[0]["notes"]
+    dist_dir, entry = Path(rows[0]["output_dir"]), Path("store", "full_compute", rows[0]["setting_id"])
+    assert len([p for p in (tmp_path / "dist").rglob("samples.npz") if "store" not in p.parts]) == 1
 
     single = run(make_cfg(*overrides), tmp_path / "single", progress=False)
-    for sub in ("", "full_compute"):
-        a, b = _arrays(dist_dir / sub), _arrays(tmp_path / "single" / sub)
-        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), sub or "samples"
+    assert single.setting_id == rows[0]["setting_id"]  # ranks and threads do not change the setting
+    for a_dir, b_dir in ((dist_dir, tmp_path / "single"), (tmp_path / "dist" / entry, tmp_path / "outputs" / entry)):
+        a, b = _arrays(a_dir), _arrays(b_dir)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), a_dir
     assert float(rows[0]["nfc"]) == single.nfc and float(rows[0]["psnr"]) == pytest.approx(single.psnr, abs=1e-9)
 
 
@@ -133,5 +134,5 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(tmp_path / "runs.csv")
     assert sorted(r["method"] for r in rows) == ["fora", "none"]
-    assert all(r["latency_s"] == "" and "launcher=local" in r["notes"] for r in rows)
+    assert all(r["latency_s"] == "" and "launcher=submitit_local" in r["notes"] for r in rows)
     assert len({r["sweep"] for r in rows}) == 1 and list((tmp_path / "outputs").rglob(".submitit"))

@@ -72,19 +72,6 @@ def test_rfc_table1_on_the_tiny_model_and_its_tables(tmp_path):
     assert f"**{fmt(best[0])}**" in md.read_text() and rf"\textbf{{{fmt(best[0])}}}" in latex
 
 
-def test_parallel_joblib_jobs_append_complete_rows(tmp_path):
-    """The joblib launcher: two jobs at once, each appends its complete row (the CSV lock under
-    more writers: test_csv_appends_from_parallel_processes_keep_every_row)."""
-    proc = _run(str(ROOT / "run.py"), "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                "method=none,toca", "eval=smoke", "eval.num_samples=4", "eval.batch_size=4",
-                "eval.paired=off", "eval.warmup_batches=0", f"paths.runs_csv={tmp_path}/runs.csv",
-                f"paths.outputs={tmp_path}/out")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = list(csv.DictReader((tmp_path / "runs.csv").open()))
-    assert sorted(r["method"] for r in rows) == ["none", "toca"]
-    assert all(len(r) == len(RunRecord.columns()) and r["nfc"] and r["fid"] for r in rows)
-
-
 def test_wandb_offline_writes_one_run_per_job(tmp_path):
     proc = _run(str(ROOT / "run.py"), "-m", "logger=both", "method=none,fora", "eval=smoke", "eval.num_samples=4",
                 "eval.batch_size=4", "eval.warmup_batches=0", f"logger.wandb.dir={tmp_path}/wb",

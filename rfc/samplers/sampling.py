@@ -69,6 +69,11 @@ class Sampler:
             )
         self.num_steps = num_steps
 
+    def params(self) -> dict[str, object]:
+        """The sampler's own parameters beyond its name and steps, recorded in the row (they
+        change the samples, so they are part of the setting)."""
+        return {}
+
     @property
     def timesteps(self) -> np.ndarray:
         """Original timesteps in the order they are visited (descending)."""
@@ -109,6 +114,9 @@ class DDIMSampler(Sampler):
                  learn_sigma: bool = True, num_train_timesteps: int = 1000) -> None:
         super().__init__(num_steps, respacing, learn_sigma, num_train_timesteps)
         self.eta = eta
+
+    def params(self) -> dict[str, object]:
+        return {"eta": float(self.eta)}
 
     def step(self, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, k: int,
              noise: NoiseSource | None) -> torch.Tensor:

@@ -1,0 +1,200 @@
+"""The full-compute store: one full-compute sample set per sample setting, shared by every run.
+
+Paired metrics (FID2FC, sFID2FC, PSNR, SSIM) compare a cached run with full compute from the same
+noise. The full-compute set depends only on the sample setting (``rfc.setting.SAMPLE_KEYS``), not
+on the method, so it is drawn once per setting and kept in ``<paths.store>/full_compute/<id>/``
+(``id`` = ``setting_id`` of the setting, also the ``setting_id`` column of every row of it)::
+
+    setting.json      the setting, who drew the set, a publication token
+    samples.npz       ADM layout: arr_0 images, arr_1 labels (present = complete)
+    stats-<extractor>-<weights digest>.npz   the set's feature statistics, per extractor
+    manifest.json, shards/   only while a draw is under way (resumable like a run folder)
+    .lock             held by the job drawing the set
+
+Who draws: a method=none run publishes its own samples here when no set exists (holding the
+lock while it samples, so cached jobs of the same setting wait for it instead of drawing again);
+otherwise the first cached job that needs the set draws it under the lock, from its shards if an
+earlier draw was killed, while every other job of the setting waits and then reuses it. Deleting
+the folder (or one entry) is safe when no job is running: the next run that needs a set draws it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from rfc.errors import FolderLockedError, NonFiniteError, RunError
+from rfc.files import FolderLock, atomic_write_text
+from rfc.setting import SAMPLE_KEYS, key, setting_id
+from rfc.shards import MANIFEST, SHARD_DIR
+
+FULL_COMPUTE = "full_compute"
+META = "setting.json"
+SAMPLES = "samples.npz"
+
+
+def store_root(paths: dict) -> Path:
+    return Path(paths["store"]) / FULL_COMPUTE
+
+
+class FullComputeEntry:
+    """The full-compute set of one sample setting."""
+
+    def __init__(self, root: str | Path, setting: dict[str, object]) -> None:
+        self.setting = {k: setting.get(k) for k in SAMPLE_KEYS}
+        self.id = setting_id(self.setting)
+        self.folder = Path(root) / self.id
+        self.samples = self.folder / SAMPLES
+        self.meta_path = self.folder / META
+        self._lock = FolderLock(self.folder)
+        self.held = False
+
+    # -- state --------------------------------------------------------------------------------
+
+    def meta(self) -> dict | None:
+        """The entry's setting.json, or None when it has none (never published)."""
+        try:
+            body = json.loads(self.meta_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise RunError(f"full-compute store entry {self.meta_path} is unreadable ({err}); delete "
+                           f"{self.folder} and run again to redraw it") from err
+        return body if isinstance(body, dict) else {}
+
+    def complete(self) -> bool:
+        """Whether the set is here, whole, and of this setting. An entry whose recorded setting
+        differs from the one its name stands for was not made by this store: refused."""
+        meta = self.meta()
+        if meta is None or not self.samples.exists():
+            return False
+        recorded = meta.get("setting") or {}
+        if key(recorded, SAMPLE_KEYS) != key(self.setting, SAMPLE_KEYS):
+            raise RunError(f"full-compute store entry {self.folder} holds another setting than its name says "
+                           f"(id {setting_id(recorded)}, not {self.id}); delete it and run again to redraw it")
+        return True
+
+    @property
+    def token(self) -> str | None:
+        """Changes whenever the set is (re)published: statistics carry the token they were made
+        from, so statistics of an older set are never used with a newer one."""
+        meta = self.meta()
+        return None if meta is None else meta.get("token")
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of the complete set, checked against the setting's sample count."""
+        from eval.stats import NpzError, check_images, read_npz
+
+        try:
+            arrays = read_npz(self.samples, "full-compute set")
+        except NpzError as err:
+            raise RunError(f"{err}; delete {self.folder} and run again to redraw it") from err
+        images, labels = arrays.get("arr_0"), arrays.get("arr_1")
+        if images is None or labels is None:
+            raise RunError(f"full-compute set {self.samples} lacks arr_0 or arr_1; delete {self.folder} and run "
+                           "again to redraw it")
+        check_images(images.shape, images.dtype, self.samples)
+        if len(images) != int(self.setting["num_samples"]) or len(labels) != len(images):
+            raise RunError(f"full-compute set {self.samples} holds {len(images)} images, not the setting's "
+                           f"{self.setting['num_samples']}; delete {self.folder} and run again to redraw it")
+        return images, labels.astype(np.int64)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def try_lock(self) -> str | None:
+        """Take the entry's lock without waiting: None on success, else who holds it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except FolderLockedError as err:
+            return getattr(err, "holder", None) or str(err)
+        self.held = True
+        return None
+
+    def release(self) -> None:
+        self._lock.release()
+        self.held = False
+
+    def publish(self, samples: Path, source: str) -> None:
+        """Make ``samples`` (an ADM-layout .npz of this setting) the entry's set: hard-linked when
+        it is on the same file system (no copy of a 10 GB file), else copied. Call with the lock
+        held. Earlier statistics and any draw in progress are dropped: they belong to no set now."""
+        if not self.held:
+            raise RuntimeError("publish() needs the entry's lock")
+        for stale in self.folder.glob("stats-*.npz"):
+            stale.unlink()
+        staging = self.folder / f".{SAMPLES}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            os.link(samples, staging)
+        except OSError:
+            shutil.copyfile(samples, staging)
+        os.replace(staging, self.samples)
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        atomic_write_text(self.meta_path, json.dumps({"id": self.id, "setting": self.setting, "source": source,
+                                                     "time": stamp, "token": uuid.uuid4().hex}, indent=1) + "\n")
+        self.drop_shards()
+
+    def drop_shards(self) -> None:
+        shutil.rmtree(self.folder / SHARD_DIR, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.folder / MANIFEST).unlink()
+
+    # -- statistics ---------------------------------------------------------------------------
+
+    def stats_path(self, extractor_id: str) -> Path:
+        return self.folder / f"stats-{extractor_id}.npz"
+
+    def load_stats(self, extractor_id: str) -> dict[str, np.ndarray] | None:
+        """The set's statistics for this extractor when saved from the current set, else None."""
+        from eval.stats import NpzError, check_statistics, read_npz
+
+        path = self.stats_path(extractor_id)
+        if not path.exists():
+            return None
+        try:
+            arrays = read_npz(path, "full-compute statistics")
+            if str(arrays.get("token", "")) != (self.token or ""):
+                return None  # made from an earlier set
+            check_statistics(arrays, path)
+        except (NpzError, NonFiniteError):
+            return None  # damaged: recomputed and replaced by the caller
+        return {k: v for k, v in arrays.items() if k.startswith(("mu", "sigma")) or k == "features"}
+
+    def save_stats(self, extractor_id: str, stats: dict[str, np.ndarray], features: np.ndarray,
+                   extractor: str) -> None:
+        from rfc.files import atomic_savez
+
+        atomic_savez(self.stats_path(extractor_id), **stats, features=features, extractor=np.array(extractor),
+                     token=np.array(self.token or ""))
+
+
+def list_entries(root: str | Path) -> list[dict]:
+    """Every entry under ``root`` (``<paths.store>/full_compute``): id, folder, setting, whether
+    complete, whether a job holds it now, and its size on disk."""
+    out = []
+    root = Path(root)
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        meta_path = folder / META
+        try:
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        except (OSError, ValueError):
+            meta = {}
+        lock = FolderLock(folder)
+        try:
+            lock.acquire()
+            busy = None
+            lock.release()
+        except FolderLockedError as err:
+            busy = str(err)
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        out.append({"id": folder.name, "folder": folder, "setting": meta.get("setting") or {},
+                    "complete": (folder / SAMPLES).exists() and bool(meta), "busy": busy, "bytes": size,
+                    "source": meta.get("source")})
+    return out

@@ -1,0 +1,268 @@
+"""Numbers that cannot mislead: one definition of a comparable setting, latency only when the
+device was the job's alone, one shared full-compute set per setting, cached reference features."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval.loggers import append_csv
+from rfc.devices import DeviceUse, concurrency
+from rfc.record import RunRecord
+from rfc.setting import SAMPLE_KEYS, TIMING_KEYS, setting_id
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["eval.num_samples=8", "eval.batch_size=4", "sampler.num_steps=6"]
+
+
+def _rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open())) if path.exists() else []
+
+
+def _sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", *args, "eval=smoke",
+                           f"paths.outputs={tmp_path}/out", f"paths.runs_csv={tmp_path}/runs.csv"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+
+
+# --------------------------------------------------------------------------------------------
+# Latency only when the device was ours; the full-compute set drawn once per setting
+# --------------------------------------------------------------------------------------------
+
+
+def test_concurrent_sweep_records_no_latency_and_draws_full_compute_once(tmp_path):
+    """Three jobs at once (joblib, 3 workers): no row claims a latency, each says why, and the
+    full-compute set they all pair with is drawn once, by one of them, into the store. The same
+    sweep run serially afterwards records latencies and draws nothing."""
+    proc = _sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", "method=fora,taylorseer,rfc")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path / "runs.csv")
+    assert sorted(r["method"] for r in rows) == ["fora", "rfc", "taylorseer"]
+    assert all(len(r) == len(RunRecord.columns()) and r["fid"] for r in rows)  # whole rows from parallel appends
+    for r in rows:
+        assert r["latency_s"] == "" and r["timed_batches"] == "0" and float(r["images_per_s"]) > 0
+        assert "latency not measured: launcher=joblib runs up to 3 jobs at once" in r["notes"]
+    entries = [p for p in (tmp_path / "out" / "store" / "full_compute").iterdir() if p.is_dir()]
+    assert [e.name for e in entries] == [rows[0]["setting_id"]] and len({r["setting_id"] for r in rows}) == 1
+    assert sum("drawn by this run" in r["notes"] for r in rows) == 1  # one job drew, the others reused
+    assert all(f"paired with full-compute set {entries[0].name}" in r["notes"] for r in rows)
+    assert not (entries[0] / "shards").exists() and len(list(entries[0].glob("samples.npz"))) == 1
+    published = json.loads((entries[0] / "setting.json").read_text())
+    assert published["source"] == "drawn for pairing"
+
+    proc = _sweep(tmp_path, "method=fora,taylorseer,rfc")  # Hydra's basic launcher: one job at a time
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    serial = _rows(tmp_path / "runs.csv")[3:]
+    assert len(serial) == 3
+    for r in serial:
+        assert float(r["latency_s"]) > 0 and r["timed_batches"] == "1", r["notes"]
+        assert "drawn by this run" not in r["notes"] and entries[0].name in r["notes"]
+    assert json.loads((entries[0] / "setting.json").read_text())["token"] == published["token"]  # not redrawn
+    assert [p.name for p in (tmp_path / "out" / "store" / "full_compute").iterdir()] == [entries[0].name]
+    for old, new in zip(rows, sorted(serial, key=lambda r: [x["method"] for x in rows].index(r["method"])),
+                        strict=True):
+        assert old["psnr"] == new["psnr"]  # the same pair: bit-identical samples, one thread or two
+        assert float(old["fid2fc"]) == pytest.approx(float(new["fid2fc"]), rel=1e-9)  # BLAS threads round
+
+
+def test_a_job_sharing_the_device_records_no_latency(make_cfg, tmp_path):
+    """Another job registered on the device while the batches are timed: the row leaves latency
+    empty and names that job; alone again, the next run records it."""
+    from rfc.runner import run
+
+    cfg = make_cfg(*TINY, "eval.score=false")
+    with DeviceUse(torch.device("cpu")):
+        shared = run(cfg, tmp_path / "shared", progress=False)
+    assert shared.latency_s is None and shared.timed_batches == 0
+    assert f"another job of this harness used {shared.device}" in shared.notes and "pid" in shared.notes
+    alone = run(cfg, tmp_path / "alone", progress=False)
+    assert alone.latency_s > 0 and alone.timed_batches == 1 and alone.notes is None
+
+
+def test_device_registry_sees_jobs_that_come_go_or_die(tmp_path):
+    root = tmp_path / "registry"
+    with DeviceUse("cpu", root) as me:
+        before = me.snapshot()
+        assert before.others == [] and DeviceUse.shared(before, me.snapshot()) is None
+        with DeviceUse("cpu", root):
+            during = me.snapshot()
+        assert len(during.others) == 1 and "pid" in DeviceUse.shared(before, during)
+        after = me.snapshot()
+        assert after.others == [] and DeviceUse.shared(before, after) == "a job that started and ended meanwhile"
+        with DeviceUse("cuda-other", root):
+            assert DeviceUse.shared(after, me.snapshot()) is None  # another device is not this one
+        code = ("import os; from rfc.devices import DeviceUse\n"
+                f"u = DeviceUse('cpu', {str(root)!r}).__enter__(); os.kill(os.getpid(), 9)")
+        subprocess.run([sys.executable, "-c", code], timeout=60)
+        dead = me.snapshot()
+        assert dead.others == [] and len(list((root / "cpu").glob("*.job"))) == 1  # the killed job's file is gone
+
+
+@pytest.mark.parametrize("launcher, n_jobs, processes, alone", [
+    ("basic", None, 1, True), ("joblib", 1, 1, True), ("joblib", 3, 1, False), ("joblib", -1, 1, False),
+    ("submitit_local", None, 1, False), ("submitit_slurm", None, 1, False), ("basic", None, 2, False)])
+def test_launchers_that_run_jobs_at_once_never_time(launcher, n_jobs, processes, alone):
+    assert (concurrency(launcher, n_jobs, processes) is None) == alone
+
+
+# --------------------------------------------------------------------------------------------
+# One definition of a setting: pairing and tables never cross it
+# --------------------------------------------------------------------------------------------
+
+
+def test_pairing_never_crosses_precision_or_batch_size(make_cfg, tmp_path):
+    """Full compute at fp32 and batches of 4 is in the store; a cached run at another batch size
+    or precision does not pair with it (eval.paired=find: the store has nothing for its setting),
+    the same setting does."""
+    from rfc.runner import run
+
+    full = run(make_cfg(*TINY, "precision=fp32"), tmp_path / "full", progress=False)
+    assert full.psnr == float("inf")  # its own pair, and published to the store
+    same = run(make_cfg(*TINY, "precision=fp32", "method=fora", "eval.paired=find"), tmp_path / "same",
+               progress=False)
+    assert same.setting_id == full.setting_id and same.fid2fc > 0 and full.setting_id in same.notes
+    for change in ("eval.batch_size=8", "precision=bf16"):
+        other = run(make_cfg(*TINY, "precision=fp32", "method=fora", "eval.paired=find", change),
+                    tmp_path / change.replace("=", "_"), progress=False)
+        assert other.setting_id != full.setting_id
+        assert other.fid2fc is None and other.psnr is None and "paired metrics missing" in other.notes
+
+
+def test_setting_ids_follow_their_keys():
+    row = {k: f"v-{k}" for k in SAMPLE_KEYS}
+    assert setting_id(row) == setting_id(dict(row))
+    for k in SAMPLE_KEYS:
+        assert setting_id({**row, k: "other"}) != setting_id(row), k
+    assert setting_id({**row, "cpu_threads": 1}) == setting_id({**row, "cpu_threads": 2})  # speed, not samples
+    assert setting_id({**row, "cpu_threads": 1}, TIMING_KEYS) != setting_id({**row, "cpu_threads": 2}, TIMING_KEYS)
+
+
+def _table(path: Path) -> dict[str, dict[str, str]]:
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(header, cells, strict=True))
+            for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:])}
+
+
+def test_tables_group_settings_and_divide_latencies_only_within_one(tmp_path):
+    """Two settings in one CSV give two tables; a cached row's speedup is against full compute of
+    its own timing setting or absent; a serial latency-only run fills the latency of quality rows
+    of the same method and timing setting (marked), and never of another."""
+    path = tmp_path / "runs.csv"
+    base = dict(experiment="exp", model="m", arch="custom", image_size=8, sampler="ddim", sampler_params="{}",
+                respacing="50", num_steps=50, cfg_scale=1.5, guided_channels=1, checkpoint="sha256:ab", seed=0,
+                device="cpu (x86_64)", cpu_threads=2, compile=False, extractor="digits-classifier",
+                reference="digits", nfc=50.0)
+    fp32 = dict(base, precision_mode="fp32", batch_size=8, num_samples=16)
+    bf16 = dict(base, precision_mode="bf16", batch_size=4, num_samples=16)
+    t = iter(f"2026-01-01T00:{m:02d}:00" for m in range(60))
+    append_csv(path, RunRecord(time=next(t), method="none", variant="Full", latency_s=10.0, fid=5.0, **fp32))
+    append_csv(path, RunRecord(time=next(t), method="fora", variant="FORA", fused=True, latency_s=4.0, fid=6.0,
+                               **fp32))
+    append_csv(path, RunRecord(time=next(t), method="none", variant="Full", latency_s=None, fid=5.1, **bf16))
+    append_csv(path, RunRecord(time=next(t), method="fora", variant="FORA", fused=True, latency_s=2.0, fid=6.1,
+                               **bf16))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tables.py"), "--csv", str(path), "--out",
+                           str(tmp_path / "a")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    tables = {p.name: _table(p) for p in (tmp_path / "a").glob("*.md")}
+    assert len(tables) == 2
+    by_precision = {("fp32" if "_fp32_" in name else "bf16"): t for name, t in tables.items()}
+    assert by_precision["fp32"]["FORA"]["Speedup"] == "**2.5x**"  # 10 / 4: its own full compute
+    assert by_precision["bf16"]["FORA"]["Speedup"] == "-"  # bf16 full compute was not timed: no 10 / 2
+    assert by_precision["bf16"]["Full"]["Latency (s)"] == "-"
+    text = (tmp_path / "a" / next(n for n in tables if "_bf16_" in n)).read_text()
+    assert "bf16 eager, batches of 4" in text and "Speedup = full-compute latency / the row's" in text
+
+    # a latency-only run of the bf16 timing setting (other seed and sample count) joins its quality rows
+    timing = dict(bf16, seed=1, num_samples=12, extractor=None, reference=None)
+    append_csv(path, RunRecord(time=next(t), method="none", variant="Full", latency_s=8.0, **timing))
+    append_csv(path, RunRecord(time=next(t), method="none", variant="Full", latency_s=99.0,
+                               **dict(timing, cpu_threads=1)))  # another thread count: another timing setting
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tables.py"), "--csv", str(path), "--out",
+                           str(tmp_path / "b")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    quality = _table(next(p for p in (tmp_path / "b").glob("*_bf16_*.md") if "_n16_" in p.name))
+    assert quality["Full"]["Latency (s)"] == "8\u2020" and quality["FORA"]["Speedup"] == "**4x**"  # 8 / 2
+
+
+def test_second_scored_run_reuses_the_reference_features(make_cfg, tmp_path, monkeypatch):
+    """The reference's features are computed by the first scored run and cached in the store by
+    the reference's digest and the extractor; the second run extracts only its own samples."""
+    from eval import extractors
+    from rfc.runner import run
+
+    sizes: list[int] = []
+    spec = extractors.EXTRACTORS["digits"]
+    build = spec.build
+
+    def counting(paths: dict, device: str):  # noqa: ANN202 - an extractor
+        extract = build(paths, device)
+        return lambda images: (sizes.append(len(images)), extract(images))[1]
+
+    monkeypatch.setattr(spec, "build", counting)
+    run(make_cfg(*TINY, "eval.paired=off"), tmp_path / "first", progress=False)
+    assert 1797 in sizes  # the bundled digits, once
+    sizes.clear()
+    run(make_cfg(*TINY, "eval.paired=off", "seed=1"), tmp_path / "second", progress=False)
+    assert sizes == [8]  # its own samples only
+    assert len(list((tmp_path / "outputs" / "store" / "references").glob("*.npz"))) == 1
+
+
+def test_a_killed_full_compute_draw_resumes_from_its_shards(make_cfg, tmp_path, monkeypatch):
+    """The first cached job dies while drawing the full-compute set: its shards stay in the store
+    entry and the lock is free; the next job draws only the missing batches and the set equals a
+    full-compute run's."""
+    import rfc.runner as runner
+
+    drawn: list[int] = []
+    real = runner.generate_batches
+
+    def dying(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - generate_batches' signature
+        for batch in real(*args, **kwargs):
+            if kwargs.get("desc", "").startswith("full compute"):
+                drawn.append(batch.start)
+                if len(drawn) == 1 and die:
+                    yield batch
+                    raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(runner, "generate_batches", dying)
+    die = True
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(make_cfg(*TINY, "method=fora"), tmp_path / "killed", progress=False)
+    entry = next((tmp_path / "outputs" / "store" / "full_compute").iterdir())
+    assert len(list((entry / "shards").glob("*.npz"))) == 1 and not (entry / "samples.npz").exists()
+    die, drawn[:] = False, []
+    rec = runner.run(make_cfg(*TINY, "method=taylorseer"), tmp_path / "next", progress=False)
+    assert drawn == [4] and rec.psnr > 0  # batch [0, 4) came from the killed job's shard
+    full = runner.run(make_cfg(*TINY, "eval.score=false"), tmp_path / "full", progress=False)
+    with np.load(entry / "samples.npz") as a, np.load(tmp_path / "full" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert full.setting_id == entry.name
+
+    # scripts/store.py: list it, refuse to delete it while a job holds it, then delete it
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import store as store_cli
+
+    from rfc.files import FolderLock
+
+    root = str(tmp_path / "outputs" / "store")
+    assert store_cli.main(["--store", root, "list"]) == 0
+    holder = FolderLock(entry)
+    holder.acquire()
+    try:
+        assert store_cli.main(["--store", root, "clear", entry.name]) == 1 and (entry / "samples.npz").exists()
+    finally:
+        holder.release()
+    assert store_cli.main(["--store", root, "clear", "--all"]) == 0 and not entry.exists()
+    assert not (tmp_path / "outputs" / "store" / "references").exists()
