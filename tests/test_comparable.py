@@ -27,11 +27,25 @@ def _rows(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open())) if path.exists() else []
 
 
-def _sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _sweep(tmp_path: Path, *args: str, wandb: str = "disabled") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", *args, "eval=smoke",
                            f"paths.outputs={tmp_path}/out", f"paths.runs_csv={tmp_path}/runs.csv"],
                           capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "WANDB_MODE": "disabled"})
+                          env={**os.environ, "WANDB_MODE": wandb, "WANDB_API_KEY": ""})
+
+
+def _assert_one_wandb_run_per_row(wandb_dir: Path, rows: list[dict]) -> None:
+    """W&B offline: one run per job, holding the resolved config, the row and the sample grid."""
+    runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == len(rows)
+    logged = set()
+    for run_dir in runs:  # offline runs keep config, summary and history in the run's .wandb log
+        data = next(run_dir.glob("run-*.wandb")).read_bytes()
+        assert b"_target_" in data and b"cfg_scale" in data  # the resolved config
+        assert b"nfc" in data and b"fid" in data  # the row's metrics
+        logged |= {r["run_id"] for r in rows if r["run_id"].encode() in data}
+        assert list((run_dir / "files" / "media").rglob("*.png"))  # the sample grid
+    assert logged == {r["run_id"] for r in rows}
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,10 +73,13 @@ def test_concurrent_sweep_records_no_latency_and_draws_full_compute_once(tmp_pat
     published = json.loads((entries[0] / "setting.json").read_text())
     assert published["source"] == "drawn for pairing"
 
-    proc = _sweep(tmp_path, "method=fora,taylorseer,rfc")  # Hydra's basic launcher: one job at a time
+    # Hydra's basic launcher: one job at a time (logged to W&B offline too, one run per job)
+    proc = _sweep(tmp_path, "method=fora,taylorseer,rfc", "logger=both", f"logger.wandb.dir={tmp_path}/wb",
+                  wandb="offline")
     assert proc.returncode == 0, proc.stderr[-3000:]
     serial = _rows(tmp_path / "runs.csv")[3:]
     assert len(serial) == 3
+    _assert_one_wandb_run_per_row(tmp_path / "wb", serial)
     for r in serial:
         assert float(r["latency_s"]) > 0 and r["timed_batches"] == "1", r["notes"]
         assert "drawn by this run" not in r["notes"] and entries[0].name in r["notes"]

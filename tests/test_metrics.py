@@ -174,12 +174,12 @@ def test_evaluate_refuses_statistics_of_another_extractor(tmp_path):
 
 def test_multirun_none_taylorseer_gives_paired_metrics(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "-m", "method=none,taylorseer", "eval.num_samples=120",
-         "eval.batch_size=40", f"paths.outputs={tmp_path}/outputs", f"paths.runs_csv={tmp_path}/runs.csv"],
+        [sys.executable, str(ROOT / "run.py"), "-m", "method=none,taylorseer", "eval.num_samples=60",
+         "eval.batch_size=20", f"paths.outputs={tmp_path}/outputs", f"paths.runs_csv={tmp_path}/runs.csv"],
         capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     none, ts = list(csv.DictReader((tmp_path / "runs.csv").open()))
-    assert abs(float(none["fid2fc"])) < 1e-6 and none["psnr"] == "inf" and float(none["ssim"]) == 1.0
+    assert abs(float(none["fid2fc"])) < 1e-4 and none["psnr"] == "inf" and float(none["ssim"]) == 1.0
     assert float(ts["fid2fc"]) > 0 and 15 < float(ts["psnr"]) < 80 and 0 < float(ts["ssim"]) < 1
     assert ts["sfid2fc"] == "" and ts["extractor"] == "digits-classifier"  # no spatial features here
     # full compute published its samples to the store; the cached run paired with them, drawing nothing

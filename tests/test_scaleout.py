@@ -129,7 +129,8 @@ def test_cli_resume_refusal_exits_with_a_clear_message(make_cfg, tmp_path):
 
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     cmd = [sys.executable, str(ROOT / "run.py"), "-m", "launcher=local", "method=none,fora", "model=dit-tiny",
-           "eval=smoke", f"paths.outputs={tmp_path}/outputs", f"paths.runs_csv={tmp_path}/runs.csv"]
+           "eval=smoke", "sampler.num_steps=10", "eval.score=false", f"paths.outputs={tmp_path}/outputs",
+           f"paths.runs_csv={tmp_path}/runs.csv"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(tmp_path / "runs.csv")
