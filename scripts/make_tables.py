@@ -12,8 +12,9 @@ column bold and the second underlined (full compute is the reference and is not 
 
 Latency is a row's own when the run had its device to itself; otherwise it is joined from the
 latest row of the same method (method, method_params, fused path) and the same timing setting
-(rfc.setting.TIMING_KEYS, e.g. a serial ``eval=latency`` run after a parallel quality sweep),
-marked with a dagger. Speedup = latency of full compute / the row's, both of the same timing
+(rfc.setting.TIMING_KEYS, e.g. a serial ``eval=latency`` run after a parallel quality sweep; on a
+CPU, where parallel workers run with fewer threads, one that differs only in its thread count when
+none matches), marked with a dagger. Speedup = latency of full compute / the row's, both of the same timing
 setting, never across devices, precisions, compile modes, batch sizes or CPU thread counts; the
 caption names the setting. Reruns are told apart by run_id and time: the latest is used, or with
 --aggregate the mean and standard deviation over seeds (latest rerun per seed). Numbers are the
@@ -90,6 +91,7 @@ def load(csv_path: Path, experiment: str | None, model: str | None) -> pd.DataFr
     df["label"] = df.apply(label_of, axis=1)
     df["is_full"] = df["method"] == "none"
     df["timing_key"] = df.apply(lambda r: setting_id(r, TIMING_KEYS), axis=1)
+    df["join_key"] = df.apply(lambda r: setting_id(r, [k for k in TIMING_KEYS if k != "cpu_threads"]), axis=1)
     df["method_key"] = df.apply(lambda r: "|".join(r[k] for k in METHOD_KEYS), axis=1)
     return df.sort_values("time", kind="stable")
 
@@ -103,18 +105,27 @@ def latest(df: pd.DataFrame) -> pd.DataFrame:
 
 def with_latency(df: pd.DataFrame, every: pd.DataFrame) -> pd.DataFrame:
     """Fill the latency of rows that have none from the latest row of ``every`` with the same
-    method and timing setting that has one (``latency_from`` names it), and compute the speedup
-    against full compute of the same timing setting: the table's own full-compute row where it
-    was timed in that setting, else the latest full-compute row that was."""
+    method and timing setting that has one (``latency_from`` names it; the row then carries that
+    row's timing setting). A row drawn in parallel records the thread count its worker had, not
+    the one a timing run uses, so when no timing run matches its thread count exactly, one that
+    differs only in CPU threads is taken. Then the speedup: against full compute of the same timing
+    setting, the table's own full-compute row where it was timed in that setting, else the latest
+    full-compute row that was."""
     timed = every[every["latency_s"].notna()]
-    by_method = timed.groupby(["method_key", "timing_key"], sort=False).tail(1).set_index(["method_key",
-                                                                                            "timing_key"])
+    exact = timed.groupby(["method_key", "timing_key"], sort=False).tail(1).set_index(["method_key", "timing_key"])
+    loose = timed.groupby(["method_key", "join_key"], sort=False).tail(1).set_index(["method_key", "join_key"])
     out = df.copy()
     out["latency_from"] = ""
+    out["timing_desc"] = out.apply(describe_timing, axis=1) if len(out) else ""
     for i, row in out.iterrows():
-        if math.isnan(row["latency_s"]) and (row["method_key"], row["timing_key"]) in by_method.index:
-            src = by_method.loc[(row["method_key"], row["timing_key"])]
-            out.loc[i, ["latency_s", "latency_from"]] = [src["latency_s"], src["run_id"]]
+        if not math.isnan(row["latency_s"]):
+            continue
+        for table, key in ((exact, "timing_key"), (loose, "join_key")):
+            if (row["method_key"], row[key]) in table.index:
+                src = table.loc[(row["method_key"], row[key])]
+                out.loc[i, ["latency_s", "latency_from", "timing_key", "timing_desc"]] = [
+                    src["latency_s"], src["run_id"], src["timing_key"], describe_timing(src)]
+                break
     full_timed = timed[timed["is_full"]].groupby("timing_key", sort=False).tail(1).set_index("timing_key")
     base = {}
     for key, group in out[out["is_full"] & out["latency_s"].notna()].groupby("timing_key", sort=False):
@@ -219,14 +230,13 @@ def caption_of(group: pd.DataFrame, rows: list[dict], aggregate: bool) -> tuple[
     timings = list(dict.fromkeys(r["timing"] for r in rows if r["timing"] is not None))
     marks = {t: chr(ord("a") + i) for i, t in enumerate(timings)} if len(timings) > 1 else {}
     if timings:
-        src = {k: group[group["timing_key"] == k].iloc[-1] for k in timings}
-        where = "; ".join(f"{marks[t]}: {describe_timing(src[t])}" if marks else describe_timing(src[t])
-                          for t in timings)
+        desc = {k: group.loc[group["timing_key"] == k, "timing_desc"].iloc[-1] for k in timings}
+        where = "; ".join(f"{marks[t]}: {desc[t]}" if marks else desc[t] for t in timings)
         lines.append(f"Latency: seconds per batch ({where}). Speedup = full-compute latency / the row's, both of "
                      "the same timing setting (device, CPU threads, precision, compile, batch size).")
     if any(r["joined"] for r in rows):
         lines.append(f"{JOINED} latency from a separate timing run (e.g. eval=latency) of the same method and timing "
-                     "setting: the quality run shared its device.")
+                     "setting: the quality run recorded none of its own.")
     return lines, marks
 
 

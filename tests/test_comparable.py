@@ -172,44 +172,48 @@ def _table(path: Path) -> dict[str, dict[str, str]]:
 
 def test_tables_group_settings_and_divide_latencies_only_within_one(tmp_path):
     """Two settings in one CSV give two tables; a cached row's speedup is against full compute of
-    its own timing setting or absent; a serial latency-only run fills the latency of quality rows
-    of the same method and timing setting (marked), and never of another."""
+    its own timing setting or absent; a serial latency-only run fills the latency of parallel
+    quality rows of the same method and timing setting (marked), never of another batch size."""
     path = tmp_path / "runs.csv"
     base = dict(experiment="exp", model="m", arch="custom", image_size=8, sampler="ddim", sampler_params="{}",
                 respacing="50", num_steps=50, cfg_scale=1.5, guided_channels=1, checkpoint="sha256:ab", seed=0,
                 device="cpu (x86_64)", cpu_threads=2, compile=False, extractor="digits-classifier",
                 reference="digits", nfc=50.0)
     fp32 = dict(base, precision_mode="fp32", batch_size=8, num_samples=16)
-    bf16 = dict(base, precision_mode="bf16", batch_size=4, num_samples=16)
+    bf16 = dict(base, precision_mode="bf16", batch_size=4, num_samples=16, cpu_threads=1)  # a parallel worker's
     t = iter(f"2026-01-01T00:{m:02d}:00" for m in range(60))
-    append_csv(path, RunRecord(time=next(t), method="none", variant="Full", latency_s=10.0, fid=5.0, **fp32))
-    append_csv(path, RunRecord(time=next(t), method="fora", variant="FORA", fused=True, latency_s=4.0, fid=6.0,
-                               **fp32))
-    append_csv(path, RunRecord(time=next(t), method="none", variant="Full", latency_s=None, fid=5.1, **bf16))
-    append_csv(path, RunRecord(time=next(t), method="fora", variant="FORA", fused=True, latency_s=2.0, fid=6.1,
-                               **bf16))
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tables.py"), "--csv", str(path), "--out",
-                           str(tmp_path / "a")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    tables = {p.name: _table(p) for p in (tmp_path / "a").glob("*.md")}
-    assert len(tables) == 2
-    by_precision = {("fp32" if "_fp32_" in name else "bf16"): t for name, t in tables.items()}
-    assert by_precision["fp32"]["FORA"]["Speedup"] == "**2.5x**"  # 10 / 4: its own full compute
-    assert by_precision["bf16"]["FORA"]["Speedup"] == "-"  # bf16 full compute was not timed: no 10 / 2
-    assert by_precision["bf16"]["Full"]["Latency (s)"] == "-"
-    text = (tmp_path / "a" / next(n for n in tables if "_bf16_" in n)).read_text()
-    assert "bf16 eager, batches of 4" in text and "Speedup = full-compute latency / the row's" in text
 
-    # a latency-only run of the bf16 timing setting (other seed and sample count) joins its quality rows
-    timing = dict(bf16, seed=1, num_samples=12, extractor=None, reference=None)
-    append_csv(path, RunRecord(time=next(t), method="none", variant="Full", latency_s=8.0, **timing))
-    append_csv(path, RunRecord(time=next(t), method="none", variant="Full", latency_s=99.0,
-                               **dict(timing, cpu_threads=1)))  # another thread count: another timing setting
+    def add(method: str, latency: float | None, setting: dict, **extra: object) -> None:
+        append_csv(path, RunRecord(time=next(t), method=method, variant="Full" if method == "none" else "FORA",
+                                   fused=None if method == "none" else True, latency_s=latency, **setting, **extra))
+
+    add("none", 10.0, fp32, fid=5.0)
+    add("fora", 4.0, fp32, fid=6.0)
+    add("none", None, bf16, fid=5.1)
+    add("fora", None, bf16, fid=6.1)
+    tables = _make_tables(path, tmp_path / "a")
+    assert len(tables) == 2
+    fp32_table, bf16_table = (next(t for n, t in tables.items() if f"_{p}_" in n) for p in ("fp32", "bf16"))
+    assert fp32_table["FORA"]["Speedup"] == "**2.5x**"  # 10 / 4: its own full compute
+    assert bf16_table["Full"]["Latency (s)"] == "-" and bf16_table["FORA"]["Speedup"] == "-"  # never 10 / x
+
+    # a serial latency-only run (other seed and sample count, 2 threads) of the bf16 timing setting
+    timing = dict(bf16, seed=1, num_samples=12, cpu_threads=2, extractor=None, reference=None)
+    add("none", 8.0, timing)
+    add("fora", 2.0, timing)
+    add("none", 99.0, dict(timing, batch_size=8))  # another batch size: another timing setting
+    bf16_table = next(t for n, t in _make_tables(path, tmp_path / "b").items() if "_bf16_" in n and "_n16_" in n)
+    assert bf16_table["Full"]["Latency (s)"] == "8\u2020" and bf16_table["FORA"]["Latency (s)"] == "**2**\u2020"
+    assert bf16_table["FORA"]["Speedup"] == "**4x**"  # 8 / 2, both timed with 2 threads, batches of 4
+    text = next((tmp_path / "b").glob("*_n16_bf16_*.md")).read_text()
+    assert "bf16 eager, batches of 4, 2 CPU threads" in text and "Speedup = full-compute latency / the row's" in text
+
+
+def _make_tables(path: Path, out: Path) -> dict[str, dict[str, dict[str, str]]]:
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tables.py"), "--csv", str(path), "--out",
-                           str(tmp_path / "b")], capture_output=True, text=True, timeout=120)
+                           str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    quality = _table(next(p for p in (tmp_path / "b").glob("*_bf16_*.md") if "_n16_" in p.name))
-    assert quality["Full"]["Latency (s)"] == "8\u2020" and quality["FORA"]["Speedup"] == "**4x**"  # 8 / 2
+    return {p.name: _table(p) for p in out.glob("*.md")}
 
 
 def test_second_scored_run_reuses_the_reference_features(make_cfg, tmp_path, monkeypatch):
