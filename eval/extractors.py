@@ -32,6 +32,7 @@ from eval.stats import (
 from rfc.errors import NonFiniteError
 from rfc.files import atomic_savez, memo_digest
 from rfc.models.load import MissingAssetError, require_file
+from rfc.store import REFERENCES, digest_memo
 
 Extractor = Callable[[np.ndarray], dict[str, np.ndarray]]
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -84,8 +85,6 @@ EXTRACTORS: dict[str, ExtractorSpec] = {
 }
 
 BUILTIN_REFERENCES = {"digits": "sklearn-digits-1797"}
-DIGESTS_MEMO = "digests.json"  # under paths.store: file digests remembered by file identity
-REFERENCES_DIR = "references"  # under paths.store: one resolved reference per (content, extractor)
 # What a reference cache entry must hold; it also carries ``extractor`` (the feature space's name),
 # so an entry is itself a valid reference file for load_reference.
 _ENTRY_KEYS = ("reference_digest", "extractor_identity", "reference_name", "mu", "sigma", "features")
@@ -134,7 +133,7 @@ def resolve_reference(reference: str, spec: ExtractorSpec, extract: Extractor,
                                  lambda: reference_from_features(name, extract(images)))
     if store is None or not _needs_extraction(reference):
         return load_reference(reference, spec.name, extract)
-    digest = memo_digest(reference, _digest_memo(paths or {}))
+    digest = memo_digest(reference, digest_memo(paths or {}))
     return _cached_reference(Path(store), Path(reference).name, digest, spec, paths or {},
                              lambda: load_reference(reference, spec.name, extract))
 
@@ -147,16 +146,11 @@ def images_digest(images: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _digest_memo(paths: dict) -> Path | None:
-    """Where file digests are remembered: the store's memo, when there is a store."""
-    return Path(paths["store"]) / DIGESTS_MEMO if paths.get("store") else None
-
-
 def extractor_identity(spec: ExtractorSpec, paths: dict) -> str:
     """``<name>:<sha256 of its weights>``: the same network with other weights is another feature
     space, so statistics computed with one must never be served for the other. The digest is
     remembered in ``<paths.store>/digests.json`` when there is a store."""
-    return f"{spec.name}:{memo_digest(spec.weights(paths), _digest_memo(paths))}"
+    return f"{spec.name}:{memo_digest(spec.weights(paths), digest_memo(paths))}"
 
 
 def extractor_id(spec: ExtractorSpec, paths: dict) -> str:
@@ -173,7 +167,7 @@ def _short_id(identity: str) -> str:
 def reference_cache_path(store: str | Path, reference_digest: str, identity: str) -> Path:
     """Where the resolved reference for this content (``reference_digest``) and extractor
     (``identity`` from extractor_identity) lives in the store."""
-    return Path(store) / REFERENCES_DIR / f"{reference_digest[:16]}-{_short_id(identity)}.npz"
+    return Path(store) / REFERENCES / f"{reference_digest[:16]}-{_short_id(identity)}.npz"
 
 
 def _needs_extraction(reference: str) -> bool:

@@ -43,7 +43,7 @@ from rfc.samplers.sampling import CFGDenoiser, Sampler, StepInfo
 from rfc.seeding import SampleStreams
 from rfc.setting import setting_id
 from rfc.shards import Batch, ShardStore, batch_starts, rank_starts
-from rfc.store import FullComputeEntry, store_root
+from rfc.store import FullComputeEntry, digest_memo, link_or_copy, store_root
 from rfc.validate import as_bool, as_float, as_int, check_arguments
 
 LOG = logging.getLogger("rfc")
@@ -214,7 +214,7 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     check_writable_file(out / "record.json", "the run folder's")
     if cfg.logger.get("csv"):
         check_writable_file(cfg.paths.runs_csv, "paths.runs_csv")
-    check_writable_file(Path(paths["store"]) / "digests.json", "paths.store's")  # full-compute sets, statistics
+    check_writable_file(digest_memo(paths), "paths.store's")  # full-compute sets, statistics, digests
     if not m.pretrained:
         vae_note = "" if m.vae == "none" else (" and a random VAE" if not m.vae_pretrained else "")
         print(f"note: model.pretrained=false: random DiT weights{vae_note} (timing is real, images are not)"
@@ -236,7 +236,7 @@ def sample_setting(plan: RunPlan) -> dict[str, object]:
     (the seed is its own key)."""
     cfg, m = plan.cfg, plan.cfg.model
     if m.pretrained:
-        weights = "sha256:" + memo_digest(m.checkpoint, Path(plan.paths["store"]) / "digests.json")[:16]
+        weights = "sha256:" + memo_digest(m.checkpoint, digest_memo(plan.paths))[:16]
     else:
         arch = json.dumps(dataclasses.asdict(plan.dit), sort_keys=True)
         weights = f"random:{m.init}:{hashlib.sha256(arch.encode()).hexdigest()[:8]}"
@@ -759,8 +759,8 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComput
         record.class_acc = float((feats["predictions"] == samples.labels).mean())
     save_stats(plan.out_dir / "stats.npz", feats, spec.name, own)
     eid = extractor_id(spec, plan.paths)
-    if publish is not None:
-        publish.save_stats(eid, own, feats["features"], spec.name)
+    if publish is not None:  # the set's statistics are this run's: the same file, linked
+        link_or_copy(plan.out_dir / "stats.npz", publish.stats_path(eid))
 
     pair_images = pair_stats = None
     if record.method == "none":
@@ -775,7 +775,7 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComput
             pair_feats = extract(pair_images)
             check_features(pair_feats, spec.name, f"the full-compute set {pair.samples}")
             pair_stats = stats_of(pair_feats)
-            pair.save_stats(eid, pair_stats, pair_feats["features"], spec.name)
+            save_stats(pair.stats_path(eid), pair_feats, spec.name, pair_stats)
     if pair_stats is not None:
         record.fid2fc, record.sfid2fc = distances(own, pair_stats)
         record.psnr, record.ssim = psnr_ssim(samples.images, pair_images)

@@ -7,9 +7,13 @@ on the method, so it is drawn once per setting and kept in ``<paths.store>/full_
 
     setting.json      the setting, who drew the set, a publication token
     samples.npz       ADM layout: arr_0 images, arr_1 labels (present = complete)
-    stats-<extractor>-<weights digest>.npz   the set's feature statistics, per extractor
+    stats-<extractor>-<weights digest>-<token>.npz   the set's feature statistics, per extractor
     manifest.json, shards/   only while a draw is under way (resumable like a run folder)
     .lock             held by the job drawing the set
+
+Beside ``full_compute/``, the store holds ``references/`` (resolved reference statistics,
+eval/extractors.py) and ``digests.json`` (file digests, rfc.files.memo_digest); the names of all
+three are defined here.
 
 Who draws: a method=none run publishes its own samples here when no set exists (holding the
 lock while it samples, so cached jobs of the same setting wait for it instead of drawing again);
@@ -36,12 +40,31 @@ from rfc.setting import SAMPLE_KEYS, key, setting_id
 from rfc.shards import MANIFEST, SHARD_DIR
 
 FULL_COMPUTE = "full_compute"
+REFERENCES = "references"  # one resolved reference per (content, extractor)
+DIGESTS = "digests.json"  # file digests, remembered by file identity
 META = "setting.json"
 SAMPLES = "samples.npz"
 
 
 def store_root(paths: dict) -> Path:
     return Path(paths["store"]) / FULL_COMPUTE
+
+
+def digest_memo(paths: dict) -> Path | None:
+    """Where file digests are remembered (None without a store: then they are not)."""
+    return Path(paths["store"]) / DIGESTS if paths.get("store") else None
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Put ``source``'s bytes at ``target`` atomically: a hard link when both are on one file
+    system (no copy of a 10 GB file; a later atomic rewrite of ``source`` leaves ``target``
+    alone), else a copy."""
+    staging = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        os.link(source, staging)
+    except OSError:
+        shutil.copyfile(source, staging)
+    os.replace(staging, target)
 
 
 class FullComputeEntry:
@@ -130,12 +153,7 @@ class FullComputeEntry:
             raise RuntimeError("publish() needs the entry's lock")
         for stale in self.folder.glob("stats-*.npz"):
             stale.unlink()
-        staging = self.folder / f".{SAMPLES}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            os.link(samples, staging)
-        except OSError:
-            shutil.copyfile(samples, staging)
-        os.replace(staging, self.samples)
+        link_or_copy(samples, self.samples)
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         atomic_write_text(self.meta_path, json.dumps({"id": self.id, "setting": self.setting, "source": source,
                                                      "time": stamp, "token": uuid.uuid4().hex}, indent=1) + "\n")
@@ -149,10 +167,14 @@ class FullComputeEntry:
     # -- statistics ---------------------------------------------------------------------------
 
     def stats_path(self, extractor_id: str) -> Path:
-        return self.folder / f"stats-{extractor_id}.npz"
+        """The set's statistics for an extractor. The name carries the publication token, so
+        statistics of an earlier set under this id are never found for a newer one."""
+        return self.folder / f"stats-{extractor_id}-{(self.token or 'unpublished')[:12]}.npz"
 
     def load_stats(self, extractor_id: str) -> dict[str, np.ndarray] | None:
-        """The set's statistics for this extractor when saved from the current set, else None."""
+        """The set's statistics (mu, sigma and the spatial pair where present) for this
+        extractor, or None when there are none yet or they are damaged (the caller computes
+        them and writes them with eval.stats.save_stats to :meth:`stats_path`)."""
         from eval.stats import NpzError, check_statistics, read_npz
 
         path = self.stats_path(extractor_id)
@@ -160,19 +182,10 @@ class FullComputeEntry:
             return None
         try:
             arrays = read_npz(path, "full-compute statistics")
-            if str(arrays.get("token", "")) != (self.token or ""):
-                return None  # made from an earlier set
             check_statistics(arrays, path)
         except (NpzError, NonFiniteError):
-            return None  # damaged: recomputed and replaced by the caller
-        return {k: v for k, v in arrays.items() if k.startswith(("mu", "sigma")) or k == "features"}
-
-    def save_stats(self, extractor_id: str, stats: dict[str, np.ndarray], features: np.ndarray,
-                   extractor: str) -> None:
-        from rfc.files import atomic_savez
-
-        atomic_savez(self.stats_path(extractor_id), **stats, features=features, extractor=np.array(extractor),
-                     token=np.array(self.token or ""))
+            return None
+        return {k: v for k, v in arrays.items() if k.startswith(("mu", "sigma"))}
 
 
 def list_entries(root: str | Path) -> list[dict]:

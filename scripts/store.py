@@ -17,8 +17,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from rfc.errors import FolderLockedError
 from rfc.files import FolderLock
-from rfc.store import FULL_COMPUTE, list_entries
+from rfc.store import DIGESTS, FULL_COMPUTE, REFERENCES, list_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,21 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         lock = FolderLock(entry["folder"])
         try:
             lock.acquire()  # held while deleting: no job can start drawing into it meanwhile
-        except Exception as err:  # FolderLockedError: a job is drawing it
+        except FolderLockedError as err:  # a job is drawing or publishing it
             print(f"kept {entry['id']}: {err}", file=sys.stderr)
             code = 1
             continue
         try:
-            for child in entry["folder"].iterdir():
-                if child.name != FolderLock.NAME:
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            shutil.rmtree(entry["folder"])  # the lock file too: the held lock outlives its name
         finally:
             lock.release()
-        shutil.rmtree(entry["folder"], ignore_errors=True)
         print(f"deleted {entry['id']} ({entry['bytes'] / 2**20:.1f} MiB)")
     if args.all:
-        shutil.rmtree(args.store / "references", ignore_errors=True)
-        (args.store / "digests.json").unlink(missing_ok=True)
+        shutil.rmtree(args.store / REFERENCES, ignore_errors=True)
+        (args.store / DIGESTS).unlink(missing_ok=True)
     return code
 
 
