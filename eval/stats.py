@@ -184,10 +184,8 @@ def quality_metrics(feats: dict[str, np.ndarray], ref: Reference, has_logits_rea
                               "recall": None}
     notes = []
     n = len(feats["features"])
-    if "logits" in feats and len(feats["logits"]) >= 1:
+    if "logits" in feats:
         out["inception_score"] = inception_score(feats["logits"])  # ADM's parts of 5,000: one part when N < 5,000
-    elif "logits" in feats:
-        notes.append("inception_score missing: no samples")
     elif has_logits_reason:
         notes.append(f"inception_score missing: {has_logits_reason}")
     if ref.features is not None and min(n, len(ref.features)) > PR_K:

@@ -54,12 +54,6 @@ def setting_id(row: Mapping[str, object], keys: Sequence[str] = SAMPLE_KEYS) -> 
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def differences(old: Mapping[str, object], new: Mapping[str, object], keys: Sequence[str]) -> list[str]:
-    """``key: old -> new`` for every key whose value differs (for refusals that name the change)."""
-    a, b = key(old, keys), key(new, keys)
-    return [f"{k}: {x or '(unset)'} -> {y or '(unset)'}" for k, x, y in zip(keys, a, b, strict=True) if x != y]
-
-
 def describe_sampling(row: Mapping[str, object]) -> str:
     """One line for captions: how the samples were drawn (device, numerics, batch size)."""
     compiled = "compiled" if cell(row.get("compile")) == "True" else "eager"

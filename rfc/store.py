@@ -157,9 +157,6 @@ class FullComputeEntry:
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         atomic_write_text(self.meta_path, json.dumps({"id": self.id, "setting": self.setting, "source": source,
                                                      "time": stamp, "token": uuid.uuid4().hex}, indent=1) + "\n")
-        self.drop_shards()
-
-    def drop_shards(self) -> None:
         shutil.rmtree(self.folder / SHARD_DIR, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             (self.folder / MANIFEST).unlink()
