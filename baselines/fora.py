@@ -8,7 +8,7 @@ branch outputs unchanged; the current step's gates are applied to them as usual.
 
 from __future__ import annotations
 
-from rfc.cache.fused import FactorBank, TaylorBankMethod
+from rfc.cache.fused import TaylorBankMethod
 from rfc.cache.schedules import require
 from rfc.samplers.sampling import StepInfo
 
@@ -21,11 +21,10 @@ class FORA(TaylorBankMethod):
         super().__init__()
         self.interval = interval
         self.fused = bool(fused)
-        self.bank = FactorBank(0, 0, None)
 
     def reset(self) -> None:
         super().reset()
-        self.bank = FactorBank(0, 2 * self.depth, None)  # order 0: the outputs, in their own dtype
+        self.make_bank(0, None)  # order 0: the outputs, in their own dtype
 
     def decide(self, step: StepInfo) -> bool:
         return step.index == 0 or step.down_index % self.interval == 0

@@ -10,7 +10,7 @@ buffer for all sites. With ``fused`` (default) a cached step is one weighted sum
 
 from __future__ import annotations
 
-from rfc.cache.fused import FactorBank, TaylorBankMethod
+from rfc.cache.fused import TaylorBankMethod
 from rfc.cache.predictors import parse_storage_dtype
 from rfc.cache.schedules import WarmupInterval, require
 from rfc.samplers.sampling import StepInfo
@@ -28,12 +28,11 @@ class TaylorSeer(TaylorBankMethod):
         self.storage = storage_dtype
         self.dtype = parse_storage_dtype(storage_dtype)
         self.fused = bool(fused)
-        self.bank = FactorBank(order, 0, self.dtype)
 
     def reset(self) -> None:
         super().reset()
         self.schedule.reset()
-        self.bank = FactorBank(self.order, 2 * self.depth, self.dtype)
+        self.make_bank(self.order, self.dtype)
 
     def decide(self, step: StepInfo) -> bool:
         return self.schedule(step)

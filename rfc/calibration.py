@@ -83,7 +83,7 @@ def calibrate(cfg: DictConfig, target: float, num_samples: int, batch_size: int,
             with torch.no_grad():
                 samples = generate(model, plan.sampler, denoiser, method, seed=seed,
                                    indices=range(num_samples), batch_size=batch_size, device=plan.device,
-                                   progress=False)
+                                   progress=False, precision=str(cfg.precision))
         finally:
             method.detach()
         sizes = batch_sizes(num_samples, batch_size)

@@ -35,8 +35,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rfc.cache.base import BranchInput, CacheMethod, Site, modulate
-from rfc.cache.fused import FactorBank, StackedModulation, TaylorStep, maybe_compile, relational_cached_forward
+from rfc.cache.base import BranchInput, CacheMethod, Site
+from rfc.cache.fused import (
+    GATE_CHUNKS,
+    FactorBank,
+    GraphedStep,
+    Probe,
+    StackedModulation,
+    branch_dtype,
+    full_step,
+    graph_mode,
+    maybe_compile,
+    probe_step,
+    relational_cached_step,
+    step_scalars,
+    taylor_cached_step,
+)
 from rfc.cache.predictors import TaylorFactors, parse_storage_dtype
 from rfc.cache.schedules import WarmupInterval, require
 from rfc.samplers.sampling import StepInfo
@@ -70,7 +84,7 @@ class BankSite:
 
     @property
     def factors(self) -> list[torch.Tensor]:
-        return [self.bank.buf[i, self.site] for i in range(self.bank.valid)] if self.last_index is not None else []
+        return [self.bank.slots[i][self.site] for i in range(self.bank.valid)] if self.last_index is not None else []
 
     def update(self, value: torch.Tensor, index: int) -> None:
         self.bank.update(self.site, value, index)
@@ -144,10 +158,17 @@ class RelationalSchedule:
 
     def __init__(self, tau: float, warmup: int, order: int, modules: str, dtype: torch.dtype) -> None:
         self.tau, self.warmup, self.order, self.modules, self.dtype = tau, warmup, order, modules, dtype
+        self.bank = FactorBank(order, 0, dtype)
         self.reset()
 
+    def setup(self, depth: int) -> None:
+        """Size the forecast bank for a model of ``depth`` blocks (one site, or every branch)."""
+        sites = 2 * depth if self.modules == "all" else 1
+        if self.bank.sites != sites:
+            self.bank = FactorBank(self.order, sites, self.dtype)
+
     def reset(self) -> None:
-        self.forecasts: dict[Site, TaylorFactors] = {}
+        self.bank.reset()  # the forecasts' Taylor factors, slot s = site.module_index ("all") or 0
         self.accumulated = 0.0
         self.step_errors: list[float] = []  # the current cached step's per-branch errors ("all")
         self.history: list[tuple[int, float]] = []  # (index, accumulated error) at each decision
@@ -155,17 +176,22 @@ class RelationalSchedule:
     def monitors(self, site: Site) -> bool:
         return site == FIRST or self.modules == "all"
 
+    def slot(self, site: Site) -> int:
+        return site.module_index if self.modules == "all" else 0
+
     def observe_full(self, site: Site, inp: torch.Tensor, index: int) -> None:
-        self.forecasts.setdefault(site, TaylorFactors(self.order, self.dtype)).update(inp, index)
+        self.bank.update(self.slot(site), inp, index)
 
     def error(self, site: Site, inp: torch.Tensor, index: int) -> float:
-        return relative_l1(inp, self.forecasts[site].predict(index, inp.dtype))
+        return relative_l1(inp, self.bank.predict(self.slot(site), index, inp.dtype))
 
-    def decide(self, inp0: torch.Tensor, index: int) -> bool:
-        if self.tau <= 0 or index < self.warmup or FIRST not in self.forecasts:
+    def decide(self, inp0: torch.Tensor, index: int, error: torch.Tensor | None = None) -> bool:
+        """Full or cached at step ``index``; ``error``: block 0's forecast error already computed
+        by the step's probe (the same quantity as ``error(FIRST, inp0, index)``)."""
+        if self.tau <= 0 or index < self.warmup or self.bank.last_index is None:
             self.accumulated = 0.0
             return True
-        e0 = self.error(FIRST, inp0, index)
+        e0 = float(error) if error is not None else self.error(FIRST, inp0, index)
         self.accumulated += e0
         self.history.append((index, self.accumulated))
         if self.accumulated > self.tau:
@@ -175,7 +201,7 @@ class RelationalSchedule:
         return False
 
     def observe_cached(self, site: Site, inp: torch.Tensor, index: int) -> None:
-        if self.modules == "all" and site != FIRST and site in self.forecasts:
+        if self.modules == "all" and site != FIRST and self.bank.last_index is not None:
             self.step_errors.append(self.error(site, inp, index))
 
     def end_cached_step(self) -> None:
@@ -184,7 +210,7 @@ class RelationalSchedule:
         self.step_errors = []
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for f in self.forecasts.values() for t in f.tensors()]
+        return self.bank.tensors()
 
 
 class RFC(CacheMethod):
@@ -228,10 +254,23 @@ class RFC(CacheMethod):
         self.schedule.reset()
         self.states: dict[Site, RelationalState] = {}
         self.pending = False
-        self.bank = FactorBank(self.order, 2 * self.depth, self.dtype, gram=self.magnitude == "relational")
-        self.inputs: torch.Tensor | None = None  # (S, B, T, C): I(t) of every site, for the fused step
-        self.ratios: torch.Tensor | None = None  # (S, B): s(t) of every site
-        self.inp0: torch.Tensor | None = None  # block 0's attention input, computed for the decision
+        self.schedule.setup(self.depth)
+        bank = getattr(self, "bank", None)
+        if bank is None or bank.sites != 2 * self.depth:
+            self.bank = FactorBank(self.order, 2 * self.depth, self.dtype, gram=self.magnitude == "relational")
+            self.inputs: torch.Tensor | None = None  # (S, B, T, C): I(t) of every site, for the fused step
+            self.ratios: torch.Tensor | None = None  # (S, B): s(t) of every site
+        else:  # kept from batch to batch (zeroed), so captured step programs stay valid
+            bank.reset()
+            for buf in (self.inputs, self.ratios):
+                if buf is not None:
+                    buf.zero_()
+
+    def _release(self) -> None:
+        self.bank.free()
+        self.schedule.bank.free()
+        self.inputs = self.ratios = None
+        super()._release()
 
     # ---- schedule -----------------------------------------------------------------------------
     def begin_step(self, step: StepInfo) -> None:
@@ -255,8 +294,6 @@ class RFC(CacheMethod):
 
     # ---- branches ------------------------------------------------------------------------------
     def branch(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
-        if site == FIRST and self.inp0 is not None:  # already computed by fast_forward's decision
-            inp._full, self.inp0 = self.inp0, None
         if self.pending:
             self._decide_now(inp.full())
         index = self.step.index
@@ -282,9 +319,7 @@ class RFC(CacheMethod):
 
     def _gather(self, s: int, state: RelationalState) -> None:
         """Keep I(t) and s(t) of site s in the stacked buffers the fused step reads."""
-        if self.inputs is None:
-            self.inputs = torch.zeros((2 * self.depth, *state.inp.shape), dtype=self.dtype, device=state.inp.device)
-            self.ratios = torch.zeros((2 * self.depth, state.inp.shape[0]), device=state.inp.device)
+        self.allocate_inputs(state.inp.shape, state.inp.device)
         self.inputs[s] = state.inp
         state.inp = self.inputs[s]
         if state.ratio is not None:
@@ -296,36 +331,61 @@ class RFC(CacheMethod):
         return self.magnitude in ("relational", "taylor") and self.reduction == "sample" and self.rcs_modules == "first"
 
     def prepare_fused(self, model: nn.Module) -> None:
+        device, backend = model.pos_embed.device, self.compile_backend
+        self.full_fn = maybe_compile(full_step, self.compile, backend)
+        self.probe_fn = maybe_compile(probe_step, self.compile, backend)
+        mode = graph_mode(device, self.compile)
         if self.magnitude == "taylor":
-            self.taylor_step = TaylorStep(model, self.compile)
+            self.gates = StackedModulation(model.blocks, GATE_CHUNKS)
+            self.cached_fn = GraphedStep(maybe_compile(taylor_cached_step, self.compile, backend), (2,), mode)
         else:
             self.mods = StackedModulation(model.blocks, tuple(range(6)))
-            self.step_fn = maybe_compile(relational_cached_forward, self.compile)
+            self.cached_fn = GraphedStep(maybe_compile(relational_cached_step, self.compile, backend),
+                                         (2, 3, 4, 5), mode)
+
+    def allocate_inputs(self, shape: torch.Size, device: torch.device) -> None:
+        """I(t) and s(t) of every site, (S, B, T, C) and (S, B), kept while the shape fits."""
+        want = (2 * self.depth, *shape)
+        if self.inputs is None or self.inputs.shape != want or self.inputs.device != device:
+            self.inputs = torch.zeros(want, dtype=self.dtype, device=device)
+            self.ratios = torch.zeros(want[:2], device=device)
 
     def fast_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
                      y: torch.Tensor) -> torch.Tensor | None:
-        tokens = c = None
+        index, device = self.step.index, x.device
+        shape = torch.Size((x.shape[0], *model.pos_embed.shape[1:]))
+        T = shape[1]
+        self.bank.allocate(shape, branch_dtype(model, device), device)
+        relational = self.magnitude == "relational"
+        if relational:
+            self.allocate_inputs(shape, device)
+        probe = None
         if self.pending:  # RCS: decide from block 0's attention input, as the per-site path does
-            tokens, c = model.embed(x, t, y)
-            block = model.blocks[0]
-            shift, scale = block.adaLN_modulation(c).chunk(6, dim=1)[:2]
-            self.inp0 = modulate(block.norm1(tokens), shift, scale)
-            self._stats.norm_tokens += tokens.shape[1]
-            self._decide_now(self.inp0)
+            forecast = self.schedule.bank
+            forecast.allocate(shape, self.dtype, device)
+            k = 0 if forecast.last_index is None else index - forecast.last_index
+            probe = Probe(*self.probe_fn(model, x, t, y, forecast.slots, torch.tensor(float(k), device=device)))
+            self._stats.norm_tokens += T
+            self.pending = False
+            self.full = self.schedule.decide(probe.inp0, index, error=probe.error)
+            self.count_step(self.step, self.full)
         if self.full:
-            return None  # the block forward picks up self.inp0
-        inp0, self.inp0 = self.inp0, None
-        index = self.step.index
-        if self.magnitude == "taylor":
+            step = self.bank.begin(index, device)
+            forecast = None
+            if self.rcs:
+                self.schedule.bank.begin(index, device)
+                forecast = self.schedule.bank.slots
+            self._stats.count_full_forward(self.depth, T, probed_tokens=T if probe is not None else 0)
+            return self.full_fn(model, x, t, y, probe, self.bank.slots, self.bank.gram if relational else None,
+                                self.inputs if relational else None, self.ratios if relational else None, forecast,
+                                *step_scalars(step, self.compile))
+        coeffs = torch.tensor(self.bank.coefficients(index, padded=True), device=device)
+        if not relational:
             self.count_fused_cached()
-            return self.taylor_step(model, self.bank.factors(), self.bank.coefficients(index, padded=True), x, t, y)
-        if tokens is None:
-            tokens, c = model.embed(x, t, y)
-        T = tokens.shape[1]
-        self.count_fused_cached(norm_tokens=2 * self.depth * T - (T if inp0 is not None else 0))
-        coeffs = torch.tensor(self.bank.coefficients(index, padded=True), device=x.device)
-        return self.step_fn(model, self.mods, self.bank.factors(), self.inputs, self.ratios, self.bank.gram,
-                            coeffs, tokens, c, inp0)
+            return self.cached_fn(model, self.gates, self.bank.factors(), coeffs, x, t, y)
+        self.count_fused_cached(norm_tokens=2 * self.depth * T - (T if probe is not None else 0))
+        return self.cached_fn(model, self.mods, self.bank.factors(), self.inputs, self.ratios, self.bank.gram,
+                              coeffs, x, t, y, probe)
 
     def cache_tensors(self) -> Iterable[torch.Tensor]:
         for state in self.states.values():

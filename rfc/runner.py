@@ -107,7 +107,7 @@ def model_config(m: DictConfig) -> DiTConfig:
     return config
 
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "bf16-autocast")
 
 
 def check_precision(precision: str) -> None:
@@ -115,18 +115,32 @@ def check_precision(precision: str) -> None:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
+def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """The weights' side of a precision mode, applied once after loading, before any sampling.
+    ``bf16``: every parameter and buffer converted to bfloat16 in place (the DiT casts its input
+    latents to the weights' dtype and returns fp32, so the sampler, guidance and VAE stay fp32).
+    fp32, tf32 and bf16-autocast keep the fp32 weights: the model is returned untouched."""
+    check_precision(precision)
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    return model
+
+
 @contextlib.contextmanager
 def precision_mode(precision: str, device: torch.device) -> Iterator[None]:
     """Numerics of the sampling loop. fp32: exact fp32 matmuls. tf32 (default): fp32 storage with
     TF32 tensor-core matmuls and convolutions on GPUs that have them (on a CPU it equals fp32).
-    bf16: autocast of matmuls and attention to bfloat16; the residual stream, the sampler and the
-    cache keep their own dtypes. The previous global settings are restored afterwards."""
+    bf16: the weights are stored in bfloat16 (apply_precision, once); no autocast here, TF32 flags
+    as for tf32 (they only touch what stays fp32). bf16-autocast: fp32 weights, autocast of matmuls
+    and attention to bfloat16 (every forward re-casts the weights); the residual stream, the
+    sampler and the cache keep their own dtypes. The previous global settings are restored
+    afterwards."""
     check_precision(precision)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     tf32 = precision != "fp32"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     try:
-        if precision == "bf16":
+        if precision == "bf16-autocast":
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 yield
         else:
@@ -136,17 +150,20 @@ def precision_mode(precision: str, device: torch.device) -> Iterator[None]:
 
 
 def compile_for(model: DiT, method: CacheMethod) -> None:
-    """``compile=true``: torch.compile the full-compute path in place (state_dict unchanged).
-    Full compute compiles the whole forward; with a caching method the blocks' attention and MLP
-    modules are compiled (the blocks themselves route through the method) and the method's fused
-    cached step is compiled too."""
+    """``compile=true``: torch.compile what runs (state_dict unchanged). Full compute compiles the
+    whole forward. A method with step programs (FORA, TaylorSeer, RFC's fused configurations)
+    compiles them: each full and each cached step is one graph, as fast as the plain compiled
+    forward plus the method's own stores. The others (ToCa, RFC's per-site variants) route the
+    blocks per site, so their attention and MLP modules are compiled instead."""
     if isinstance(method, NoCache):
         model.compile(dynamic=False)
+        return
+    method.compile = True
+    if method.fused and method.can_fuse():
         return
     for block in model.blocks:
         block.attn.compile(dynamic=False)
         block.mlp.compile(dynamic=False)
-    method.compile = True
 
 
 @dataclass
@@ -250,10 +267,11 @@ def sample_setting(plan: RunPlan) -> dict[str, object]:
 
 
 def build_model(plan: RunPlan) -> tuple[DiT, CFGDenoiser]:
-    """The planned DiT on its device (checkpoint or random init) and its guidance wrapper."""
+    """The planned DiT on its device (checkpoint or random init, loaded and checked in fp32, then
+    converted by apply_precision for the run's precision) and its guidance wrapper."""
     m = plan.cfg.model
     model = build_dit(plan.dit, m.checkpoint if m.pretrained else None, init=m.init, seed=int(plan.cfg.seed))
-    model = model.to(plan.device)
+    model = apply_precision(model.to(plan.device), str(plan.cfg.precision))
     denoiser = CFGDenoiser(model, float(plan.cfg.cfg_scale), null_class=plan.dit.num_classes,
                            guided_channels=int(m.guided_channels))
     return model, denoiser

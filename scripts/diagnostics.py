@@ -83,7 +83,7 @@ def _diagnose(cfg: DictConfig, plan, work: Path, target: float) -> None:  # noqa
         try:
             samples = generate(model, plan.sampler, denoiser, method, seed=int(d.seed),
                                indices=range(int(d.num_samples)), batch_size=int(d.batch_size),
-                               device=plan.device, progress=False)
+                               device=plan.device, progress=False, precision=str(cfg.precision))
         finally:
             probe.remove()
             method.detach()

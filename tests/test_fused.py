@@ -112,9 +112,9 @@ def test_factor_bank_matches_the_per_site_recursion():
             bank.update(s, value, index)
             ref[s].update(value, index)
     for s in range(2):
-        assert all(torch.equal(bank.buf[i, s], f) for i, f in enumerate(ref[s].factors))
+        assert all(torch.equal(bank.slots[i][s], f) for i, f in enumerate(ref[s].factors))
         assert torch.equal(bank.predict(s, 12), ref[s].predict(12))
-        hi = bank.buf[1:, s].flatten(2).transpose(0, 1)  # (B, 3, 20)
+        hi = torch.stack(bank.slots[1:])[:, s].flatten(2).transpose(0, 1)  # (B, 3, 20)
         torch.testing.assert_close(bank.gram[s], hi @ hi.transpose(1, 2), rtol=1e-6, atol=1e-6)
 
 
@@ -135,7 +135,7 @@ def test_precision_modes_restore_settings_and_bf16_runs_on_cpu(tiny):
         assert torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cuda.matmul.allow_tf32 == before
     fp32 = sample_with(tiny, TaylorSeer(interval=4, order=2), DDIMSampler(num_steps=20), n=2)
-    with precision_mode("bf16", torch.device("cpu")):
+    with precision_mode("bf16-autocast", torch.device("cpu")):  # fp32 weights, bf16 autocast
         bf16 = sample_with(tiny, TaylorSeer(interval=4, order=2), DDIMSampler(num_steps=20), n=2)
     err = (bf16.float() - fp32).abs().max().item()
     assert 0 < err < 0.5, err  # bf16 differs, but stays a close approximation
@@ -175,5 +175,7 @@ def test_compile_option_compiles_the_right_parts(tiny, monkeypatch):
     compiled.clear()
     method = TaylorSeer(interval=4, order=2)
     compile_for(tiny, method)
+    assert compiled == [] and method.compile  # its step programs, each step one graph
+    per_site = RFC(tau=0.1, magnitude="linear")
+    compile_for(tiny, per_site)
     assert sorted(set(compiled)) == ["Attention", "Mlp"] and len(compiled) == 2 * len(tiny.blocks)
-    assert method.compile  # and the fused cached step

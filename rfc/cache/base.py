@@ -16,7 +16,7 @@ from those counts (eval.flops, the papers' formula).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -103,6 +103,17 @@ class MethodStats:
         elif full or self.partial_sites - partial_sites_before:
             self.partial_blocks += 1
 
+    def count_full_forward(self, depth: int, tokens: int, probed_tokens: int = 0) -> None:
+        """A whole forward computed in full: every block's modulation, both branches on every
+        token, two layer norms per block (``probed_tokens`` of them already counted by a probe
+        that computed block 0's attention input first)."""
+        self.block_calls += depth
+        self.full_blocks += depth
+        self.full_attn += depth
+        self.full_mlp += depth
+        self.full_sites += 2 * depth
+        self.norm_tokens += 2 * depth * tokens - probed_tokens
+
     def flops(self, rows: int, tokens: int, hidden: int, heads: int) -> float:
         """Analytic FLOPs per sample of what ran; rows = 2 with guidance (the papers' B)."""
         B, N, C, h = rows, tokens, hidden, heads
@@ -126,8 +137,9 @@ class CacheMethod:
         self.step: StepInfo | None = None
         self.full = True  # decision for the current step
         self._stats = MethodStats()
-        self.fused = False  # cached steps through ``cached_forward`` (one function per step)
-        self.compile = False  # torch.compile the fused step function
+        self.fused = False  # every step through the method's step programs (one function per step)
+        self.compile = False  # torch.compile the step programs
+        self.compile_backend = "inductor"  # tests trace with "aot_eager"
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -159,18 +171,19 @@ class CacheMethod:
         self.model = None
         self._release()
 
-    # ---- fused cached steps (optional) ---------------------------------------------------------
+    # ---- step programs (optional) -------------------------------------------------------------
     def can_fuse(self) -> bool:
-        """Whether this configuration has a fused cached step (else the per-site path runs)."""
+        """Whether this configuration has step programs (else the per-site path runs)."""
         return False
 
     def prepare_fused(self, model: nn.Module) -> None:
-        """Build what the fused step needs from the attached model (stacked adaLN weights ...)."""
+        """Build the step programs for the attached model (stacked adaLN weights, compiled functions)."""
 
     def fast_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
                      y: torch.Tensor) -> torch.Tensor | None:
-        """The model output of a cached step computed in one function, or None on full steps
-        (the model's own forward then runs, with the blocks routed per site)."""
+        """The model output of this step computed by the method's step programs (a full step
+        with its stores, or a cached step, each one function), or None to run the model's own
+        forward with the blocks routed per site."""
         return None
 
     def count_fused_cached(self, norm_tokens: int = 0) -> None:
@@ -260,18 +273,34 @@ class CacheMethod:
         return self._stats
 
 
+BranchFn = Callable[[int, torch.Tensor, nn.Module, torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]
+"""(branch 0 = attention / 1 = MLP, residual stream x, its norm, shift, scale, the branch module)
+-> the branch output before its gate."""
+
+
+def dit_block(block: nn.Module, x: torch.Tensor, c: torch.Tensor, branch: BranchFn) -> torch.Tensor:
+    """DiTBlock.forward, op for op, with each branch computed by ``branch``: the one place the
+    caching code spells out the block (the per-site path and the full-step programs use it)."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+    x = x + gate_msa.unsqueeze(1) * branch(0, x, block.norm1, shift_msa, scale_msa, block.attn)
+    return x + gate_mlp.unsqueeze(1) * branch(1, x, block.norm2, shift_mlp, scale_mlp, block.mlp)
+
+
 def _block_forward(block: nn.Module, x: torch.Tensor, c: torch.Tensor, *, method: CacheMethod,
                    index: int) -> torch.Tensor:
-    """DiTBlock.forward, op for op, with each branch routed through the method."""
+    """The block's forward with each branch routed through the method (the per-site path)."""
     stats = method._stats
     stats.block_calls += 1
     marks = stats.full_sites, stats.partial_sites
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-    attn = method.branch(Site(index, "attn"), BranchInput(x, block.norm1, shift_msa, scale_msa, stats), block.attn)
-    x = x + gate_msa.unsqueeze(1) * attn
-    mlp = method.branch(Site(index, "mlp"), BranchInput(x, block.norm2, shift_mlp, scale_mlp, stats), block.mlp)
+
+    def branch(b: int, x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor,
+               module: nn.Module) -> torch.Tensor:
+        site = Site(index, "attn" if b == 0 else "mlp")
+        return method.branch(site, BranchInput(x, norm, shift, scale, stats), module)
+
+    out = dit_block(block, x, c, branch)
     stats.count_block(*marks)
-    return x + gate_mlp.unsqueeze(1) * mlp
+    return out
 
 
 def _model_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
@@ -303,10 +332,4 @@ class NoCache(CacheMethod):
 
     def begin_step(self, step: StepInfo) -> None:
         super().begin_step(step)
-        s, d = self._stats, self.depth
-        s.block_calls += d
-        s.full_blocks += d
-        s.full_attn += d
-        s.full_mlp += d
-        s.full_sites += 2 * d
-        s.norm_tokens += 2 * d * self.tokens
+        self._stats.count_full_forward(self.depth, self.tokens)

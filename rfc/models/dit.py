@@ -274,16 +274,22 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens (B, T, C) with positions added, and the conditioning vector c (B, C)."""
-        tokens = self.x_embedder(x) + self.pos_embed  # (B, T, C)
+        """Tokens (B, T, C) with positions added, and the conditioning vector c (B, C). The input
+        is cast to the weights' dtype, so a model stored in bf16 takes the sampler's fp32 latents."""
+        tokens = self.x_embedder(x.to(self.x_embedder.proj.weight.dtype)) + self.pos_embed  # (B, T, C)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, C)
         return tokens, c
+
+    def head(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Final layer and unpatchify: tokens (B, T, C) -> (B, out_channels, S, S), in fp32 whatever
+        the weights' dtype (the sampler's arithmetic stays fp32; a no-op for fp32 weights)."""
+        return self.unpatchify(self.final_layer(tokens, c)).float()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         tokens, c = self.embed(x, t, y)
         for block in self.blocks:
             tokens = block(tokens, c)
-        return self.unpatchify(self.final_layer(tokens, c))  # (B, out_channels, S, S)
+        return self.head(tokens, c)
 
 
 # --------------------------------------------------------------------------------------------
