@@ -364,7 +364,9 @@ class RFC(CacheMethod):
             forecast = self.schedule.bank
             forecast.allocate(shape, self.dtype, device)
             k = 0 if forecast.last_index is None else index - forecast.last_index
-            probe = Probe(*self.probe_fn(model, x, t, y, forecast.slots, torch.tensor(float(k), device=device)))
+            # compiled: the error is part of the one probe graph; eager: computed when decide needs it
+            slots = forecast.slots if self.compile else None
+            probe = Probe(*self.probe_fn(model, x, t, y, slots, torch.tensor(float(k), device=device)))
             self._stats.norm_tokens += T
             self.pending = False
             self.full = self.schedule.decide(probe.inp0, index, error=probe.error)

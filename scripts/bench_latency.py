@@ -42,6 +42,7 @@ from baselines.fora import FORA
 from baselines.taylorseer import TaylorSeer
 from baselines.toca import ToCa
 from rfc.cache import CacheMethod, NoCache
+from rfc.cache.base import WarmedUp
 from rfc.calibration import bisect_tau
 from rfc.config import register_resolvers
 from rfc.devices import DeviceUse
@@ -109,21 +110,8 @@ class _Warm(Exception):
     pass
 
 
-class WarmUp:
-    """Runs a loop until the method has had a full and a cached step (every program compiled),
-    then stops it."""
-
-    def __init__(self, method: CacheMethod) -> None:
-        self.method, self.seen = method, set()
-
-    def begin_step(self, step: StepInfo) -> None:
-        self.method.begin_step(step)
-
-    def end_step(self, step: StepInfo) -> None:
-        self.method.end_step(step)
-        self.seen.add(self.method.full)
-        if self.seen == {True, False} or (isinstance(self.method, NoCache) and step.index >= 1):
-            raise _Warm
+def stop_warm_up() -> None:
+    raise _Warm
 
 
 class Bench:
@@ -161,7 +149,7 @@ class Bench:
         method.attach(self.model)
         try:
             with precision_mode(self.precision, self.device):
-                self.loop(method, WarmUp(method))
+                self.loop(method, WarmedUp(method, stop_warm_up))
                 clock = StepClock(method, self.device)
                 if self.device.type == "cuda":
                     seconds = statistics.median(self.loop(method) for _ in range(int(self.cfg.e2e_repeats)))

@@ -20,10 +20,11 @@ from baselines.fora import FORA
 from baselines.taylorseer import TaylorSeer
 from rfc.cache import CacheMethod
 from rfc.cache import fused as fused_mod
+from rfc.cache.base import WarmedUp
 from rfc.method import RFC
 from rfc.models.dit import DiTConfig
 from rfc.models.load import build_dit
-from rfc.samplers.sampling import CFGDenoiser, DDIMSampler, StepInfo
+from rfc.samplers.sampling import CFGDenoiser, DDIMSampler
 
 COMPILED_RTOL = 1e-3
 SMALL = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
@@ -43,21 +44,9 @@ def trajectory(model, method: CacheMethod, listener=None, n: int = 2, seed: int 
         return DDIMSampler(num_steps=steps).sample(den, x, y, listener=listener or method)
 
 
-class StopRecompiles:
-    """Forwards the sampler's announcements; once a full and a cached step have run, any
-    further compilation raises (dynamo's error_on_recompile)."""
-
-    def __init__(self, method: CacheMethod) -> None:
-        self.method, self.seen = method, set()
-
-    def begin_step(self, step: StepInfo) -> None:
-        self.method.begin_step(step)
-
-    def end_step(self, step: StepInfo) -> None:
-        self.method.end_step(step)
-        self.seen.add(self.method.full)
-        if self.seen == {True, False}:
-            dynamo.config.error_on_recompile = True
+def forbid_recompiles() -> None:
+    """Once a full and a cached step have run, any further compilation raises."""
+    dynamo.config.error_on_recompile = True
 
 
 PROGRAMS = {"fora": (lambda: FORA(interval=4), 2), "taylorseer": (lambda: TaylorSeer(interval=4, order=2), 2),
@@ -84,7 +73,7 @@ def test_step_programs_compile_whole_once_and_match_eager(small, name):
     method.compile, method.compile_backend = True, counting
     method.attach(small)
     try:
-        got = trajectory(small, method, StopRecompiles(method))
+        got = trajectory(small, method, WarmedUp(method, forbid_recompiles))
     finally:
         dynamo.config.error_on_recompile = False
         method.detach()

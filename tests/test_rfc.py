@@ -83,7 +83,7 @@ def test_rcs_nfc_never_increases_with_tau(tiny):
     nfcs = []
     for tau in (0.0, 0.003, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.4, 0.8):
         method = RFC(tau=tau)
-        sample_with(tiny, method, sampler, n=16)
+        sample_with(tiny, method, sampler, n=8)
         nfcs.append(method.stats().full_steps)
     assert nfcs[0] == 50 and nfcs[-1] < 10
     assert all(a >= b for a, b in zip(nfcs, nfcs[1:], strict=False)), nfcs

@@ -333,3 +333,26 @@ class NoCache(CacheMethod):
     def begin_step(self, step: StepInfo) -> None:
         super().begin_step(step)
         self._stats.count_full_forward(self.depth, self.tokens)
+
+
+class WarmedUp:
+    """A listener between the sampler and a method: forwards every announcement and, once the
+    method has run both kinds of step (a full and a cached one, so every step program has been
+    traced; full compute: two steps), calls ``then()`` once. Benchmarks stop their warm-up loop
+    there; tests forbid recompilation from there on."""
+
+    def __init__(self, method: CacheMethod, then: Callable[[], None]) -> None:
+        self.method, self.then = method, then
+        self.seen: set[bool] = set()
+        self.done = False
+
+    def begin_step(self, step: StepInfo) -> None:
+        self.method.begin_step(step)
+
+    def end_step(self, step: StepInfo) -> None:
+        self.method.end_step(step)
+        self.seen.add(self.method.full)
+        ready = self.seen == {True, False} or (isinstance(self.method, NoCache) and step.index >= 1)
+        if ready and not self.done:
+            self.done = True
+            self.then()

@@ -247,16 +247,19 @@ class Probe:
     error: torch.Tensor | None = None
 
 
-def probe_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, forecast: tuple[torch.Tensor, ...],
-               k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def probe_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+               forecast: tuple[torch.Tensor, ...] | None, k: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """RCS's look at a step before it is decided, as one function: tokens, c, block 0's attention
     input I and the relative L1 error ||I - I_T||_1 / ||I||_1 of the Taylor forecast I_T of I k
     steps after the last full step. forecast: the forecast's factor slots (1, B, T, C), zero
-    beyond the valid ones (they add nothing)."""
+    beyond the valid ones (they add nothing); None: no error (eager code computes it only when
+    the schedule needs it)."""
     tokens, c = model.embed(x, t, y)
     block = model.blocks[0]
     shift, scale = block.adaLN_modulation(c).chunk(6, dim=1)[:2]
     inp0 = modulate(block.norm1(tokens), shift, scale)
+    if forecast is None:
+        return tokens, c, inp0, None
     predicted = taylor_expand([f[0] for f in forecast], k, inp0.dtype)
     error = (inp0 - predicted).abs().sum() / inp0.abs().sum().clamp_min(1e-12)
     return tokens, c, inp0, error
