@@ -14,6 +14,14 @@ hide behind a matching counter. Both the per-site path and, where a method has o
 cached step are replayed: the per-site path must reproduce the official latents bit for bit, the
 fused one within the fixture's tolerance (1e-5 x max |latent|: it sums the same terms in another
 order).
+
+Bit identity is a property of the kernels, not only of the code: the fixture's latents are those
+of oneDNN's AVX2 direct convolution for the patch embedding (its AVX-512 kernel sums the 16 terms
+of a 2x2x4 patch in another order on some CPUs). Processes that replay the fixture start with
+``ONEDNN_MAX_CPU_ISA=AVX2`` in their environment (``tests/conftest.py`` and
+``scripts/conformance.py`` set it before torch starts; oneDNN reads it once), which reproduces the
+fixture bit for bit on Intel and AMD CPUs with AVX-512 alike. Without it a per-site case may
+differ by about 1e-6 of max |latent| (still far inside the fused tolerance).
 """
 
 from __future__ import annotations

@@ -9,8 +9,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# The conformance fixture's bits are those of oneDNN's AVX2 convolution (the patch embedding):
+# pinned before torch starts, so that every CPU with AVX2 or better reproduces them (rfc.conformance).
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 

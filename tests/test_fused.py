@@ -1,8 +1,9 @@
 """Fused cached steps (rfc/cache/fused.py) against the per-site path, and the precision modes.
 
 Tolerances: the fused step sums the same fp32 terms in another order, so a single cached step
-agrees to 1e-5 (absolute, on outputs of order 1) and whole 50-step trajectories to 1e-4 (1e-3 with
-bf16 factor storage).
+agrees to 1e-5 (absolute, on outputs of order 1) and whole 50-step trajectories to 1e-4 (with bf16
+factor storage 1e-3 of max(1, max |x|): a bf16 factor carries 2^-8 relative rounding, so the gap
+scales with the latents, which DDPM on the tiny model leaves at about 32).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from rfc.samplers.sampling import DDIMSampler, DDPMSampler, StepInfo
 
 STEP_ATOL = 1e-5
 TRAJECTORY_ATOL = 1e-4
-TRAJECTORY_ATOL_BF16_STORAGE = 1e-3  # factors rounded to bf16, then scaled by k^4 / 4! and summed
+TRAJECTORY_RTOL_BF16_STORAGE = 1e-3  # factors rounded to bf16, then scaled by k^4 / 4! and summed
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,9 @@ def test_fused_trajectories_equal_the_per_site_path(tiny, sampler, index):
     stats_fused = fused.stats()
     b = sample_with(tiny, unfused, sampler, n=4)
     err = (a - b).abs().max().item()
-    tol = TRAJECTORY_ATOL_BF16_STORAGE if fused.params().get("storage_dtype") == "bf16" else TRAJECTORY_ATOL
+    tol = TRAJECTORY_ATOL
+    if fused.params().get("storage_dtype") == "bf16":
+        tol = TRAJECTORY_RTOL_BF16_STORAGE * max(1.0, b.abs().max().item())
     assert err <= tol, (fused.name, fused.params(), err)
     # same schedule and the same accounting: the fused path does (and counts) what the per-site path does
     assert stats_fused == unfused.stats(), fused.params()
