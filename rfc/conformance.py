@@ -20,8 +20,9 @@ of oneDNN's AVX2 direct convolution for the patch embedding (its AVX-512 kernel 
 of a 2x2x4 patch in another order on some CPUs). Processes that replay the fixture start with
 ``ONEDNN_MAX_CPU_ISA=AVX2`` in their environment (``tests/conftest.py`` and
 ``scripts/conformance.py`` set it before torch starts; oneDNN reads it once), which reproduces the
-fixture bit for bit on Intel and AMD CPUs with AVX-512 alike. Without it a per-site case may
-differ by about 1e-6 of max |latent| (still far inside the fused tolerance).
+fixture bit for bit on an AMD EPYC with AVX-512 (the Intel machine it was made on reproduced it
+without the pin). Without it a per-site case may differ there by about 1e-6 of max |latent|
+(still far inside the fused tolerance).
 """
 
 from __future__ import annotations

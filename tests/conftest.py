@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 # The conformance fixture's bits are those of oneDNN's AVX2 convolution (the patch embedding):
-# pinned before torch starts, so that every CPU with AVX2 or better reproduces them (rfc.conformance).
+# pinned before torch starts, so that CPUs whose AVX-512 kernel sums in another order reproduce them.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
 import pytest  # noqa: E402
