@@ -37,15 +37,14 @@ from torch import nn
 
 from rfc.cache.base import BranchInput, CacheMethod, Site
 from rfc.cache.fused import (
-    GATE_CHUNKS,
     FactorBank,
     GraphedStep,
     Probe,
-    StackedModulation,
     branch_dtype,
     full_step,
     graph_mode,
     maybe_compile,
+    model_device,
     probe_step,
     relational_cached_step,
     step_scalars,
@@ -331,15 +330,15 @@ class RFC(CacheMethod):
         return self.magnitude in ("relational", "taylor") and self.reduction == "sample" and self.rcs_modules == "first"
 
     def prepare_fused(self, model: nn.Module) -> None:
-        device, backend = model.pos_embed.device, self.compile_backend
+        device, backend = model_device(model), self.compile_backend
         self.full_fn = maybe_compile(full_step, self.compile, backend)
         self.probe_fn = maybe_compile(probe_step, self.compile, backend)
         mode = graph_mode(device, self.compile)
         if self.magnitude == "taylor":
-            self.gates = StackedModulation(model.blocks, GATE_CHUNKS)
+            self.gates = model.stacked_modulation(("gate",))
             self.cached_fn = GraphedStep(maybe_compile(taylor_cached_step, self.compile, backend), (2,), mode)
         else:
-            self.mods = StackedModulation(model.blocks, tuple(range(6)))
+            self.mods = model.stacked_modulation(("shift", "scale", "gate"))
             self.cached_fn = GraphedStep(maybe_compile(relational_cached_step, self.compile, backend),
                                          (2, 3, 4, 5), mode)
 
@@ -353,7 +352,7 @@ class RFC(CacheMethod):
     def fast_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
                      y: torch.Tensor) -> torch.Tensor | None:
         index, device = self.step.index, x.device
-        shape = torch.Size((x.shape[0], *model.pos_embed.shape[1:]))
+        shape = torch.Size((x.shape[0], *model.token_shape))
         T = shape[1]
         self.bank.allocate(shape, branch_dtype(model, device), device)
         relational = self.magnitude == "relational"

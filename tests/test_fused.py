@@ -17,7 +17,7 @@ from test_cache import ROOT, TINY, sample_with
 from baselines.fora import FORA
 from baselines.taylorseer import TaylorSeer
 from rfc.cache import CacheMethod
-from rfc.cache.fused import FactorBank, StackedModulation
+from rfc.cache.fused import FactorBank
 from rfc.method import RFC
 from rfc.models.dit import DiTConfig
 from rfc.models.load import build_dit
@@ -125,11 +125,14 @@ def test_stacked_modulation_equals_each_blocks_own():
     model = build_dit(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
                                 num_classes=10), None, init="dense", seed=0)
     c = torch.randn(5, 64)
-    mods = StackedModulation(model.blocks, (0, 2, 5))(c)
+    kinds = ("shift", "gate")
+    mods = model.stacked_modulation(kinds)(c)  # (B, sites, kinds, C)
     for i, block in enumerate(model.blocks):
-        own = block.adaLN_modulation(c).chunk(6, dim=1)
-        for j, chunk in enumerate((0, 2, 5)):
-            torch.testing.assert_close(mods[:, i, j], own[chunk], rtol=1e-5, atol=1e-6)
+        for b, own in enumerate(block.modulation(c)):
+            for j, kind in enumerate(kinds):
+                torch.testing.assert_close(mods[:, 2 * i + b, j], getattr(own, kind), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="modulation kinds"):
+        model.stacked_modulation(("gate_msa",))
 
 
 def test_precision_modes_restore_settings_and_bf16_runs_on_cpu(tiny):

@@ -1,12 +1,20 @@
 """The contract between the runner, the sampler, the model and a caching method.
 
-A method attaches to a built, unmodified DiT by overriding ``forward`` on each block *instance*
-(so ``state_dict`` keys never change) and detaches by deleting the override. The overriding
-forward performs the block's own computation op for op, but routes each branch (attention, MLP)
-through ``method.branch(site, inp, module)``, which may compute it, predict it, or compute it in
-part. The sampler announces every step (``begin_step`` / ``end_step``); ``decide`` turns the step
-into "full or cached" once, separately from the per-site predictor. The runner calls ``reset()``
-before each batch and reads ``stats()`` after it; it never branches on which method it holds.
+A method attaches to a built, unmodified model by overriding ``forward`` on the model *instance*
+(so ``state_dict`` keys and the class never change) and detaches by deleting the override. It
+sees a step at three levels, outermost first, and each level is a hook with a default that
+computes everything:
+
+- guidance (``guidance``): the guided output from the conditional and unconditional rows;
+- blocks (``run_blocks``): the residual stream through every block (skip or reuse whole blocks);
+- branches (``branch``): one attention or MLP output (compute it, predict it, or compute part).
+
+Step programs (``fast_forward``) may replace a whole step by one function. The model side is
+``MODEL_PROTOCOL``: embed, blocks (each with ``modulation`` and ``run``), head, and the shapes
+and stacked modulations step programs need, by name. The sampler announces every step
+(``begin_step`` / ``end_step``); ``decide`` turns the step into "full or cached" once,
+separately from what a cached step uses instead. The runner calls ``reset()`` before each batch
+and reads ``stats()`` after it; it never branches on which method it holds.
 
 Accounting is done here, not in the methods' math: a branch input records the layer-norm work it
 really did, ``run_full`` / ``count_partial`` record the module work, and the analytic FLOPs follow
@@ -18,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -27,6 +35,22 @@ from eval.flops import adaln_flops, attention_flops, mlp_flops
 from rfc.samplers.sampling import StepInfo
 
 Branch = Literal["attn", "mlp"]
+
+MODEL_PROTOCOL = ("embed", "blocks", "head", "token_shape", "weight_dtype", "stacked_modulation")
+"""What a model exposes to caching methods (rfc.models.dit.DiT documents each): nothing here
+reads a model's parameter names or the order of its modulation chunks."""
+
+
+class GuidedModel(Protocol):
+    """The guidance wrapper as the guidance hook sees it (rfc.samplers.sampling.CFGDenoiser)."""
+
+    model: Callable[..., torch.Tensor]
+
+    def guided(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def rows(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def combine(self, out: torch.Tensor, batch: int) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -138,36 +162,37 @@ class CacheMethod:
         self.full = True  # decision for the current step
         self._stats = MethodStats()
         self.fused = False  # every step through the method's step programs (one function per step)
+        self.programs = False  # attached with step programs (fused and this configuration has them)
         self.compile = False  # torch.compile the step programs
         self.compile_backend = "inductor"  # tests trace with "aot_eager"
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
-        """Route every block of ``model`` through this method (instance-level forward override)."""
+        """Route ``model``'s forward through this method's hooks (an instance-level override, so
+        ``state_dict`` and the class are untouched) and make the method the model's
+        ``cache_method``, which the guidance wrapper asks first."""
         if self.model is not None:
             raise RuntimeError(f"method {self.name!r} is already attached to a model")
-        blocks = getattr(model, "blocks", None)
-        if blocks is None:
-            raise TypeError("caching methods attach to a DiT-like model with a .blocks list")
-        for i, block in enumerate(blocks):
-            if "forward" in vars(block):
-                raise RuntimeError(f"block {i} already has a forward override (another method attached?)")
-            block.forward = functools.partial(_block_forward, block, method=self, index=i)
+        missing = [name for name in MODEL_PROTOCOL if not hasattr(model, name)]
+        if missing:
+            raise TypeError(f"caching methods attach to a model with {', '.join(MODEL_PROTOCOL)}; "
+                            f"{type(model).__name__} lacks {', '.join(missing)}")
+        if "forward" in vars(model) or getattr(model, "cache_method", None) is not None:
+            raise RuntimeError("the model already has a forward override (another method attached?)")
         self.model = model
-        self.depth = len(blocks)
-        if self.fused and self.can_fuse():
-            if "forward" in vars(model):
-                raise RuntimeError("the model already has a forward override (another method attached?)")
+        self.depth = len(model.blocks)
+        self.programs = self.fused and self.can_fuse()
+        if self.programs:
             self.prepare_fused(model)
-            model.forward = functools.partial(_model_forward, model, method=self)
+        model.forward = functools.partial(_model_forward, model, method=self)
+        model.cache_method = self
         self.reset()
 
     def detach(self) -> None:
         if self.model is None:
             return
-        for block in self.model.blocks:
-            vars(block).pop("forward", None)
         vars(self.model).pop("forward", None)
+        vars(self.model).pop("cache_method", None)
         self.model = None
         self._release()
 
@@ -222,6 +247,37 @@ class CacheMethod:
         live = sum(t.numel() * t.element_size() for t in self.cache_tensors())
         self._stats.cache_bytes_peak = max(self._stats.cache_bytes_peak, live)
 
+    # ---- the hooks, outermost first -----------------------------------------------------------
+    def guidance(self, denoiser: GuidedModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Guidance level: the denoiser's output for (x, t, y). The default is the denoiser's own
+        guided forward; a method that reuses one half of classifier-free guidance computes fewer
+        rows here (``denoiser.rows`` / ``denoiser.combine`` give the layout)."""
+        return denoiser.guided(x, t, y)
+
+    def run_blocks(self, model: nn.Module, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Block level: the residual stream after every block. The default runs each block with
+        its branches routed through ``branch``; a method that skips whole blocks (First-Block
+        Cache, TeaCache) overrides this."""
+        for i, block in enumerate(model.blocks):
+            tokens = self.run_block(i, block, tokens, c)
+        return tokens
+
+    def run_block(self, index: int, block: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """One block computed by the model's own ``run`` with each branch routed through
+        ``branch`` (the per-site path), and its accounting."""
+        stats = self._stats
+        stats.block_calls += 1
+        marks = stats.full_sites, stats.partial_sites
+
+        def routed(b: int, x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor,
+                   module: nn.Module) -> torch.Tensor:
+            site = Site(index, "attn" if b == 0 else "mlp")
+            return self.branch(site, BranchInput(x, norm, shift, scale, stats), module)
+
+        out = block.run(x, c, routed)
+        stats.count_block(*marks)
+        return out
+
     # ---- what subclasses define --------------------------------------------------------------
     def decide(self, step: StepInfo) -> bool:
         """True = compute every site in full at this step."""
@@ -273,42 +329,15 @@ class CacheMethod:
         return self._stats
 
 
-BranchFn = Callable[[int, torch.Tensor, nn.Module, torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]
-"""(branch 0 = attention / 1 = MLP, residual stream x, its norm, shift, scale, the branch module)
--> the branch output before its gate."""
-
-
-def dit_block(block: nn.Module, x: torch.Tensor, c: torch.Tensor, branch: BranchFn) -> torch.Tensor:
-    """DiTBlock.forward, op for op, with each branch computed by ``branch``: the one place the
-    caching code spells out the block (the per-site path and the full-step programs use it)."""
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-    x = x + gate_msa.unsqueeze(1) * branch(0, x, block.norm1, shift_msa, scale_msa, block.attn)
-    return x + gate_mlp.unsqueeze(1) * branch(1, x, block.norm2, shift_mlp, scale_mlp, block.mlp)
-
-
-def _block_forward(block: nn.Module, x: torch.Tensor, c: torch.Tensor, *, method: CacheMethod,
-                   index: int) -> torch.Tensor:
-    """The block's forward with each branch routed through the method (the per-site path)."""
-    stats = method._stats
-    stats.block_calls += 1
-    marks = stats.full_sites, stats.partial_sites
-
-    def branch(b: int, x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor,
-               module: nn.Module) -> torch.Tensor:
-        site = Site(index, "attn" if b == 0 else "mlp")
-        return method.branch(site, BranchInput(x, norm, shift, scale, stats), module)
-
-    out = dit_block(block, x, c, branch)
-    stats.count_block(*marks)
-    return out
-
-
 def _model_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
                    method: CacheMethod) -> torch.Tensor:
-    """The model's forward with fused cached steps: the method's step function when it has one
-    for this step, else the model's own (class) forward."""
-    out = method.fast_forward(model, x, t, y)
-    return type(model).forward(model, x, t, y) if out is None else out
+    """The attached model's forward: the method's step program when it has one for this step,
+    else the model's own computation (embed, blocks, head) with the blocks run by ``run_blocks``."""
+    out = method.fast_forward(model, x, t, y) if method.programs else None
+    if out is not None:
+        return out
+    tokens, c = model.embed(x, t, y)
+    return model.head(method.run_blocks(model, tokens, c), c)
 
 
 class NoCache(CacheMethod):
@@ -324,7 +353,7 @@ class NoCache(CacheMethod):
             raise RuntimeError(f"method {self.name!r} is already attached to a model")
         self.model = model
         self.depth = len(model.blocks)
-        self.tokens = int(model.pos_embed.shape[1])
+        self.tokens = model.token_shape[0]
         self.reset()
 
     def detach(self) -> None:

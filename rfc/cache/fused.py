@@ -33,10 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from rfc.cache.base import BranchInput, CacheMethod, Site, dit_block, modulate
+from rfc.cache.base import BranchInput, CacheMethod, Site, modulate
 from rfc.cache.predictors import taylor_expand
 
 
@@ -175,27 +174,6 @@ def store_all(slots: tuple[torch.Tensor, ...], gram: torch.Tensor | None, values
         gram.copy_(flat @ flat.transpose(-1, -2))
 
 
-class StackedModulation(nn.Module):
-    """adaLN modulations of every block from one matmul: the selected chunks (0..5 = shift_msa,
-    scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) of all blocks' weights, stacked once
-    when a method attaches. Returns (B, depth, len(chunks), C)."""
-
-    def __init__(self, blocks: nn.ModuleList, chunks: tuple[int, ...]) -> None:
-        super().__init__()
-        self.depth, self.chunks = len(blocks), chunks
-        lin = [b.adaLN_modulation[1] for b in blocks]
-        C = lin[0].in_features
-        with torch.no_grad():
-            w = torch.cat([l.weight.view(6, C, C)[list(chunks)] for l in lin]).reshape(-1, C)
-            b = torch.cat([l.bias.view(6, C)[list(chunks)] for l in lin]).reshape(-1)
-        self.register_buffer("weight", w.clone(), persistent=False)
-        self.register_buffer("bias", b.clone(), persistent=False)
-        self.hidden = C
-
-    def forward(self, c: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(c), self.weight, self.bias).view(c.shape[0], self.depth, len(self.chunks), self.hidden)
-
-
 def weighted_site_sum(factors: tuple[torch.Tensor, ...], weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out + sum_{i, s} weights[i, s, b, None, c] * factors[i][s, b, t, c].
 
@@ -215,21 +193,18 @@ def weighted_site_sum(factors: tuple[torch.Tensor, ...], weights: torch.Tensor, 
     return acc
 
 
-GATE_CHUNKS = (2, 5)  # gate_msa, gate_mlp among the six adaLN chunks
-
-
-def taylor_cached_forward(model: nn.Module, gates: StackedModulation, factors: torch.Tensor, coeffs: torch.Tensor,
+def taylor_cached_forward(model: nn.Module, gates: nn.Module, factors: torch.Tensor, coeffs: torch.Tensor,
                           tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """A FORA / TaylorSeer cached step after the embedding: all gates at once, one weighted sum,
-    the final layer. factors: I slots (S, B, T, C), S = 2 * depth in execution order; coeffs (I,)."""
-    g = gates(c)  # (B, depth, 2, C): gate_msa, gate_mlp
-    g = g.permute(1, 2, 0, 3).reshape(-1, g.shape[0], g.shape[-1])  # (S, B, C)
+    the final layer. gates: the model's stacked modulation of kind gate; factors: I slots
+    (S, B, T, C), S sites in execution order; coeffs (I,)."""
+    g = gates(c)[:, :, 0].transpose(0, 1)  # (B, S, 1, C) -> (S, B, C)
     w = coeffs.view(-1, 1, 1, 1).to(g.dtype) * g.unsqueeze(0)  # (I, S, B, C)
     tokens = weighted_site_sum(factors, w, tokens)
     return model.head(tokens, c)
 
 
-def taylor_cached_step(model: nn.Module, gates: StackedModulation, factors: torch.Tensor, coeffs: torch.Tensor,
+def taylor_cached_step(model: nn.Module, gates: nn.Module, factors: torch.Tensor, coeffs: torch.Tensor,
                        x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The whole cached step of FORA / TaylorSeer: embedding, then ``taylor_cached_forward``."""
     tokens, c = model.embed(x, t, y)
@@ -256,8 +231,7 @@ def probe_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tens
     the schedule needs it)."""
     tokens, c = model.embed(x, t, y)
     block = model.blocks[0]
-    shift, scale = block.adaLN_modulation(c).chunk(6, dim=1)[:2]
-    inp0 = modulate(block.norm1(tokens), shift, scale)
+    inp0 = modulate(block.norms[0](tokens), *block.modulation(c)[0][:2])
     if forecast is None:
         return tokens, c, inp0, None
     predicted = taylor_expand([f[0] for f in forecast], k, inp0.dtype)
@@ -313,7 +287,7 @@ def full_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tenso
                 store(s, inp, out)
             return out
 
-        tokens = dit_block(block, tokens, c, branch)
+        tokens = block.run(tokens, c, branch)
     if compiled:  # every site at once: whole-tensor writes, no Python per site at run time
         values = torch.stack(outs)  # (S, B, T, C)
         if inputs is not None:
@@ -328,7 +302,7 @@ def full_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tenso
     return model.head(tokens, c)
 
 
-def relational_cached_forward(model: nn.Module, mods: StackedModulation, factors: torch.Tensor,
+def relational_cached_forward(model: nn.Module, mods: nn.Module, factors: torch.Tensor,
                               inputs: torch.Tensor, ratio: torch.Tensor, grams: torch.Tensor,
                               coeffs: torch.Tensor, tokens: torch.Tensor, c: torch.Tensor,
                               inp0: torch.Tensor | None) -> torch.Tensor:
@@ -340,16 +314,16 @@ def relational_cached_forward(model: nn.Module, mods: StackedModulation, factors
     factors: I slots (S, B, T, C); inputs (S, B, T, C) = I(t); ratio (S, B) = s(t); grams (S, B, m, m);
     coeffs (I,); inp0 = block 0's attention input when the schedule already computed it. Before
     two full steps the ratios are zero (and the higher factors zero), so the prediction is F0."""
-    m = mods(c)  # (B, depth, 6, C)
+    m = mods(c)  # (B, S, 3, C): shift, scale, gate of every site
     n = len(factors)
     c_hi = coeffs[1:].float()
     compiled = torch.compiler.is_compiling()
     if not compiled:
         tokens = tokens.clone()  # eager code adds into the residual stream in place
     for blk_i, block in enumerate(model.blocks):
-        for branch, norm in ((0, block.norm1), (1, block.norm2)):
+        for branch, norm in enumerate(block.norms):
             s = 2 * blk_i + branch
-            shift, scale, gate = m[:, blk_i, 3 * branch], m[:, blk_i, 3 * branch + 1], m[:, blk_i, 3 * branch + 2]
+            shift, scale, gate = m[:, s, 0], m[:, s, 1], m[:, s, 2]
             a = None
             if n > 1:
                 if s == 0 and inp0 is not None:
@@ -373,7 +347,7 @@ def relational_cached_forward(model: nn.Module, mods: StackedModulation, factors
     return model.head(tokens, c)
 
 
-def relational_cached_step(model: nn.Module, mods: StackedModulation, factors: torch.Tensor, inputs: torch.Tensor,
+def relational_cached_step(model: nn.Module, mods: nn.Module, factors: torch.Tensor, inputs: torch.Tensor,
                            ratio: torch.Tensor, grams: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor,
                            t: torch.Tensor, y: torch.Tensor, probe: Probe | None) -> torch.Tensor:
     """The whole RFC cached step: the embedding (or the probe's), then ``relational_cached_forward``."""
@@ -482,11 +456,16 @@ def graph_mode(device: torch.device, compiled: bool) -> str:
     return "cuda" if compiled and device.type == "cuda" else "off"
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device the model's weights are on."""
+    return next(model.parameters()).device
+
+
 def branch_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
     """The dtype the branches output: the autocast dtype under autocast, else the weights'."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
-    return model.x_embedder.proj.weight.dtype
+    return model.weight_dtype
 
 
 class TaylorBankMethod(CacheMethod):
@@ -515,15 +494,15 @@ class TaylorBankMethod(CacheMethod):
         return True
 
     def prepare_fused(self, model: nn.Module) -> None:
-        device = model.pos_embed.device
-        self.gates = StackedModulation(model.blocks, GATE_CHUNKS)
+        device = model_device(model)
+        self.gates = model.stacked_modulation(("gate",))
         self.full_fn = maybe_compile(full_step, self.compile, self.compile_backend)
         self.cached_fn = GraphedStep(maybe_compile(taylor_cached_step, self.compile, self.compile_backend),
                                      static=(2,), mode=graph_mode(device, self.compile))
 
     def allocate(self, model: nn.Module, x: torch.Tensor) -> None:
         """The bank's buffers before the first program runs (programs only write in place)."""
-        shape = (x.shape[0], model.pos_embed.shape[1], model.pos_embed.shape[2])
+        shape = (x.shape[0], *model.token_shape)
         self.bank.allocate(torch.Size(shape), branch_dtype(model, x.device), x.device)
 
     def fast_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
@@ -532,7 +511,7 @@ class TaylorBankMethod(CacheMethod):
         if self.full:
             self.allocate(model, x)
             step = self.bank.begin(index, x.device)
-            self._stats.count_full_forward(self.depth, model.pos_embed.shape[1])
+            self._stats.count_full_forward(self.depth, model.token_shape[0])
             return self.full_fn(model, x, t, y, None, self.bank.slots, None, None, None, None,
                                 *step_scalars(step, self.compile))
         self.count_fused_cached()

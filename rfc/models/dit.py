@@ -6,14 +6,17 @@ size registry. Parameter names follow the official release exactly (``blocks.{i}
 ``pos_embed`` is a persistent buffer so it appears in ``state_dict`` like the official
 (frozen) parameter does.
 
-The file holds no caching code: caching methods attach to built instances at run time.
+The file holds no caching code: caching methods attach to built instances at run time and use
+what the model exposes by name (see ``DiT``).
 Shapes in comments: B batch, T tokens, C hidden size, H heads, D = C / H head size.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -131,6 +134,26 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class BranchModulation(NamedTuple):
+    """The adaLN vectors of one branch, (B, C) each: its input is modulate(norm(x), shift, scale),
+    its output enters the residual stream times gate."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+
+BranchFn = Callable[[int, torch.Tensor, nn.Module, torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]
+"""(branch b: 0 attention / 1 MLP, residual stream x, its norm, shift, scale, the branch module)
+-> the branch output before its gate."""
+
+
+def compute_branch(b: int, x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor,
+                   module: nn.Module) -> torch.Tensor:
+    """A branch computed on every token: module(modulate(norm(x), shift, scale))."""
+    return module(modulate(norm(x), shift, scale))
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero block. The conditioning vector c yields six per-sample vectors: shift, scale
     and gate for the attention branch and for the MLP branch."""
@@ -143,12 +166,27 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # c (B, C) -> six (B, C) vectors
+    @property
+    def norms(self) -> tuple[nn.Module, nn.Module]:
+        """The layer norms in front of the attention and the MLP branch."""
+        return self.norm1, self.norm2
+
+    def modulation(self, c: torch.Tensor) -> tuple[BranchModulation, BranchModulation]:
+        """c (B, C) -> (shift, scale, gate) of the attention branch and of the MLP branch, each (B, C)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return BranchModulation(shift_msa, scale_msa, gate_msa), BranchModulation(shift_mlp, scale_mlp, gate_mlp)
+
+    def run(self, x: torch.Tensor, c: torch.Tensor, branch: BranchFn) -> torch.Tensor:
+        """The block with each branch computed by ``branch(b, x, norm, shift, scale, module)``
+        (b = 0 attention, 1 MLP): the residual update x + gate * branch output, in the official
+        order. Caching methods pass their own ``branch``; ``forward`` passes the plain one."""
+        attn, mlp = self.modulation(c)
+        x = x + attn.gate.unsqueeze(1) * branch(0, x, self.norm1, attn.shift, attn.scale, self.attn)
+        x = x + mlp.gate.unsqueeze(1) * branch(1, x, self.norm2, mlp.shift, mlp.scale, self.mlp)
         return x  # (B, T, C)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.run(x, c, compute_branch)
 
 
 class FinalLayer(nn.Module):
@@ -163,6 +201,31 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*out)
+
+
+class StackedModulation(nn.Module):
+    """The adaLN vectors ``kinds`` (of shift, scale, gate) of every site (attention and MLP of
+    every block, in execution order) from one matmul of the blocks' stacked weights, copied once
+    when built. forward(c) -> (B, sites, len(kinds), C); the values equal each block's own
+    ``modulation(c)`` (the same rows of the same weights)."""
+
+    def __init__(self, blocks: nn.ModuleList, kinds: tuple[str, ...]) -> None:
+        super().__init__()
+        unknown = set(kinds) - set(BranchModulation._fields)
+        if unknown or not kinds:
+            raise ValueError(f"modulation kinds must be among {BranchModulation._fields}, got {kinds}")
+        chunks = [3 * branch + BranchModulation._fields.index(k) for branch in (0, 1) for k in kinds]
+        lin = [b.adaLN_modulation[1] for b in blocks]
+        C = lin[0].in_features
+        with torch.no_grad():
+            w = torch.cat([layer.weight.view(6, C, C)[chunks] for layer in lin]).reshape(-1, C)
+            b = torch.cat([layer.bias.view(6, C)[chunks] for layer in lin]).reshape(-1)
+        self.register_buffer("weight", w.clone(), persistent=False)
+        self.register_buffer("bias", b.clone(), persistent=False)
+        self.sites, self.kinds, self.hidden = 2 * len(blocks), kinds, C
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(c), self.weight, self.bias).view(c.shape[0], self.sites, len(self.kinds), self.hidden)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +263,11 @@ class DiT(nn.Module):
     ``forward(x, t, y)`` maps a noisy input (B, c, S, S), integer (or float) timesteps (B,) and
     labels (B,) to (B, out_channels, S, S): the predicted noise, followed by the variance
     interpolation values when ``learn_sigma`` is set.
+
+    What caching methods use, by name (the model side of the cache protocol, rfc.cache.base):
+    ``embed`` -> (tokens, c), ``blocks`` (each with ``modulation(c)`` and ``run(x, c, branch)``),
+    ``head(tokens, c)``, ``stacked_modulation(kinds)``, ``token_shape`` and ``weight_dtype``. A
+    branch is a site: site 2i is block i's attention, 2i + 1 its MLP.
     """
 
     def __init__(self, config: DiTConfig) -> None:
@@ -284,6 +352,21 @@ class DiT(nn.Module):
         """Final layer and unpatchify: tokens (B, T, C) -> (B, out_channels, S, S), in fp32 whatever
         the weights' dtype (the sampler's arithmetic stays fp32; a no-op for fp32 weights)."""
         return self.unpatchify(self.final_layer(tokens, c)).float()
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        """(T, C): tokens per sample and hidden size, the shape of every branch output but the batch."""
+        return int(self.pos_embed.shape[1]), int(self.pos_embed.shape[2])
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in (bfloat16 under precision=bf16)."""
+        return self.x_embedder.proj.weight.dtype
+
+    def stacked_modulation(self, kinds: tuple[str, ...]) -> StackedModulation:
+        """The adaLN vectors ``kinds`` (a subset of shift, scale, gate) of every site from one
+        matmul, for step programs that need them all at once (see StackedModulation)."""
+        return StackedModulation(self.blocks, kinds)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         tokens, c = self.embed(x, t, y)

@@ -172,14 +172,26 @@ class CFGDenoiser:
         return 2 if self.scale > 1.0 else 1
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The guided output; a caching method attached to the model (its ``cache_method``) gets
+        the guidance-level hook first, whose default is ``guided``."""
+        method = getattr(self.model, "cache_method", None)
+        return self.guided(x, t, y) if method is None else method.guidance(self, x, t, y)
+
+    def rows(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The model's input rows: [x, x] with labels [y, null] under guidance, else (x, t, y)."""
         if self.scale <= 1.0:
-            return self.model(x, t, y)
-        B = x.shape[0]
-        x_in = torch.cat([x, x], dim=0)
-        t_in = torch.cat([t, t], dim=0)
-        y_in = torch.cat([y, torch.full_like(y, self.null_class)], dim=0)
-        out = self.model(x_in, t_in, y_in)  # (2B, c_out, S, S)
+            return x, t, y
+        return torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), torch.cat([y, torch.full_like(y, self.null_class)])
+
+    def combine(self, out: torch.Tensor, batch: int) -> torch.Tensor:
+        """The guided output from the model's output rows (conditional first, then unconditional)."""
+        if self.scale <= 1.0:
+            return out
         g = self.guided_channels
-        cond, uncond = out[:B, :g], out[B:, :g]
+        cond, uncond = out[:batch, :g], out[batch:, :g]
         guided = uncond + self.scale * (cond - uncond)
-        return torch.cat([guided, out[:B, g:]], dim=1)
+        return torch.cat([guided, out[:batch, g:]], dim=1)
+
+    def guided(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Both halves in one batched forward of the model, combined."""
+        return self.combine(self.model(*self.rows(x, t, y)), x.shape[0])  # model output (2B, c_out, S, S)
