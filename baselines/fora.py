@@ -8,9 +8,20 @@ branch outputs unchanged; the current step's gates are applied to them as usual.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rfc.cache.fused import TaylorBankMethod
+from rfc.cache.registry import method_config
 from rfc.cache.schedules import require
 from rfc.samplers.sampling import StepInfo
+
+
+@method_config("fora")
+@dataclass
+class FORAConfig:
+    _target_: str = "baselines.fora.FORA"
+    interval: int = 3
+    fused: bool = True
 
 
 class FORA(TaylorBankMethod):

@@ -10,10 +10,24 @@ buffer for all sites. With ``fused`` (default) a cached step is one weighted sum
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rfc.cache.fused import TaylorBankMethod
 from rfc.cache.predictors import parse_storage_dtype
+from rfc.cache.registry import method_config
 from rfc.cache.schedules import WarmupInterval, require
 from rfc.samplers.sampling import StepInfo
+
+
+@method_config("taylorseer")
+@dataclass
+class TaylorSeerConfig:
+    _target_: str = "baselines.taylorseer.TaylorSeer"
+    interval: int = 4
+    order: int = 4
+    warmup: int = 2
+    storage_dtype: str = "fp32"
+    fused: bool = True
 
 
 class TaylorSeer(TaylorBankMethod):

@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rfc.cache.base import BranchInput, CacheMethod, Site
+from rfc.cache.registry import method_config
 from rfc.cache.schedules import require
 from rfc.samplers.sampling import StepInfo
 
@@ -57,6 +59,17 @@ OFFICIAL_LAYER_DIVISOR = 27
 def linear_factor(weight: float, x: float, span: float) -> float:
     """1 + v - 2 v x / X, in the official operation order (float64)."""
     return 1 + weight - 2 * weight * x / span
+
+
+@method_config("toca")
+@dataclass
+class ToCaConfig:
+    _target_: str = "baselines.toca.ToCa"
+    interval: int = 3
+    fresh_ratio: float = 0.07
+    ratio_schedule: str = "ddim50"
+    schedule: str = "official"
+    layer_divisor: int | None = OFFICIAL_LAYER_DIVISOR
 
 
 class ToCa(CacheMethod):

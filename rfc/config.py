@@ -45,6 +45,10 @@ def run_dir(resume: str | None, outputs: str, model: str, now: str) -> str:
 
 
 def register_resolvers() -> None:
+    """The resolvers, and every method's typed config (rfc.cache.registry), before any compose."""
+    from rfc.cache.registry import register_builtin
+
+    register_builtin()
     for name, fn in (("run_stamp", run_stamp), ("run_dir", run_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

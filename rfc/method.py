@@ -51,6 +51,7 @@ from rfc.cache.fused import (
     taylor_cached_step,
 )
 from rfc.cache.predictors import TaylorFactors, parse_storage_dtype
+from rfc.cache.registry import method_config
 from rfc.cache.schedules import WarmupInterval, require
 from rfc.samplers.sampling import StepInfo
 
@@ -210,6 +211,24 @@ class RelationalSchedule:
 
     def tensors(self) -> list[torch.Tensor]:
         return self.bank.tensors()
+
+
+@method_config("rfc")
+@dataclass
+class RFCConfig:
+    _target_: str = "rfc.method.RFC"
+    tau: float = 0.1
+    order: int = 2
+    warmup: int = 2
+    rfe: bool = True
+    rcs: bool = True
+    interval: int = 4
+    magnitude: str = "relational"
+    constant_w: float = 1.2
+    rcs_modules: str = "first"
+    norm_reduction: str = "sample"
+    storage_dtype: str = "fp32"
+    fused: bool = True
 
 
 class RFC(CacheMethod):

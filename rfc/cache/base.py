@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from eval.flops import adaln_flops, attention_flops, mlp_flops
+from rfc.cache.registry import method_config
 from rfc.samplers.sampling import StepInfo
 
 Branch = Literal["attn", "mlp"]
@@ -338,6 +339,12 @@ def _model_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.
         return out
     tokens, c = model.embed(x, t, y)
     return model.head(method.run_blocks(model, tokens, c), c)
+
+
+@method_config("none")
+@dataclass
+class NoCacheConfig:
+    _target_: str = "rfc.cache.NoCache"
 
 
 class NoCache(CacheMethod):

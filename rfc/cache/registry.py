@@ -1,0 +1,61 @@
+"""Method configs: a typed dataclass per method, validated by Hydra when the config is composed.
+
+A method file declares its config with ``@method_config("name")``: a dataclass whose
+``_target_`` builds the method and whose fields are the method's settings, typed. The
+decorator stores it in Hydra's ConfigStore, group ``method``, as ``<name>_schema``; the
+method's YAML file (``configs/method/<name>.yaml``) starts with ``defaults: [<name>_schema,
+_self_]``, so a mistyped value (``method.interval=abc``) or an unknown key is refused while the
+config is composed, naming the key, before anything is built. Range checks (an interval >= 1)
+stay in the constructors, which run before any sampling. A method without a YAML file (one
+registered at run time, e.g. by a test) is also stored under its own name, so ``method=<name>``
+composes it directly.
+
+``register_builtin()`` imports every module of the packages that hold methods (``baselines``
+and ``rfc.method``), so a new method is one file plus one YAML file: nothing else is edited.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import is_dataclass
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "method"
+METHOD_PACKAGES = ("baselines",)
+METHOD_MODULES = ("rfc.cache.base", "rfc.method")
+REGISTERED: dict[str, type] = {}
+
+
+def register_method(name: str, config: type) -> None:
+    """Store ``config`` (a dataclass with ``_target_``) as the schema of method ``name``."""
+    if not is_dataclass(config) or not hasattr(config, "_target_"):
+        raise TypeError(f"the config of method {name!r} must be a dataclass with a _target_ field")
+    store = ConfigStore.instance()
+    store.store(group="method", name=f"{name}_schema", node=config)
+    if not (CONFIG_DIR / f"{name}.yaml").is_file():
+        store.store(group="method", name=name, node=config)
+    REGISTERED[name] = config
+
+
+def method_config(name: str) -> Callable[[type], type]:
+    """Class decorator: ``@method_config("fora")`` on the method's config dataclass."""
+
+    def decorate(config: type) -> type:
+        register_method(name, config)
+        return config
+
+    return decorate
+
+
+def register_builtin() -> None:
+    """Import every method module so that their configs are stored (idempotent)."""
+    for package in METHOD_PACKAGES:
+        pkg = importlib.import_module(package)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{package}.{info.name}")
+    for module in METHOD_MODULES:
+        importlib.import_module(module)
