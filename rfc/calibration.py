@@ -19,11 +19,12 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+from rfc.build import build, build_model, plan_run
 from rfc.cache import CacheMethod
 from rfc.config import CALIBRATION_FILE, tau_key
 from rfc.devices import DeviceUse
 from rfc.files import atomic_write_text
-from rfc.runner import batch_sizes, build, build_model, generate, plan_run
+from rfc.generate import batch_sizes, generate
 
 
 @dataclass

@@ -1,14 +1,34 @@
 """One result row. Every table, CSV file and log reads its columns from this dataclass, so a
-column means the same thing everywhere. Unknown values stay None (an empty cell), never a guess."""
+column means the same thing everywhere. Unknown values stay None (an empty cell), never a guess.
+
+Also the run's record step: merge_shards (samples.npz, grid, schedules), make_record (the row's
+setting, accounting and timing columns) and publish_record (record.json and the loggers). Their
+heavy imports (torch, the extractors, the shards) are made inside them: rfc.setting,
+eval.loggers and scripts/make_tables.py import this module for the row type alone, and
+rfc.setting is imported back from here."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
+import logging
+import statistics
 import subprocess
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from rfc.build import RunPlan
+    from rfc.generate import SampleSet, Session
+    from rfc.samplers.sampling import CFGDenoiser
+    from rfc.shards import ShardStore
+
+LOG = logging.getLogger("rfc")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def cell(value: object) -> str:
@@ -115,3 +135,111 @@ class RunRecord:
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# A run's record: merged samples, its row, record.json and the loggers
+# --------------------------------------------------------------------------------------------
+
+
+def merge_shards(plan: RunPlan, store: ShardStore) -> tuple[SampleSet, Path, Path]:
+    """Rank 0: merge the shards into samples.npz, grid and schedules. Returns the sample set and
+    the paths of samples.npz and the grid."""
+    from rfc.files import atomic_savez, atomic_write_text
+    from rfc.generate import SampleSet
+    from rfc.images import save_grid
+
+    samples = SampleSet.from_batches(store.load_all())
+    npz_path = plan.out_dir / "samples.npz"
+    atomic_savez(npz_path, arr_0=samples.images, arr_1=samples.labels)  # ADM layout: images, labels
+    grid_path = save_grid(samples.images, plan.out_dir / "grid.png", n=int(plan.cfg.eval.grid_size))
+    schedules = [{"batch": b.start // plan.batch_size, "first_index": b.start, "full_steps": b.stats.full_indices}
+                 for b in samples.batches]  # forward-order indices of the full steps
+    atomic_write_text(plan.out_dir / "schedules.json", json.dumps(schedules) + "\n")
+    return samples, npz_path, grid_path
+
+
+def make_record(plan: RunPlan, samples: SampleSet, denoiser: CFGDenoiser, processes: int, busy: str | None,
+                sweep: str | None, session: Session, resumed: int, peak_gb: float | None) -> RunRecord:
+    """Rank 0: the row's setting, accounting and timing columns (quality metrics come later, from
+    rfc.score). ``processes``: the torchrun world size that drew the samples; ``busy``: why this
+    job could not have the device to itself (rfc.devices.concurrency), or None."""
+    import numpy as np
+    import torch
+
+    from eval.extractors import get_extractor
+    from rfc.generate import batch_sizes
+    from rfc.setting import setting_id
+
+    cfg, method = plan.cfg, plan.method
+    weights = batch_sizes(plan.num_samples, plan.batch_size)
+
+    def mean(values: list[float]) -> float:
+        return float(np.average(values, weights=weights))
+
+    d = plan.dit
+    flops = [s.flops(denoiser.batch_multiplier, d.num_tokens, d.hidden_size, d.num_heads) for s in samples.stats]
+    notes = []
+    # Latency: batches timed while the job had the device to itself (a resumed run may combine
+    # several such sessions); none at all when this session shared it.
+    timed = samples.timed if busy is None and not session.shared else []
+    latency = spread = images_per_s = None
+    if timed:
+        latencies = [b.latency for b in timed]
+        latency, spread = statistics.median(latencies), max(latencies) - min(latencies)
+        images_per_s = sum(len(b.labels) for b in timed) / sum(latencies)
+    elif session.drawn:
+        images_per_s = session.drawn / session.seconds
+    device = plan.setting["device"]
+    if busy is not None:
+        notes.append(f"latency not measured: {busy}; images_per_s is this session's throughput")
+    elif session.shared:
+        notes.append(f"latency not measured: another job of this harness used {device} during "
+                     f"{len(session.shared)} timed batch(es) ({session.shared[0]}); images_per_s is this session's "
+                     "throughput")
+    elif not timed:
+        notes.append("latency not measured: no batch of this run was timed with the device to itself")
+    if resumed:
+        notes.append(f"resumed: {resumed} of {plan.num_samples} samples drawn by an earlier session")
+    vae_times = [b.vae_latency for b in timed if b.vae_latency is not None]
+    return RunRecord(
+        git_sha=git_sha(REPO_ROOT), experiment=cfg.get("experiment_name"), variant=cfg.get("variant_name"),
+        sweep=sweep, setting_id=setting_id(plan.setting), **plan.setting,
+        method=method.name, method_params=json.dumps(method.params(), sort_keys=True),
+        nfc=mean([s.full_steps for s in samples.stats]), tflops=mean(flops) / 1e12,
+        full_sites=mean([s.full_sites for s in samples.stats]),
+        cached_sites=mean([s.cached_sites for s in samples.stats]),
+        partial_sites=mean([s.partial_sites for s in samples.stats]),
+        full_blocks=mean([s.full_blocks for s in samples.stats]),
+        partial_blocks=mean([s.partial_blocks for s in samples.stats]),
+        cache_bytes=max(s.cache_bytes_peak for s in samples.stats),
+        latency_s=latency, latency_spread_s=spread, timed_batches=len(timed), images_per_s=images_per_s,
+        vae_latency_s=statistics.median(vae_times) if vae_times else None,
+        peak_memory_gb=peak_gb, processes=processes,
+        extractor=get_extractor(plan.extractor).name if plan.score else None,
+        cpu_threads=torch.get_num_threads() if plan.device.type == "cpu" else None,
+        fused=None if method.name == "none" else bool(method.fused and method.can_fuse()),
+        torch_version=torch.__version__, output_dir=str(plan.out_dir), notes="; ".join(notes) or None,
+    )
+
+
+class RowLogger(Protocol):
+    """What publish_record needs of a logger (eval.loggers.build_loggers makes them): it records
+    the row and returns the line to show."""
+
+    def log(self, record: RunRecord, out_dir: Path) -> str: ...
+
+
+def publish_record(record: RunRecord, out_dir: Path, loggers: Sequence[RowLogger], samples_path: Path,
+                   grid_path: Path) -> None:
+    """Write the run folder's record.json, name the run's samples and grid, and hand the row to
+    the loggers (CSV, W&B), each of whose lines is printed and logged."""
+    from rfc.files import atomic_write_text
+
+    atomic_write_text(out_dir / "record.json", json.dumps(record.as_dict(), indent=2) + "\n")
+    print(f"samples: {samples_path}\ngrid:    {grid_path}")
+    LOG.info("samples: %s; grid: %s; record: %s", samples_path, grid_path, out_dir / "record.json")
+    for logger in loggers:
+        line = logger.log(record, out_dir)
+        print(line)
+        LOG.info("%s", line)

@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from baselines.fora import FORA
 from baselines.taylorseer import TaylorSeer
 from baselines.toca import ToCa
+from rfc.build import apply_precision, device_name, model_config, precision_mode, resolve_device
 from rfc.cache import CacheMethod, NoCache
 from rfc.cache.base import WarmedUp
 from rfc.calibration import bisect_tau
@@ -49,7 +50,6 @@ from rfc.devices import DeviceUse
 from rfc.files import atomic_write_text
 from rfc.method import RFC
 from rfc.models.load import build_dit
-from rfc.runner import apply_precision, device_name, model_config, precision_mode, resolve_device
 from rfc.samplers.sampling import CFGDenoiser, DDIMSampler, StepInfo
 
 register_resolvers()

@@ -43,8 +43,8 @@ def closest_interval(make, num_steps: int, target: float) -> int:  # noqa: ANN00
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="diagnostics")
 def main(cfg: DictConfig) -> None:
+    from rfc.build import plan_run
     from rfc.devices import DeviceUse
-    from rfc.runner import plan_run
 
     target = float(cfg.target_nfc)
     work = Path(HydraConfig.get().runtime.output_dir)
@@ -59,9 +59,10 @@ def _diagnose(cfg: DictConfig, plan, work: Path, target: float) -> None:  # noqa
 
     from baselines.fora import FORA
     from baselines.taylorseer import TaylorSeer
+    from rfc.build import build, build_model
     from rfc.calibration import calibrate
     from rfc.diagnostics import Probe, write_outputs
-    from rfc.runner import build, build_model, generate
+    from rfc.generate import generate
 
     d = cfg.diagnostics
     order = int(cfg.method.order)

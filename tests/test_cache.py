@@ -17,11 +17,11 @@ from baselines.fora import FORA
 from baselines.taylorseer import TaylorSeer
 from baselines.toca import ToCa, spatial_bonus
 from eval.flops import attention_flops, mlp_flops
+from rfc.build import plan_run
 from rfc.cache import CacheMethod, NoCache
 from rfc.cache.predictors import TaylorFactors
 from rfc.models.dit import DiT, DiTConfig, dit_config
 from rfc.models.load import build_dit
-from rfc.runner import plan_run
 from rfc.samplers.sampling import CFGDenoiser, DDIMSampler, DDPMSampler, Sampler, StepInfo
 from rfc.seeding import SampleStreams
 

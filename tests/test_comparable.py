@@ -243,10 +243,11 @@ def test_a_killed_full_compute_draw_resumes_from_its_shards(make_cfg, tmp_path, 
     """The first cached job dies while drawing the full-compute set: its shards stay in the store
     entry and the lock is free; the next job draws only the missing batches and the set equals a
     full-compute run's."""
+    import rfc.generate as generation
     import rfc.runner as runner
 
     drawn: list[int] = []
-    real = runner.generate_batches
+    real = generation.generate_batches
 
     def dying(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - generate_batches' signature
         for batch in real(*args, **kwargs):
@@ -257,7 +258,7 @@ def test_a_killed_full_compute_draw_resumes_from_its_shards(make_cfg, tmp_path, 
                     raise KeyboardInterrupt
             yield batch
 
-    monkeypatch.setattr(runner, "generate_batches", dying)
+    monkeypatch.setattr(generation, "generate_batches", dying)
     die = True
     with pytest.raises(KeyboardInterrupt):
         runner.run(make_cfg(*TINY, "method=fora"), tmp_path / "killed", progress=False)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from rfc.cache import NoCache
+from rfc.generate import generate
 from rfc.models.dit import DiTConfig
 from rfc.models.load import build_dit
-from rfc.runner import generate
 from rfc.samplers.sampling import CFGDenoiser, DDIMSampler, DDPMSampler
 from rfc.seeding import SampleStreams, sample_seed
 
@@ -57,7 +57,7 @@ def test_same_seed_gives_bit_identical_samples():
 def test_batches_of_8_and_32_agree(monkeypatch):
     """Same noise and label for sample i whatever the batch size; images within fp32 tolerance
     (batched matmuls may round differently), checked before the uint8 conversion."""
-    import rfc.runner as runner
+    import rfc.generate as generation
 
     captured = {}
 
@@ -65,7 +65,7 @@ def test_batches_of_8_and_32_agree(monkeypatch):
         captured.setdefault("x", []).append(x.clone())
         return x.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
 
-    monkeypatch.setattr(runner, "to_uint8_nhwc", keep_float)
+    monkeypatch.setattr(generation, "to_uint8_nhwc", keep_float)
     for sampler in (DDIMSampler(num_steps=10), DDPMSampler(num_steps=10)):
         captured.clear()
         small = _generate(8, sampler)

@@ -1,4 +1,4 @@
-"""Precision modes (rfc/runner.py): ``bf16`` stores the weights in bfloat16 once (apply_precision),
+"""Precision modes (rfc/build.py): ``bf16`` stores the weights in bfloat16 once (apply_precision),
 ``bf16-autocast`` keeps fp32 weights and autocasts; what the bf16 mode costs in the samples."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from rfc.runner import PRECISIONS, apply_precision, build_model, generate, plan_run, precision_mode, run
+from rfc.build import PRECISIONS, apply_precision, build_model, plan_run, precision_mode
+from rfc.generate import generate
+from rfc.runner import run
 
 CPU = torch.device("cpu")
 PSNR_SAMPLES = 8  # bf16 matmuls are slow on CPUs without bf16 instructions: 8 samples keep this file near 15 s

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rfc.build import plan_run
 from rfc.models.load import MissingAssetError
 from rfc.record import RunRecord
-from rfc.runner import plan_run, run
+from rfc.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,64 @@
+"""Score: a run's quality metrics against the reference (FID, sFID, IS, precision, recall, class
+agreement), and its paired metrics against full compute with the same noise (FID and sFID to
+full compute, PSNR, SSIM). Feature statistics are computed once per sample set and extractor: the
+run's go to its stats.npz, a full-compute set's are cached in the store entry beside its samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eval.extractors import extractor_id, get_extractor, resolve_reference
+from eval.metrics import psnr_ssim
+from eval.stats import check_features, distances, quality_metrics, save_stats, stats_of
+from rfc.build import RunPlan
+from rfc.errors import RunError
+from rfc.generate import SampleSet
+from rfc.record import RunRecord
+from rfc.store import FullComputeEntry, link_or_copy
+
+
+def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComputeEntry | None = None,
+          notes: list[str] | None = None, publish: FullComputeEntry | None = None) -> RunRecord:
+    """Quality metrics against the reference, and paired metrics against full compute: the run
+    itself for method=none, else the full-compute set of the run's setting from the store
+    (``pair``; its statistics are cached there per extractor). ``publish``: the store entry this
+    full-compute run just published, which keeps the statistics computed here."""
+    spec = get_extractor(plan.extractor)
+    extract = spec.build(plan.paths, str(plan.device))
+    feats = extract(samples.images)
+    check_features(feats, spec.name, "the samples")
+    ref = resolve_reference(str(plan.cfg.eval.reference), spec, extract, plan.paths)
+    reason = "the Inception weights have no logits layer" if spec.name.startswith("inception") else None
+    own = stats_of(feats)  # computed once: metrics, stats.npz and the paired distances share it
+    q = quality_metrics(feats, ref, reason, own)
+    record.extractor, record.reference = spec.name, ref.name
+    record.fid, record.sfid, record.inception_score = q["fid"], q["sfid"], q["inception_score"]
+    record.precision, record.recall = q["precision"], q["recall"]
+    notes = list(notes or []) + ([q["notes"]] if q["notes"] else [])
+    if "predictions" in feats:
+        record.class_acc = float((feats["predictions"] == samples.labels).mean())
+    save_stats(plan.out_dir / "stats.npz", feats, spec.name, own)
+    eid = extractor_id(spec, plan.paths)
+    if publish is not None:  # the set's statistics are this run's: the same file, linked
+        link_or_copy(plan.out_dir / "stats.npz", publish.stats_path(eid))
+
+    pair_images = pair_stats = None
+    if record.method == "none":
+        pair_images, pair_stats = samples.images, own  # full compute is its own pair
+    elif pair is not None:
+        pair_images, pair_labels = pair.load()
+        if not np.array_equal(pair_labels, samples.labels):
+            raise RunError(f"the full-compute set {pair.samples} has other class labels than this run's samples "
+                           f"although both claim setting {pair.id}; delete {pair.folder} and run again")
+        pair_stats = pair.load_stats(eid)
+        if pair_stats is None:
+            pair_feats = extract(pair_images)
+            check_features(pair_feats, spec.name, f"the full-compute set {pair.samples}")
+            pair_stats = stats_of(pair_feats)
+            save_stats(pair.stats_path(eid), pair_feats, spec.name, pair_stats)
+    if pair_stats is not None:
+        record.fid2fc, record.sfid2fc = distances(own, pair_stats)
+        record.psnr, record.ssim = psnr_ssim(samples.images, pair_images)
+    record.notes = "; ".join(notes) or None
+    return record
