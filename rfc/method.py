@@ -35,22 +35,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rfc.cache.base import BranchInput, CacheMethod, Site
+from rfc.cache.base import BranchInput, CacheMethod, Site, modulate
 from rfc.cache.fused import (
-    FactorBank,
     GraphedStep,
-    Probe,
     branch_dtype,
-    full_step,
+    forward_with_stores,
     graph_mode,
     maybe_compile,
     model_device,
-    probe_step,
-    relational_cached_step,
     step_scalars,
     taylor_cached_step,
 )
-from rfc.cache.predictors import TaylorFactors, parse_storage_dtype
+from rfc.cache.predictors import FactorBank, TaylorFactors, parse_storage_dtype, store_all, store_factors, taylor_expand
 from rfc.cache.registry import method_config
 from rfc.cache.schedules import WarmupInterval, require
 from rfc.samplers.sampling import StepInfo
@@ -60,41 +56,51 @@ REDUCTIONS = ("sample", "batch")
 RCS_MODULES = ("first", "all")
 FIRST = Site(0, "attn")
 
+# ---- the equations ---------------------------------------------------------------------------
+# Small functions over stacked tensors (..., B, T, C): one site (B, T, C) on the per-site path,
+# every site (S, B, T, C) in the step programs. Both paths call these and nothing else for RFE,
+# s(t) and RCS's error.
 
-def row_norm(x: torch.Tensor, reduction: str) -> torch.Tensor:
-    """L2 norm over tokens x channels: per row (B, 1, 1) or over the whole batch (1, 1, 1)."""
-    flat = x.float().flatten(1)
-    if reduction == "sample":
-        return flat.norm(dim=1).view(-1, 1, 1)
-    return flat.norm().view(1, 1, 1)
+
+def change_norm(now: torch.Tensor, before: torch.Tensor, reduction: str = "sample") -> torch.Tensor:
+    """||now - before|| over tokens x channels, in fp32: per sample (..., B), or over the whole
+    batch (..., 1) with ``reduction="batch"``."""
+    d = (now.float() - before.float()).flatten(-2)  # (..., B, T*C)
+    return d.norm(dim=-1) if reduction == "sample" else d.flatten(-2).norm(dim=-1, keepdim=True)
+
+
+def relation(out_change: torch.Tensor, in_change: torch.Tensor) -> torch.Tensor:
+    """s(t) = ||O(t) - O(t+N)|| / ||I(t) - I(t+N)||: how far the output moved per unit of input
+    movement between the last two full steps."""
+    return out_change / in_change.clamp_min(1e-12)
+
+
+def taylor_norm(gram: torch.Tensor, c_hi: torch.Tensor) -> torch.Tensor:
+    """||T_m(k)|| with T_m(k) = sum_{i>=1} c_i F_i, from the Gram matrix G_ij = <F_i, F_j> of the
+    factors (..., B, m, m) and the coefficients c_i = k^i / i! (m,): sqrt(c^T G c), per sample,
+    without reading the factors."""
+    return torch.einsum("i,...ij,j->...", c_hi, gram, c_hi).clamp_min(0).sqrt()
+
+
+def rfe_weight(ratio: torch.Tensor, in_change: torch.Tensor, t_norm: torch.Tensor) -> torch.Tensor:
+    """RFE: the weight a of the Taylor term in O(t - k) = O(t) + a T_m(k), a = s(t) ||I(t - k) -
+    I(t)|| / ||T_m(k)||: the direction from Taylor, the magnitude from the input's movement."""
+    return ratio * in_change / t_norm.clamp_min(1e-12)
+
+
+def forecast_error(actual: torch.Tensor, forecast: torch.Tensor) -> torch.Tensor:
+    """RCS: E = ||I - I_T||_1 / ||I||_1 over the whole batch (one schedule per batch)."""
+    return (actual - forecast).abs().sum() / actual.abs().sum().clamp_min(1e-12)
 
 
 def relative_l1(actual: torch.Tensor, forecast: torch.Tensor) -> float:
-    """||actual - forecast||_1 / ||actual||_1 over the whole batch."""
-    return float((actual - forecast).abs().sum() / actual.abs().sum().clamp_min(1e-12))
+    """``forecast_error`` as a Python float (what the schedule accumulates)."""
+    return float(forecast_error(actual, forecast))
 
 
-class BankSite:
-    """One site's view of a FactorBank with TaylorFactors' interface (factors, last_index,
-    update, predict), so RFE reads the same contiguous buffer as the fused step."""
-
-    def __init__(self, bank: FactorBank, site: int) -> None:
-        self.bank, self.site = bank, site
-        self.last_index: int | None = None
-
-    @property
-    def factors(self) -> list[torch.Tensor]:
-        return [self.bank.slots[i][self.site] for i in range(self.bank.valid)] if self.last_index is not None else []
-
-    def update(self, value: torch.Tensor, index: int) -> None:
-        self.bank.update(self.site, value, index)
-        self.last_index = index
-
-    def predict(self, index: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.bank.predict(self.site, index, out_dtype)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return []  # the bank's buffer is counted once, by the method
+def row_norm(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    """||x|| over tokens x channels shaped to scale (B, T, C) values: (B, 1, 1) or (1, 1, 1)."""
+    return change_norm(x, torch.zeros((), device=x.device), reduction).view(-1, 1, 1)
 
 
 @dataclass
@@ -102,7 +108,7 @@ class RelationalState:
     """What RFE keeps for one branch: the output's Taylor factors (factors[0] = O(t)), the input at
     the last full step, and the two scales measured between the last two full steps."""
 
-    out: TaylorFactors | BankSite
+    out: TaylorFactors
     inp: torch.Tensor | None = None  # I(t)
     ratio: torch.Tensor | None = None  # s(t) = ||dO|| / ||dI||, (B, 1, 1) or (1, 1, 1)
     out_change: torch.Tensor | None = None  # ||O(t) - O(t+N)||, for the linear magnitude
@@ -112,11 +118,10 @@ class RelationalState:
                dtype: torch.dtype) -> None:
         """Record a full computation at step ``index``."""
         if self.out.last_index is not None:
-            prev_out = self.out.factors[0]
-            self.out_change = row_norm(out - prev_out, reduction)
+            self.out_change = change_norm(out, self.out.factors[0], reduction).view(-1, 1, 1)
             self.spacing = index - self.out.last_index
             if inp is not None and self.inp is not None:
-                self.ratio = self.out_change / row_norm(inp - self.inp, reduction).clamp_min(1e-12)
+                self.ratio = relation(self.out_change, change_norm(inp, self.inp, reduction).view(-1, 1, 1))
         self.out.update(out, index)
         if inp is not None:
             self.inp = inp.to(dtype)
@@ -127,8 +132,9 @@ class RelationalState:
 
 def relational_prediction(state: RelationalState, index: int, magnitude: str, reduction: str,
                           inp: torch.Tensor | None = None, constant_w: float = 1.2) -> torch.Tensor:
-    """O(t - k) = O(t) + scale * T_m(k) / ||T_m(k)||, the scale given by ``magnitude``; plain reuse
-    of O(t) until two full steps exist (no direction yet)."""
+    """O(t - k) = O(t) + a T_m(k), the weight a given by ``magnitude`` (relational: RFE's
+    ``rfe_weight``; linear: ||O(t) - O(t+N)|| k / N / ||T_m(k)||; constant: w); plain reuse of
+    O(t) until two full steps exist (no direction yet)."""
     base = state.out.factors[0].float()
     if len(state.out.factors) < 2:
         return base
@@ -137,13 +143,13 @@ def relational_prediction(state: RelationalState, index: int, magnitude: str, re
     if magnitude == "relational":
         if state.ratio is None or inp is None:
             return base
-        scale = state.ratio * row_norm(inp - state.inp, reduction)
+        a = rfe_weight(state.ratio, change_norm(inp, state.inp, reduction).view(-1, 1, 1), t_norm)
     elif magnitude == "linear":
         k = index - state.out.last_index
-        scale = state.out_change * (k / state.spacing)
+        a = state.out_change * (k / state.spacing) / t_norm.clamp_min(1e-12)
     else:  # constant: the Taylor term rescaled by w
-        scale = constant_w * t_norm
-    return base + scale * taylor / t_norm.clamp_min(1e-12)
+        a = constant_w
+    return base + a * taylor
 
 
 class RelationalSchedule:
@@ -211,6 +217,134 @@ class RelationalSchedule:
 
     def tensors(self) -> list[torch.Tensor]:
         return self.bank.tensors()
+
+
+# ---- step programs: memory arranged for one function per step, the math from above -------------
+
+
+@dataclass
+class Probe:
+    """What RFC's schedule computed before deciding a step: the embedding, block 0's attention
+    input and (with a forecast) RCS's error; the step's program reuses them."""
+
+    tokens: torch.Tensor
+    c: torch.Tensor
+    inp0: torch.Tensor
+    error: torch.Tensor | None = None
+
+
+def probe_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+               forecast: tuple[torch.Tensor, ...] | None, k: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """RCS's look at a step before it is decided, as one function: tokens, c, block 0's attention
+    input I and the relative L1 error ||I - I_T||_1 / ||I||_1 of the Taylor forecast I_T of I k
+    steps after the last full step. forecast: the forecast's factor slots (1, B, T, C), zero
+    beyond the valid ones (they add nothing); None: no error (eager code computes it only when
+    the schedule needs it)."""
+    tokens, c = model.embed(x, t, y)
+    block = model.blocks[0]
+    inp0 = modulate(block.norms[0](tokens), *block.modulation(c)[0][:2])
+    if forecast is None:
+        return tokens, c, inp0, None
+    return tokens, c, inp0, forecast_error(inp0, taylor_expand([f[0] for f in forecast], k, inp0.dtype))
+
+
+def rfc_full_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, probe: Probe | None,
+                  slots: tuple[torch.Tensor, ...], gram: torch.Tensor | None, inputs: torch.Tensor | None,
+                  ratios: torch.Tensor | None, forecast: tuple[torch.Tensor, ...] | None,
+                  spacing: torch.Tensor | int, keep: torch.Tensor, first: torch.Tensor | bool,
+                  valid: int | None) -> torch.Tensor:
+    """A full step of RFC: the model's forward (fused.forward_with_stores) storing, from every
+    branch, the output into the factor bank (slots, and the Gram matrices for ``taylor_norm``),
+    and with the relational magnitude (else inputs / ratios are None) the input I(t) and
+    s(t) = ``relation`` measured against the previous full step before it is overwritten; with
+    RCS (else forecast is None) block 0's attention input into the forecast's factors.
+    ``probe``: the embedding and block 0's input already computed by the schedule. valid = None:
+    the compiled form (all sites at once after the last block, the step's scalars as tensors);
+    an int: the eager form (each site as it runs, as the per-site path stores it)."""
+    if probe is None:
+        tokens, c = model.embed(x, t, y)
+        inp0 = None
+    else:
+        tokens, c, inp0 = probe.tokens, probe.c, probe.inp0
+    if valid is None:
+        tokens, outs, inps = forward_with_stores(model, tokens, c, inp0, None)
+        values = torch.stack(outs)  # (S, B, T, C)
+        if inputs is not None:
+            now = torch.stack(inps)
+            s_t = relation(change_norm(values, slots[0]), change_norm(now, inputs))  # (S, B)
+            ratios.copy_(torch.where(first, ratios, s_t))
+            inputs.copy_(now)
+        store_all(slots, gram, values, spacing, keep)
+        if forecast is not None:
+            store_all(forecast, None, inps[0].unsqueeze(0), spacing, keep)
+        return model.head(tokens, c)
+
+    def store(s: int, inp: torch.Tensor, out: torch.Tensor) -> None:
+        if inputs is not None:
+            if not first:
+                ratios[s] = relation(change_norm(out, slots[0][s]), change_norm(inp, inputs[s]))
+            inputs[s] = inp
+        store_factors(slots, gram, s, out, spacing, valid)
+        if s == 0 and forecast is not None:
+            store_factors(forecast, None, 0, inp, spacing, valid)
+
+    tokens, _, _ = forward_with_stores(model, tokens, c, inp0, store)
+    return model.head(tokens, c)
+
+
+def relational_cached_forward(model: nn.Module, mods: nn.Module, factors: torch.Tensor,
+                              inputs: torch.Tensor, ratio: torch.Tensor, grams: torch.Tensor,
+                              coeffs: torch.Tensor, tokens: torch.Tensor, c: torch.Tensor,
+                              inp0: torch.Tensor | None) -> torch.Tensor:
+    """An RFC cached step (relational magnitude, per-sample norms) after the embedding, site by site:
+
+        I = modulate(norm(x), shift, scale);  a = s(t) ||I - I(t)|| / ||T_m(k)||
+        x = x + gate * (F0 + a * sum_{i>=1} c_i F_i)
+
+    factors: I slots (S, B, T, C); inputs (S, B, T, C) = I(t); ratio (S, B) = s(t); grams (S, B, m, m);
+    coeffs (I,); inp0 = block 0's attention input when the schedule already computed it. Before
+    two full steps the ratios are zero (and the higher factors zero), so the prediction is F0."""
+    m = mods(c)  # (B, S, 3, C): shift, scale, gate of every site
+    n = len(factors)
+    c_hi = coeffs[1:].float()
+    compiled = torch.compiler.is_compiling()
+    if not compiled:
+        tokens = tokens.clone()  # eager code adds into the residual stream in place
+    for blk_i, block in enumerate(model.blocks):
+        for branch, norm in enumerate(block.norms):
+            s = 2 * blk_i + branch
+            shift, scale, gate = m[:, s, 0], m[:, s, 1], m[:, s, 2]
+            a = None
+            if n > 1:
+                if s == 0 and inp0 is not None:
+                    inp = inp0
+                else:
+                    inp = norm(tokens) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+                t_norm = taylor_norm(grams[s, :, : n - 1, : n - 1], c_hi)  # (B,)
+                a = rfe_weight(ratio[s], change_norm(inp, inputs[s]), t_norm)  # (B,)
+            if compiled:  # inductor fuses the prediction and the residual update into one kernel
+                pred = factors[0][s].to(tokens.dtype)
+                for i in range(1, n):
+                    pred = pred + (a * c_hi[i - 1]).view(-1, 1, 1).to(tokens.dtype) * factors[i][s].to(tokens.dtype)
+                tokens = tokens + gate.unsqueeze(1) * pred
+            else:  # x += g F0 + sum_i (g a c_i) F_i: one in-place pass per factor, no temporaries
+                g = gate.unsqueeze(1).to(tokens.dtype)  # (B, 1, C)
+                tokens.addcmul_(g, factors[0][s].to(tokens.dtype))
+                for i in range(1, n):
+                    w = g * (a * c_hi[i - 1]).view(-1, 1, 1).to(tokens.dtype)
+                    tokens.addcmul_(w, factors[i][s].to(tokens.dtype))
+    return model.head(tokens, c)
+
+
+def relational_cached_step(model: nn.Module, mods: nn.Module, factors: torch.Tensor, inputs: torch.Tensor,
+                           ratio: torch.Tensor, grams: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor,
+                           t: torch.Tensor, y: torch.Tensor, probe: Probe | None) -> torch.Tensor:
+    """The whole RFC cached step: the embedding (or the probe's), then ``relational_cached_forward``."""
+    if probe is None:
+        tokens, c = model.embed(x, t, y)
+        return relational_cached_forward(model, mods, factors, inputs, ratio, grams, coeffs, tokens, c, None)
+    return relational_cached_forward(model, mods, factors, inputs, ratio, grams, coeffs, probe.tokens, probe.c,
+                                     probe.inp0)
 
 
 @method_config("rfc")
@@ -318,7 +452,7 @@ class RFC(CacheMethod):
         if self.full:
             x_in = inp.full()
             out = self.run_full(site, module, x_in)
-            state = self.states.setdefault(site, RelationalState(BankSite(self.bank, site.module_index)))
+            state = self.states.setdefault(site, RelationalState(TaylorFactors(bank=self.bank, site=site.module_index)))
             state.update(out, x_in if self.needs_inputs else None, index, self.reduction, self.dtype)
             if self.needs_inputs and self.can_fuse():
                 self._gather(site.module_index, state)
@@ -350,7 +484,7 @@ class RFC(CacheMethod):
 
     def prepare_fused(self, model: nn.Module) -> None:
         device, backend = model_device(model), self.compile_backend
-        self.full_fn = maybe_compile(full_step, self.compile, backend)
+        self.full_fn = maybe_compile(rfc_full_step, self.compile, backend)
         self.probe_fn = maybe_compile(probe_step, self.compile, backend)
         mode = graph_mode(device, self.compile)
         if self.magnitude == "taylor":

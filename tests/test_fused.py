@@ -19,6 +19,7 @@ from baselines.taylorseer import TaylorSeer
 from rfc.build import precision_mode
 from rfc.cache import CacheMethod
 from rfc.cache.fused import FactorBank
+from rfc.cache.predictors import taylor_expand
 from rfc.method import RFC
 from rfc.models.dit import DiTConfig
 from rfc.models.load import build_dit
@@ -104,10 +105,25 @@ def test_fused_cached_step_runs_no_block_module(tiny):
     assert "forward" not in vars(tiny)  # detached
 
 
-def test_factor_bank_matches_the_per_site_recursion():
-    from rfc.cache.predictors import TaylorFactors
+class ListFactors:
+    """TaylorSeer's recursion written independently of the bank: a list of factors per site."""
 
-    bank, ref = FactorBank(3, 2, gram=True), [TaylorFactors(3), TaylorFactors(3)]
+    def __init__(self, order: int) -> None:
+        self.order, self.factors, self.last = order, [], None
+
+    def update(self, value: torch.Tensor, index: int) -> None:
+        new = [value]
+        if self.last is not None:
+            for i in range(min(self.order, len(self.factors))):
+                new.append((new[i] - self.factors[i]) / (index - self.last))
+        self.factors, self.last = new, index
+
+    def predict(self, index: int) -> torch.Tensor:
+        return taylor_expand(self.factors, index - self.last)
+
+
+def test_factor_bank_matches_the_per_site_recursion():
+    bank, ref = FactorBank(3, 2, gram=True), [ListFactors(3), ListFactors(3)]
     torch.manual_seed(1)
     for index in (0, 2, 3, 7, 9):
         for s in range(2):

@@ -1,10 +1,13 @@
-"""Per-site predictors shared by the methods: plain reuse and TaylorSeer's finite-difference
-Taylor expansion over the full steps."""
+"""The one store of Taylor factors (FactorBank) every extrapolating method uses (FORA: order 0,
+TaylorSeer: order m, RFC's output factors and its RCS forecast), its update rule written twice
+for two kinds of code (eager per site, compiled for all sites at once), and TaylorSeer's
+expansion. ``TaylorFactors`` is one site's view of a bank."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -28,8 +31,145 @@ def taylor_expand(factors: Sequence[torch.Tensor], k: int, out_dtype: torch.dtyp
     return out
 
 
+@dataclass
+class FullStep:
+    """What a full step's factor update depends on, as Python values (eager code) and as tensors
+    (compiled code: passing the step's scalars as tensors keeps one graph for all 50 steps).
+
+    spacing: steps since the previous full step (1 before there is one; it then divides nothing
+    kept); keep[i]: slot i holds a factor after this step (i < valid); first: no previous full step."""
+
+    valid: int
+    spacing: int
+    spacing_t: torch.Tensor  # 0-d fp32
+    keep: torch.Tensor  # (order + 1,) bool
+    first: torch.Tensor  # 0-d bool
+    is_first: bool
+
+
+class FactorBank:
+    """Taylor factors of all sites, one buffer per order: slots[i][s] is factor i of site s, each
+    slot a contiguous (sites, B, T, C) tensor (a compiled full step rewrites whole slots, which
+    inductor writes in place; writes into slices of one buffer it would copy the buffer for).
+
+    Update rule per site (TaylorSeer's): new[0] = value, new[i + 1] = (new[i] - old[i]) / d, with d
+    the steps between the last two full steps; ``valid`` factors exist (fewer than order + 1 until
+    enough full steps have been seen), and the slots beyond them hold zeros, so a prediction may
+    sum every slot with one fixed shape. All sites are updated at the same full steps. With
+    ``gram=True`` the bank also keeps, per site and sample, the Gram matrix of factors 1..order
+    (fp32), from which RFC's ||T_m(k)|| follows without reading the factors again.
+
+    The buffers keep their memory across ``reset`` (they are zeroed in place) while the batch
+    shape stays the same, so a CUDA graph captured over them stays valid from batch to batch."""
+
+    def __init__(self, order: int, sites: int, dtype: torch.dtype | None = torch.float32, gram: bool = False) -> None:
+        self.order, self.sites, self.dtype, self.with_gram = order, sites, dtype, gram
+        self.slots: tuple[torch.Tensor, ...] = ()
+        self.gram: torch.Tensor | None = None  # (sites, B, order, order)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every factor (zeros in place: the allocation is kept)."""
+        for t in self.tensors():
+            t.zero_()
+        self.valid = 0
+        self.last_index: int | None = None
+        self.current: FullStep | None = None  # the full step being stored
+        self._step: int | None = None
+
+    def free(self) -> None:
+        """Release the buffers (the method was detached)."""
+        self.slots, self.gram = (), None
+        self.reset()
+
+    def allocate(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+        """Buffers for values of ``shape`` (B, T, C), unless the current ones already fit."""
+        store_dtype = self.dtype or dtype
+        want = (self.sites, *shape)
+        first = self.slots[0] if self.slots else None
+        if first is None or first.shape != want or first.dtype != store_dtype or first.device != device:
+            self.slots = tuple(torch.zeros(want, dtype=store_dtype, device=device) for _ in range(self.order + 1))
+            self.gram = torch.zeros((self.sites, shape[0], self.order, self.order), device=device) \
+                if self.with_gram else None
+
+    def begin(self, index: int, device: torch.device) -> FullStep:
+        """Start storing the full step ``index`` (every site will be stored at this step)."""
+        spacing = 1 if self.last_index is None else index - self.last_index
+        first = self.last_index is None
+        self.valid = 1 if first else min(self.order + 1, self.valid + 1)
+        self._step, self.last_index = index, index
+        keep = torch.arange(self.order + 1) < self.valid
+        self.current = FullStep(self.valid, spacing, torch.tensor(float(spacing), device=device), keep.to(device),
+                                torch.tensor(first, device=device), first)
+        return self.current
+
+    def update(self, site: int, value: torch.Tensor, index: int) -> None:
+        """Record site ``site``'s full output at step ``index`` (the per-site path)."""
+        self.allocate(value.shape, value.dtype, value.device)
+        if index != self._step:  # the first site of a new full step
+            self.begin(index, value.device)
+        store_factors(self.slots, self.gram, site, value, self.current.spacing, self.current.valid)
+
+    def coefficients(self, index: int, padded: bool = False) -> list[float]:
+        """c_i = k^i / i! for the valid factors, k = steps since the last full step; ``padded``
+        appends zeros up to order + 1 (the slots beyond ``valid`` hold zeros)."""
+        k = index - self.last_index
+        coeffs = [k**i / math.factorial(i) for i in range(self.valid)]
+        return coeffs + [0.0] * (self.order + 1 - self.valid) if padded else coeffs
+
+    def predict(self, site: int, index: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """sum_i c_i F[i, site] for one site, accumulated in ``out_dtype`` (the per-site path)."""
+        if self.last_index is None:
+            raise RuntimeError("Taylor prediction before any full step")
+        return taylor_expand([self.slots[i][site] for i in range(self.valid)], index - self.last_index, out_dtype)
+
+    def factors(self) -> tuple[torch.Tensor, ...]:
+        """All factor slots, order + 1 tensors of (sites, B, T, C), the buffers themselves. Slots
+        beyond ``valid`` are zero, so with ``coefficients(padded=True)`` one fixed shape serves
+        every cached step: a compiled step function is traced once per batch size, not once per
+        factor count."""
+        return self.slots
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.slots, *([self.gram] if self.gram is not None else [])]
+
+
+def store_factors(slots: tuple[torch.Tensor, ...], gram: torch.Tensor | None, s: int, value: torch.Tensor,
+                  spacing: int, valid: int) -> None:
+    """Shift ``value`` into site s's factors in place (the update rule of FactorBank), over the
+    valid slots, as TaylorSeer's code runs it: eager code, one site at a time."""
+    cur = value
+    for i in range(valid - 1):
+        nxt = (cur - slots[i][s]) / spacing
+        slots[i][s] = cur
+        cur = nxt
+    slots[valid - 1][s] = cur
+    if gram is not None and valid > 1:
+        flat = torch.stack([slots[i][s] for i in range(1, valid)]).float().flatten(2).transpose(0, 1)  # (B, n, T*C)
+        gram[s, :, : valid - 1, : valid - 1] = flat @ flat.transpose(1, 2)
+
+
+def store_all(slots: tuple[torch.Tensor, ...], gram: torch.Tensor | None, values: torch.Tensor,
+              spacing: torch.Tensor, keep: torch.Tensor) -> None:
+    """The same rule for every site at once, values (sites, B, T, C): compiled code. Every slot
+    is rewritten whole, the slots not yet valid zeroed by ``keep`` and the spacing a tensor, so
+    the traced graph does not depend on how many full steps came before; the valid slots get
+    the values the eager rule gives them."""
+    cur = values
+    for i in range(len(slots) - 1):
+        nxt = (cur - slots[i]) / spacing
+        slots[i].copy_(torch.where(keep[i], cur, 0))
+        cur = nxt
+    slots[-1].copy_(torch.where(keep[-1], cur, 0))
+    if gram is not None and len(slots) > 1:
+        flat = torch.stack(slots[1:]).float().flatten(3).permute(1, 2, 0, 3)  # (S, B, m, T*C)
+        gram.copy_(flat @ flat.transpose(-1, -2))
+
+
 class TaylorFactors:
-    """Derivative factors of one site's output, updated at every full step.
+    """One site's Taylor factors with the per-site interface (``factors``, ``last_index``,
+    ``update``, ``predict``): a view of site ``site`` of a FactorBank, which is the one store of
+    factors every extrapolating method uses (a bank of its own with one site when none is given).
 
     factors[0] = F(t) (the last full output); factors[i + 1] = (factors[i] - previous factors[i]) / d,
     where d is the number of steps between the last two full steps, up to ``order`` (fewer while
@@ -38,25 +178,31 @@ class TaylorFactors:
     the official code counts down, which gives the same distances.
     """
 
-    def __init__(self, order: int, dtype: torch.dtype = torch.float32) -> None:
-        self.order = order
-        self.dtype = dtype
-        self.factors: list[torch.Tensor] = []
+    def __init__(self, order: int = 0, dtype: torch.dtype | None = torch.float32, bank: FactorBank | None = None,
+                 site: int = 0) -> None:
+        self.bank = bank if bank is not None else FactorBank(order, 1, dtype)
+        self.site = site
         self.last_index: int | None = None
 
+    @property
+    def order(self) -> int:
+        return self.bank.order
+
+    @property
+    def factors(self) -> list[torch.Tensor]:
+        if self.last_index is None:
+            return []
+        return [self.bank.slots[i][self.site] for i in range(self.bank.valid)]
+
     def update(self, value: torch.Tensor, index: int) -> None:
-        new = [value]
-        if self.last_index is not None:
-            d = index - self.last_index
-            for i in range(min(self.order, len(self.factors))):
-                new.append((new[i] - self.factors[i]) / d)
-        self.factors = [f.to(self.dtype) for f in new]
+        self.bank.update(self.site, value, index)
         self.last_index = index
 
     def predict(self, index: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.last_index is None:
             raise RuntimeError("Taylor prediction before any full step")
-        return taylor_expand(self.factors, index - self.last_index, out_dtype)
+        return self.bank.predict(self.site, index, out_dtype)
 
     def tensors(self) -> list[torch.Tensor]:
-        return list(self.factors)
+        """A view of a shared bank holds nothing of its own (the bank is counted once)."""
+        return self.bank.tensors() if self.bank.sites == 1 else []
