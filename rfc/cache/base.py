@@ -38,7 +38,7 @@ from rfc.samplers.sampling import StepInfo
 Branch = Literal["attn", "mlp"]
 
 MODEL_PROTOCOL = ("embed", "blocks", "head", "token_shape", "weight_dtype", "stacked_modulation")
-"""What a model exposes to caching methods (rfc.models.dit.DiT documents each): nothing here
+"""What a model exposes to caching methods (each model class documents them): nothing here
 reads a model's parameter names or the order of its modulation chunks."""
 
 
