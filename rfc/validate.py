@@ -58,12 +58,14 @@ def _allowed(hint: Any) -> tuple[set[type], bool]:
 def check_arguments(node: DictConfig, group: str) -> None:
     """Check each key of a ``_target_`` config group (method, sampler) against the annotation of
     the constructor parameter it fills: int, float (finite), bool. Keys with other annotations
-    (strings, choices) are left to the constructor, which names them itself."""
+    (strings, choices) are left to the constructor, which names them itself. A ``_target_`` may
+    be a class (its ``__init__`` is read) or a factory function (its own parameters are)."""
     target = node.get("_target_")
     if not target:
         return
     try:
-        init = get_object(str(target)).__init__
+        obj = get_object(str(target))
+        init = obj.__init__ if inspect.isclass(obj) else obj
         hints = typing.get_type_hints(init)
         params = inspect.signature(init).parameters
     except Exception as err:  # an unknown _target_: Hydra's instantiate reports it with the key
