@@ -1,0 +1,210 @@
+"""Block-level caching: skip a run of whole blocks at some steps and reuse what they added.
+
+First-Block Cache and TeaCache do not predict branch outputs site by site: at a cached step they
+skip every block from some index on and add, to the stream entering the first skipped block, the
+residual those blocks added at the last step they were computed. Such a method is two
+independent parts, composed by ``BlockCacheMethod``:
+
+- a **schedule** (``BlockSchedule``): *when* to compute. It reads one signal, named by its
+  ``signal`` attribute, so the method knows what to compute for it and when it can decide:
+  ``Signal.STEP`` (the step alone, decided before any block runs), ``Signal.INPUT`` (block 0's
+  modulated attention input, modulate(norm(x), shift, scale), decided before any block runs: TeaCache)
+  or ``Signal.RESIDUAL`` (block 0's residual, its output minus its input, decided after block 0
+  ran: First-Block Cache);
+- a **predictor** (``ResidualReuse``): *what* to use instead. It names the first block it
+  replaces (``start``); blocks before it are computed at every step.
+
+Full steps run each block through its plain forward ``block(x, c)``, the very call the model's
+own forward makes, so a schedule that always says "compute" gives samples bit-identical to
+``method=none``. Nothing here reads a model's parameter names: block 0's signal comes from
+``block.modulation(c)`` and ``block.norms`` (rfc.cache.base's model protocol).
+
+Accounting (MethodStats) stays honest about what ran: a computed block is a full block (its
+modulation, both branches, two layer norms); a skipped block is two cached sites and no
+modulation; the work a schedule does to decide (Signal.INPUT: one more modulation of block 0 and
+one more layer norm of its input, at every step) is counted in ``block_calls`` / ``norm_tokens``.
+The step's decision is made inside the forward, so the NFC (``full_steps``) counts the steps at
+which the replaced blocks ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import StrEnum
+
+import torch
+from torch import nn
+
+from rfc.cache.base import CacheMethod, modulate
+from rfc.samplers.sampling import StepInfo
+
+
+class Signal(StrEnum):
+    """What a block schedule reads to decide, which fixes when it can decide."""
+
+    STEP = "step"  # the StepInfo only: no tensor is computed for it
+    INPUT = "input"  # block 0's modulated attention input, computed (extra) before any block runs
+    RESIDUAL = "residual"  # block 0's output minus its input: needs block 0 computed first
+
+
+class BlockSchedule:
+    """When to compute the replaced blocks. Subclasses set ``signal`` and implement ``decide``.
+
+    ``decide(step, signal)`` is asked once per forward (one per sampling step), with the tensor
+    named by ``signal`` (None for Signal.STEP), and returns True to compute. A schedule keeps its
+    own state between steps (a reference tensor, an accumulator); ``reset()`` forgets it before
+    each batch. It must say "compute" at least once before the first cached step: nothing is
+    cached before (the official schedules do so at the first step)."""
+
+    signal: Signal = Signal.STEP
+
+    def reset(self) -> None:
+        """Forget every step seen (a new batch starts)."""
+
+    def decide(self, step: StepInfo, signal: torch.Tensor | None) -> bool:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, object]:
+        """The schedule's settings, recorded in the result row."""
+        return {}
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        """Tensors the schedule keeps between steps (counted in the cache-memory column)."""
+        return ()
+
+
+class ResidualReuse:
+    """Reuse the residual of blocks ``start``.. : at a full step store (stream after the last
+    block) - (stream entering block ``start``); at a cached step add it to the stream entering
+    block ``start``. TeaCache replaces every block (start 0), First-Block Cache all but block 0
+    (start 1). The residual is kept in the stream's dtype."""
+
+    def __init__(self, start: int = 0) -> None:
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise ValueError(f"ResidualReuse start must be an integer >= 0, got {start!r}")
+        self.start = start
+        self.residual: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.residual = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether a full step has stored a residual to reuse."""
+        return self.residual is not None
+
+    def store(self, entering: torch.Tensor, out: torch.Tensor) -> None:
+        self.residual = out - entering
+
+    def apply(self, entering: torch.Tensor) -> torch.Tensor:
+        if self.residual is None:
+            raise RuntimeError("no residual to reuse: the schedule cached a step before any full step")
+        return entering + self.residual
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        return () if self.residual is None else (self.residual,)
+
+    def params(self) -> dict[str, object]:
+        return {}
+
+
+def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """mean |current - previous| / mean |previous| over the whole tensor (every row of the batch),
+    as a Python float: the change measure both First-Block Cache and TeaCache threshold. One value
+    per batch, so a batch makes one decision, as the official code does."""
+    return ((current - previous).abs().mean() / previous.abs().mean()).item()
+
+
+class BlockCacheMethod(CacheMethod):
+    """A schedule and a ResidualReuse composed into a method that works at the block level.
+
+    Per forward: (Signal.INPUT) block 0's modulated attention input is computed; blocks before
+    ``predictor.start`` run (Signal.RESIDUAL: block 0's residual is taken); the schedule decides;
+    then either blocks ``start``.. run in full and the predictor stores their residual, or the
+    predictor adds the stored residual. There are no step programs (``fused`` stays False)."""
+
+    name = "blocks"
+
+    def __init__(self, schedule: BlockSchedule, predictor: ResidualReuse, name: str | None = None) -> None:
+        super().__init__()
+        try:
+            self.signal = Signal(schedule.signal)
+        except ValueError:
+            raise ValueError(f"a block schedule's signal must be one of {[s.value for s in Signal]}, "
+                             f"got {schedule.signal!r}") from None
+        if self.signal is Signal.RESIDUAL and predictor.start < 1:
+            raise ValueError("a schedule that reads block 0's residual decides after block 0 ran: "
+                             "its predictor must start at block 1 or later")
+        self.schedule = schedule
+        self.predictor = predictor
+        if name is not None:
+            self.name = name
+
+    def attach(self, model: nn.Module) -> None:
+        if self.predictor.start >= len(model.blocks):
+            raise ValueError(f"{self.name}: the predictor starts at block {self.predictor.start} but the model "
+                             f"has {len(model.blocks)} blocks: nothing would be cached")
+        super().attach(model)
+
+    def reset(self) -> None:
+        super().reset()
+        self.schedule.reset()
+        self.predictor.reset()
+
+    def begin_step(self, step: StepInfo) -> None:
+        """The decision needs this step's tensors: it is made (and counted) in ``run_blocks``."""
+        self.step = step
+        self.full = True
+
+    def run_blocks(self, model: nn.Module, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        blocks = model.blocks
+        if self.step is None:  # a forward outside a sampler: plain compute, no schedule state touched
+            for block in blocks:
+                tokens = block(tokens, c)
+            self._count_computed(len(blocks), tokens.shape[1])
+            return tokens
+        kind, start, T = self.signal, self.predictor.start, tokens.shape[1]
+        signal = self._block0_input(blocks[0], tokens, c) if kind is Signal.INPUT else None
+        x = tokens
+        for i in range(start):
+            entering = x
+            x = blocks[i](x, c)
+            if i == 0 and kind is Signal.RESIDUAL:
+                signal = x - entering
+        self._count_computed(start, T)
+        full = bool(self.schedule.decide(self.step, signal))
+        if not full and not self.predictor.ready:
+            raise RuntimeError(f"{self.name}: the schedule chose a cached step (index {self.step.index}) before any "
+                               "full step; a block schedule must compute first")
+        self.full = full
+        self.count_step(self.step, full)
+        if full:
+            entering = x
+            for block in blocks[start:]:
+                x = block(x, c)
+            self.predictor.store(entering, x)
+            self._count_computed(len(blocks) - start, T)
+        else:
+            x = self.predictor.apply(x)
+            self._stats.cached_sites += 2 * (len(blocks) - start)
+        return x
+
+    def _block0_input(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """modulate(norm(x), shift, scale) of block 0's attention branch, computed for the schedule
+        only (block 0 recomputes it when it runs): one more modulation and one more layer norm."""
+        attn, _ = block.modulation(c)
+        self._stats.block_calls += 1
+        self._stats.norm_tokens += x.shape[1]
+        return modulate(block.norms[0](x), attn.shift, attn.scale)
+
+    def _count_computed(self, blocks: int, tokens: int) -> None:
+        """``blocks`` blocks ran in full: a modulation, both branches and two norms each (the same
+        arithmetic as a whole forward of that many blocks)."""
+        if blocks:
+            self._stats.count_full_forward(blocks, tokens)
+
+    def cache_tensors(self) -> Iterable[torch.Tensor]:
+        return (*self.predictor.tensors(), *self.schedule.tensors())
+
+    def params(self) -> dict[str, object]:
+        return {**self.schedule.params(), **self.predictor.params()}
