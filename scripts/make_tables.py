@@ -127,14 +127,21 @@ def with_latency(df: pd.DataFrame, every: pd.DataFrame) -> pd.DataFrame:
                     src["latency_s"], src["run_id"], src["timing_key"], describe_timing(src)]
                 break
     full_timed = timed[timed["is_full"]].groupby("timing_key", sort=False).tail(1).set_index("timing_key")
+    # the table's own full-compute row: ``out`` holds every table's rows, and two tables (two
+    # experiments, or two sessions on different machines) can share a timing setting
     base = {}
-    for key, group in out[out["is_full"] & out["latency_s"].notna()].groupby("timing_key", sort=False):
-        base[key] = group["latency_s"].iloc[-1]
+    for _, row in out[out["is_full"] & out["latency_s"].notna()].iterrows():
+        base[(_table_of(row), row["timing_key"])] = row["latency_s"]
     speedups = []
     for _, row in out.iterrows():
-        ref = base.get(row["timing_key"], full_timed["latency_s"].get(row["timing_key"], np.nan))
+        ref = base.get((_table_of(row), row["timing_key"]), full_timed["latency_s"].get(row["timing_key"], np.nan))
         speedups.append(ref / row["latency_s"] if not math.isnan(row["latency_s"]) else np.nan)
     return out.assign(speedup=speedups)
+
+
+def _table_of(row: pd.Series) -> tuple[str, ...]:
+    """The table a row is shown in (its values of TABLE_KEYS)."""
+    return tuple(str(row[k]) for k in TABLE_KEYS)
 
 
 def table_rows(group: pd.DataFrame, aggregate: bool) -> list[dict]:

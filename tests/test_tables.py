@@ -100,3 +100,19 @@ def test_tables_pick_the_latest_rerun_or_aggregate_over_seeds(tmp_path):
     assert agg.returncode == 0, agg.stderr
     row = _md_rows(next((tmp_path / "b").glob("*.md")))["Full"]
     assert row[4] == f"5 ± {fmt(math.sqrt(2))}"  # fid 4 and 6 over seeds 0 and 1
+
+
+def test_speedup_is_against_the_tables_own_full_compute_row(tmp_path):
+    """Two tables of one timing setting (here two experiments) each divide by their own
+    full-compute latency, not by whichever full-compute row of that setting came last."""
+    path = tmp_path / "runs.csv"
+    common = dict(model="m", image_size=8, sampler="ddim", num_steps=50, cfg_scale=1.5, num_samples=10, seed=0)
+    for i, (experiment, full, cached) in enumerate((("a", 10.0, 5.0), ("b", 20.0, 4.0))):
+        append_csv(path, RunRecord(time=f"2026-01-01T00:0{2 * i}:00", experiment=experiment, method="none",
+                                   variant="Full", nfc=50.0, latency_s=full, **common))
+        append_csv(path, RunRecord(time=f"2026-01-01T00:0{2 * i + 1}:00", experiment=experiment, method="fora",
+                                   variant="Cached", nfc=18.0, latency_s=cached, **common))
+    proc = _run(str(ROOT / "scripts" / "make_tables.py"), "--csv", str(path), "--out", str(tmp_path / "t"))
+    assert proc.returncode == 0, proc.stderr
+    speedups = {md.name[0]: {k: v[3] for k, v in _md_rows(md).items()} for md in (tmp_path / "t").glob("*.md")}
+    assert speedups == {"a": {"Full": "1", "Cached": "2"}, "b": {"Full": "1", "Cached": "5"}}
