@@ -46,7 +46,7 @@ class Probe:
         self.method, self.record, self.order = method, ProbeRecord(label), order
         self.last: dict[Site, tuple[torch.Tensor, torch.Tensor]] = {}  # site -> (O(t), I(t)) at last full
         self.forecast: dict[Site, TaylorFactors] = {}
-        if method.fused and method.model is not None and method.can_fuse():
+        if method.programs:  # attached with step programs: no per-site branch to wrap
             raise ValueError("diagnostics need the per-site path: set method.fused = False before attach")
         self._inner = method.branch
         method.branch = self.branch  # instance attribute shadows the class method

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rfc.cache.base import BranchInput, CacheMethod, Site, modulate
+from rfc.cache.base import BranchInput, CacheMethod, Site, branch_input, modulate
 from rfc.cache.fused import (
     GraphedStep,
     branch_dtype,
@@ -62,11 +62,16 @@ FIRST = Site(0, "attn")
 # s(t) and RCS's error.
 
 
+def token_norm(x: torch.Tensor, reduction: str = "sample") -> torch.Tensor:
+    """||x|| over tokens x channels, in fp32: per sample (..., B), or over the whole batch (..., 1)
+    with ``reduction="batch"``."""
+    flat = x.float().flatten(-2)  # (..., B, T*C)
+    return flat.norm(dim=-1) if reduction == "sample" else flat.flatten(-2).norm(dim=-1, keepdim=True)
+
+
 def change_norm(now: torch.Tensor, before: torch.Tensor, reduction: str = "sample") -> torch.Tensor:
-    """||now - before|| over tokens x channels, in fp32: per sample (..., B), or over the whole
-    batch (..., 1) with ``reduction="batch"``."""
-    d = (now.float() - before.float()).flatten(-2)  # (..., B, T*C)
-    return d.norm(dim=-1) if reduction == "sample" else d.flatten(-2).norm(dim=-1, keepdim=True)
+    """||now - before|| over tokens x channels, the difference taken in fp32 (``token_norm``)."""
+    return token_norm(now.float() - before.float(), reduction)
 
 
 def relation(out_change: torch.Tensor, in_change: torch.Tensor) -> torch.Tensor:
@@ -100,7 +105,7 @@ def relative_l1(actual: torch.Tensor, forecast: torch.Tensor) -> float:
 
 def row_norm(x: torch.Tensor, reduction: str) -> torch.Tensor:
     """||x|| over tokens x channels shaped to scale (B, T, C) values: (B, 1, 1) or (1, 1, 1)."""
-    return change_norm(x, torch.zeros((), device=x.device), reduction).view(-1, 1, 1)
+    return token_norm(x, reduction).view(-1, 1, 1)
 
 
 @dataclass
@@ -242,7 +247,7 @@ def probe_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tens
     the schedule needs it)."""
     tokens, c = model.embed(x, t, y)
     block = model.blocks[0]
-    inp0 = modulate(block.norms[0](tokens), *block.modulation(c)[0][:2])
+    inp0 = branch_input(block, 0, tokens, c)
     if forecast is None:
         return tokens, c, inp0, None
     return tokens, c, inp0, forecast_error(inp0, taylor_expand([f[0] for f in forecast], k, inp0.dtype))
@@ -319,7 +324,7 @@ def relational_cached_forward(model: nn.Module, mods: nn.Module, factors: torch.
                 if s == 0 and inp0 is not None:
                     inp = inp0
                 else:
-                    inp = norm(tokens) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+                    inp = modulate(norm(tokens), shift, scale)
                 t_norm = taylor_norm(grams[s, :, : n - 1, : n - 1], c_hi)  # (B,)
                 a = rfe_weight(ratio[s], change_norm(inp, inputs[s]), t_norm)  # (B,)
             if compiled:  # inductor fuses the prediction and the residual update into one kernel

@@ -330,6 +330,13 @@ class CacheMethod:
         return self._stats
 
 
+def branch_input(block: nn.Module, b: int, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """modulate(norm(x), shift, scale) of branch ``b`` of ``block`` from its own modulation of c:
+    what that branch would read, computed ahead of the block (RFC's probe, TeaCache's signal)."""
+    mod = block.modulation(c)[b]
+    return modulate(block.norms[b](x), mod.shift, mod.scale)
+
+
 def _model_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
                    method: CacheMethod) -> torch.Tensor:
     """The attached model's forward: the method's step program when it has one for this step,

@@ -35,7 +35,7 @@ from enum import StrEnum
 import torch
 from torch import nn
 
-from rfc.cache.base import CacheMethod, modulate
+from rfc.cache.base import CacheMethod, branch_input
 from rfc.samplers.sampling import StepInfo
 
 
@@ -161,7 +161,7 @@ class BlockCacheMethod(CacheMethod):
         if self.step is None:  # a forward outside a sampler: plain compute, no schedule state touched
             for block in blocks:
                 tokens = block(tokens, c)
-            self._count_computed(len(blocks), tokens.shape[1])
+            self._stats.count_full_forward(len(blocks), tokens.shape[1])
             return tokens
         kind, start, T = self.signal, self.predictor.start, tokens.shape[1]
         signal = self._block0_input(blocks[0], tokens, c) if kind is Signal.INPUT else None
@@ -171,7 +171,7 @@ class BlockCacheMethod(CacheMethod):
             x = blocks[i](x, c)
             if i == 0 and kind is Signal.RESIDUAL:
                 signal = x - entering
-        self._count_computed(start, T)
+        self._stats.count_full_forward(start, T)
         full = bool(self.schedule.decide(self.step, signal))
         if not full and not self.predictor.ready:
             raise RuntimeError(f"{self.name}: the schedule chose a cached step (index {self.step.index}) before any "
@@ -183,7 +183,7 @@ class BlockCacheMethod(CacheMethod):
             for block in blocks[start:]:
                 x = block(x, c)
             self.predictor.store(entering, x)
-            self._count_computed(len(blocks) - start, T)
+            self._stats.count_full_forward(len(blocks) - start, T)
         else:
             x = self.predictor.apply(x)
             self._stats.cached_sites += 2 * (len(blocks) - start)
@@ -192,16 +192,9 @@ class BlockCacheMethod(CacheMethod):
     def _block0_input(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """modulate(norm(x), shift, scale) of block 0's attention branch, computed for the schedule
         only (block 0 recomputes it when it runs): one more modulation and one more layer norm."""
-        attn, _ = block.modulation(c)
         self._stats.block_calls += 1
         self._stats.norm_tokens += x.shape[1]
-        return modulate(block.norms[0](x), attn.shift, attn.scale)
-
-    def _count_computed(self, blocks: int, tokens: int) -> None:
-        """``blocks`` blocks ran in full: a modulation, both branches and two norms each (the same
-        arithmetic as a whole forward of that many blocks)."""
-        if blocks:
-            self._stats.count_full_forward(blocks, tokens)
+        return branch_input(block, 0, x, c)
 
     def cache_tensors(self) -> Iterable[torch.Tensor]:
         return (*self.predictor.tensors(), *self.schedule.tensors())

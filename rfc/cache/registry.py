@@ -27,7 +27,6 @@ from hydra.core.config_store import ConfigStore
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "method"
 METHOD_PACKAGES = ("baselines",)
 METHOD_MODULES = ("rfc.cache.base", "rfc.method")
-REGISTERED: dict[str, type] = {}
 
 
 def register_method(name: str, config: type) -> None:
@@ -38,7 +37,6 @@ def register_method(name: str, config: type) -> None:
     store.store(group="method", name=f"{name}_schema", node=config)
     if not (CONFIG_DIR / f"{name}.yaml").is_file():
         store.store(group="method", name=name, node=config)
-    REGISTERED[name] = config
 
 
 def method_config(name: str) -> Callable[[type], type]:
