@@ -1,5 +1,6 @@
 """The papers' analytic FLOPs: transformer blocks only (no embedders, final layer or VAE),
-a multiply-add counted as 2 FLOPs, B rows per sample step (2 with guidance)."""
+a multiply-add counted as 2 FLOPs, B rows per sample step (2 with guidance). DiT first; FLUX.1's
+double- and single-stream blocks below, with the conventions that reproduce the papers' FLUX row."""
 
 from __future__ import annotations
 
@@ -34,3 +35,144 @@ def block_flops(B: int, N: int, C: int, h: int) -> float:
 
 def full_step_flops(B: int, N: int, C: int, h: int, depth: int) -> float:
     return depth * block_flops(B, N, C, h)
+
+
+# --------------------------------------------------------------------------------------------
+# FLUX.1 (diffusers FluxTransformer2DModel): 19 double-stream and 38 single-stream blocks
+# --------------------------------------------------------------------------------------------
+#
+# The same papers' count as the DiT functions above, applied to FLUX's blocks (B rows; FLUX.1-dev
+# has guidance distilled into an embedding, so B = 1), with these conventions:
+#
+# - a multiply-add is 2 FLOPs everywhere, the modulation linears included (2*C*6C per
+#   Linear(C, 6C), plus C for the SiLU of the conditioning vector);
+# - the attention terms of the DiT count (q, k, v projections, query scaling, q k^T, attention x v,
+#   output projections) and the MLP terms (two linears, tanh-GELU at 6 FLOPs per element); a
+#   layer norm + modulate is C FLOPs per token it normalises (two per stream in a double-stream
+#   block, one in a single-stream block); RMS q/k norms and RoPE are not counted (elementwise, as
+#   the DiT count has no elementwise terms but GELU, softmax, scaling and norm);
+# - the softmax is NOT counted by default (``softmax=True`` adds the DiT count's 5 FLOPs per score).
+#   The papers' FLUX figures leave it out: TaylorSeer's full-compute FLUX.1-dev row (50 steps,
+#   1024x1024, n_img 4096, n_txt 512) is 3719.50 TFLOPs; this count gives 3719.485 T (0.015 T
+#   below), and with the softmax 3726.747 T (7.26 T above, more than the whole difference the
+#   other conventions could explain). The small terms (scaling, GELU, norms, modulation: 1.39 T
+#   together) are not pinned down one by one by a single total; the matmuls alone give 3718.10 T.
+# - RFC's Table 2 (ICLR 2026) full-compute row, 2813.50 T, is reproduced by no setting tried:
+#   896x896 (n_img 3136) with 512 text tokens gives 2822.01 T (+8.51), 1024x768 2764.48 T,
+#   1024x1024 with 256 text tokens 3473.85 T, no text-token MLPs 3646.00 T, 38 steps at 1024x1024
+#   2826.81 T (2813.50 T is 37.82 steps' worth), and adding the softmax moves each of these up
+#   (tests/test_flops_flux.py checks these and a grid of resolutions, text lengths and steps).
+#
+# Partial computation (ToCa-style: a subset of tokens recomputed, the rest reused from the cache):
+# the recomputed tokens' q, k, v projections, their scores against the keys of all N tokens (the
+# other tokens' keys and values come from the cache, at no cost), attention x v for them, and their
+# output projection; in a single-stream block also their proj_mlp, GELU and proj_out. A partial
+# double-stream MLP counts its tokens over the concatenated text + image tokens.
+
+
+def _flux_attention_core(B: int, queries: int, keys: int, C: int, h: int, softmax: bool) -> float:
+    """q, k, v projections of the query tokens, scaling, scores against ``keys`` tokens, (softmax),
+    attention x v: what joint attention and a single-stream block's attention share."""
+    d = C / h
+    return (2 * B * queries * C * 3 * C  # q, k, v projections (image: to_q/k/v, text: add_q/k/v_proj)
+            + B * h * queries * d  # query scaling
+            + 2 * B * h * queries * keys * d  # q k^T
+            + (5 * B * h * queries * keys if softmax else 0)  # softmax
+            + 2 * B * h * queries * keys * d)  # attention x v
+
+
+def _queries(N: int, queries: int | None) -> int:
+    if queries is None:
+        return N
+    if not 0 <= queries <= N:
+        raise ValueError(f"recomputed tokens must be within 0..{N} (all text + image tokens), got {queries}")
+    return queries
+
+
+def flux_joint_attention_flops(B: int, N: int, C: int, h: int, queries: int | None = None,
+                               softmax: bool = False) -> float:
+    """A double-stream block's joint attention over N = n_txt + n_img tokens: projections of both
+    streams, attention over their concatenation, to_out (image) and to_add_out (text). ``queries``:
+    tokens recomputed at a partial site (default all N), attending to all N keys."""
+    q = _queries(N, queries)
+    return _flux_attention_core(B, q, N, C, h, softmax) + 2 * B * q * C * C  # to_out + to_add_out
+
+
+def flux_mlp_flops(B: int, tokens: int, C: int, mlp_ratio: float = 4.0) -> float:
+    """A double-stream block's two MLPs (ff for image tokens, ff_context for text tokens),
+    C -> mlp_ratio*C -> C with tanh-GELU, over ``tokens`` of them together."""
+    M = int(C * mlp_ratio)
+    return 2 * 2 * B * tokens * C * M + 6 * B * tokens * M
+
+
+def flux_single_block_flops(B: int, N: int, C: int, h: int, mlp_ratio: float = 4.0, queries: int | None = None,
+                            softmax: bool = False) -> float:
+    """A single-stream block on all N tokens: attention (no output projection of its own), proj_mlp
+    C -> mlp_ratio*C with GELU beside it, proj_out (C + mlp_ratio*C) -> C. ``queries``: tokens
+    recomputed at a partial site (default all N); keys and values of the others from the cache."""
+    q = _queries(N, queries)
+    M = int(C * mlp_ratio)
+    return (_flux_attention_core(B, q, N, C, h, softmax)
+            + 2 * B * q * C * M + 6 * B * q * M  # proj_mlp + GELU(tanh)
+            + 2 * B * q * (C + M) * C)  # proj_out
+
+
+def flux_double_modulation_flops(B: int, C: int) -> float:
+    """A double-stream block's AdaLayerNormZero for image and for text: two Linear(C, 6C) on
+    silu(temb). Every block computes it every step, cached or not."""
+    return 2 * (B * C + 2 * B * C * 6 * C)
+
+
+def flux_single_modulation_flops(B: int, C: int) -> float:
+    """A single-stream block's AdaLayerNormZeroSingle: one Linear(C, 3C) on silu(temb)."""
+    return B * C + 2 * B * C * 3 * C
+
+
+def flux_norm_flops(B: int, tokens: int, C: int) -> float:
+    """Layer norm + modulate of ``tokens`` tokens, C FLOPs each (the DiT count's norm term per norm)."""
+    return B * tokens * C
+
+
+def flux_full_step_flops(rows: int, n_img: int, n_txt: int, hidden: int, heads: int, n_double: int, n_single: int,
+                         mlp_ratio: float = 4.0, softmax: bool = False) -> float:
+    """One step computed in full: every block's modulation, joint attention and both MLPs of every
+    double-stream block (two norms per token), every single-stream block (one norm per token).
+    FLUX.1-dev, 1024x1024, 512 text tokens, B = 1: 74.390 TFLOPs, x 50 steps = 3719.485 T
+    (TaylorSeer's 3719.50)."""
+    B, N, C = rows, n_img + n_txt, hidden
+    double = (flux_double_modulation_flops(B, C) + flux_joint_attention_flops(B, N, C, heads, softmax=softmax)
+              + flux_mlp_flops(B, N, C, mlp_ratio) + flux_norm_flops(B, 2 * N, C))
+    single = (flux_single_modulation_flops(B, C) + flux_single_block_flops(B, N, C, heads, mlp_ratio, softmax=softmax)
+              + flux_norm_flops(B, N, C))
+    return n_double * double + n_single * single
+
+
+def flux_flops(stats: object, rows: int, n_img: int, n_txt: int, hidden: int, heads: int, n_double: int,
+               n_single: int, mlp_ratio: float = 4.0, softmax: bool = False) -> float:
+    """Analytic FLOPs per sample of what ran, from a MethodStats' counters (read by name, so any
+    object with them will do):
+
+    - ``block_calls``: block evaluations that computed their modulation; every block does so every
+      step, so block_calls / (n_double + n_single) is the steps, each paying every modulation;
+    - ``full_attn`` / ``full_mlp``: full double-stream joint-attention sites / MLP sites (image and
+      text MLP together); ``full_total``: full single-stream blocks (0 where the counter is absent);
+    - ``partial_attn_tokens`` / ``partial_mlp_tokens`` / ``partial_total_tokens``: token counts of
+      partial double-stream attention, double-stream MLP (over text + image tokens) and
+      single-stream sites, counted as the module comment above says;
+    - ``norm_tokens``: tokens pushed through a layer norm + modulate (a full step: 2 N per
+      double-stream block, N per single-stream block).
+
+    Like the DiT count, it follows the computation that ran, so a cached step costs its modulations
+    (and whatever norms and partial sites it ran), not zero."""
+    B, N, C = rows, n_img + n_txt, hidden
+    steps = stats.block_calls / (n_double + n_single)
+    total = steps * (n_double * flux_double_modulation_flops(B, C) + n_single * flux_single_modulation_flops(B, C))
+    total += stats.full_attn * flux_joint_attention_flops(B, N, C, heads, softmax=softmax)
+    total += stats.full_mlp * flux_mlp_flops(B, N, C, mlp_ratio)
+    total += getattr(stats, "full_total", 0) * flux_single_block_flops(B, N, C, heads, mlp_ratio, softmax=softmax)
+    total += sum(flux_joint_attention_flops(B, N, C, heads, queries=k, softmax=softmax)
+                 for k in stats.partial_attn_tokens)
+    total += sum(flux_mlp_flops(B, k, C, mlp_ratio) for k in stats.partial_mlp_tokens)
+    total += sum(flux_single_block_flops(B, N, C, heads, mlp_ratio, queries=k, softmax=softmax)
+                 for k in getattr(stats, "partial_total_tokens", ()))
+    return total + flux_norm_flops(B, stats.norm_tokens, C)
