@@ -20,6 +20,14 @@ caption names the setting. Reruns are told apart by run_id and time: the latest 
 --aggregate the mean and standard deviation over seeds (latest rerun per seed). Numbers are the
 CSV's, shown to 4 significant digits. Writes results/tables/<name>.md, .tex and <name>_pareto.png
 (FID and sFID against TFLOPs and against latency, one curve per method).
+
+Text-to-image rows (a non-empty ``prompts`` column: the prompt set, sample i drawn from prompt i)
+are tabled apart, one table per setting and prompt set, in the layout of RFC's Table 2: Method |
+NFC | FLOPs (T) | Latency (s) | Speedup | PSNR | SSIM | LPIPS | ImageReward | CLIP. PSNR, SSIM and
+LPIPS compare each image with full compute's from the same noise and prompt ("-" on the
+full-compute row, their reference); a value the row does not have reads "missing", never "-" or 0,
+so an unmeasured metric is not mistaken for a reference or a result, and the caption names the
+prompt set and quotes the rows' notes on why. Same grouping, latency joining and speedup rules.
 """
 
 from __future__ import annotations
@@ -52,9 +60,18 @@ TABLE_KEYS = ["experiment", *(k for k in QUALITY_KEYS if k != "seed")]
 COLUMNS = [("NFC", "nfc", 0), ("TFLOPs", "tflops", 0), ("Latency (s)", "latency_s", -1), ("Speedup", "speedup", 1),
            ("FID", "fid", -1), ("sFID", "sfid", -1), ("FID2FC", "fid2fc", -1), ("sFID2FC", "sfid2fc", -1),
            ("IS", "inception_score", 1)]
-NUMERIC = [c for _, c, _ in COLUMNS if c != "speedup"]
-TEXT = sorted({*TABLE_KEYS, *TIMING_KEYS, *METHOD_KEYS, "seed", "variant", "sweep", "time", "run_id"})
+# text-to-image rows (non-empty prompts): RFC's Table 2
+T2I_COLUMNS = [("NFC", "nfc", 0), ("FLOPs (T)", "tflops", 0), ("Latency (s)", "latency_s", -1),
+               ("Speedup", "speedup", 1), ("PSNR", "psnr", 1), ("SSIM", "ssim", 1), ("LPIPS", "lpips", -1),
+               ("ImageReward", "image_reward", 1), ("CLIP", "clip_score", 1)]
+NUMERIC = list(dict.fromkeys(c for _, c, _ in [*COLUMNS, *T2I_COLUMNS] if c != "speedup"))
+# a table is one setting and, for text-to-image rows, one prompt set ("" for class-conditional rows)
+GROUP_KEYS = [*TABLE_KEYS, *(["prompts"] if "prompts" not in TABLE_KEYS else [])]
+TEXT = sorted({*GROUP_KEYS, *TIMING_KEYS, *METHOD_KEYS, "seed", "variant", "sweep", "time", "run_id", "notes",
+               "output_dir"})
 PAIRED = ("fid2fc", "sfid2fc")
+T2I_PAIRED = ("psnr", "ssim", "lpips")
+MISSING = "missing"  # a text-to-image cell the row has no value for
 JOINED = "\u2020"  # dagger: latency from a separate timing run of the same timing setting
 
 
@@ -99,7 +116,7 @@ def load(csv_path: Path, experiment: str | None, model: str | None) -> pd.DataFr
 def latest(df: pd.DataFrame) -> pd.DataFrame:
     """The latest rerun of each (setting, method, seed); table order = first appearance."""
     order = {lab: i for i, lab in enumerate(dict.fromkeys(df["label"]))}
-    out = df.groupby([*TABLE_KEYS, "label", "fused", "seed"], dropna=False, sort=False).tail(1)
+    out = df.groupby([*GROUP_KEYS, "label", "fused", "seed"], dropna=False, sort=False).tail(1)
     return out.assign(_order=out["label"].map(order)).sort_values(["_order", "seed"]).drop(columns="_order")
 
 
@@ -140,13 +157,21 @@ def with_latency(df: pd.DataFrame, every: pd.DataFrame) -> pd.DataFrame:
 
 
 def _table_of(row: pd.Series) -> tuple[str, ...]:
-    """The table a row is shown in (its values of TABLE_KEYS)."""
-    return tuple(str(row[k]) for k in TABLE_KEYS)
+    """The table a row is shown in (its values of GROUP_KEYS)."""
+    return tuple(str(row[k]) for k in GROUP_KEYS)
 
 
-def table_rows(group: pd.DataFrame, aggregate: bool) -> list[dict]:
-    """One dict per method: label, is_full, per column (mean, std or None), whether its latency
-    was joined from a timing run, and the timing setting of its latency."""
+def is_t2i(group: pd.DataFrame) -> bool:
+    """A text-to-image table: its rows name a prompt set (all of a table's rows share it)."""
+    return bool(group["prompts"].iloc[0])
+
+
+def table_rows(group: pd.DataFrame, aggregate: bool, columns: list[tuple[str, str, int]] = COLUMNS,
+               paired: tuple[str, ...] = PAIRED) -> list[dict]:
+    """One dict per method: label, is_full, per column (mean, std or None; (None, None) for a
+    paired column on the full-compute row, its reference), whether its latency was joined from a
+    timing run, the timing setting of its latency, and its notes, run id and output folder (the
+    latest rerun's: what scripts/make_figures.py shows)."""
     rows = []
     variants = group.groupby("label", sort=False)["fused"].nunique()
     for (label, fused), g in group.groupby(["label", "fused"], sort=False):
@@ -154,11 +179,12 @@ def table_rows(group: pd.DataFrame, aggregate: bool) -> list[dict]:
             label = f"{label} ({'fused' if fused == 'True' else 'per-site'})"
         row = {"label": label, "is_full": bool(g["is_full"].iloc[0]), "seeds": len(g),
                "joined": bool((g["latency_from"] != "").any()),
-               "timing": g["timing_key"].iloc[-1] if g["latency_s"].notna().any() else None}
-        for _, col, _ in COLUMNS:
+               "timing": g["timing_key"].iloc[-1] if g["latency_s"].notna().any() else None,
+               "notes": g["notes"].iloc[-1], "run_id": g["run_id"].iloc[-1], "output_dir": g["output_dir"].iloc[-1]}
+        for _, col, _ in columns:
             values = g[col].astype(float)
-            if row["is_full"] and col in PAIRED:
-                row[col] = (float("nan"), None)  # full compute is the reference of these columns
+            if row["is_full"] and col in paired:
+                row[col] = (None, None)  # full compute is the reference of these columns
                 continue
             if aggregate:
                 row[col] = (values.mean(), values.std(ddof=1) if len(values) > 1 else 0.0)
@@ -168,10 +194,10 @@ def table_rows(group: pd.DataFrame, aggregate: bool) -> list[dict]:
     return rows
 
 
-def ranks(rows: list[dict]) -> dict[tuple[int, str], int]:
+def ranks(rows: list[dict], columns: list[tuple[str, str, int]] = COLUMNS) -> dict[tuple[int, str], int]:
     """(row index, column) -> 1 for best, 2 for second, among the non-full rows."""
     out = {}
-    for _, col, better in COLUMNS:
+    for _, col, better in columns:
         if better == 0:
             continue
         cand = [(i, r[col][0]) for i, r in enumerate(rows)
@@ -182,10 +208,17 @@ def ranks(rows: list[dict]) -> dict[tuple[int, str], int]:
     return out
 
 
-def cell_text(value: tuple[float, float | None], col: str, rank: int | None, latex: bool) -> str:
+def cell_text(value: tuple[float | None, float | None], col: str, rank: int | None, latex: bool,
+              missing: str = "-") -> str:
+    """A cell: "-" for a reference cell (mean None), ``missing`` for a value the row lacks (NaN)."""
     mean, std = value
-    text = fmt(mean) + ("x" if col == "speedup" and fmt(mean) != "-" else "")
-    if std is not None and fmt(mean) != "-":
+    text = fmt(mean)
+    if text == "-" and mean is not None:
+        text = missing
+    if text in ("-", missing):
+        return text
+    text += "x" if col == "speedup" else ""
+    if std is not None:
         text += (r" $\pm$ " if latex else " ± ") + fmt(std)
     if rank == 1:
         return rf"\textbf{{{text}}}" if latex else f"**{text}**"
@@ -194,15 +227,17 @@ def cell_text(value: tuple[float, float | None], col: str, rank: int | None, lat
     return text
 
 
-def render(rows: list[dict], caption: list[str], latex: bool, marks: dict[str, str] | None = None) -> str:
+def render(rows: list[dict], caption: list[str], latex: bool, marks: dict[str, str] | None = None,
+           columns: list[tuple[str, str, int]] = COLUMNS, missing: str = "-") -> str:
     """The table with its caption lines above it (LaTeX: as comments). ``marks``: a letter per
-    timing setting when the table's latencies come from more than one."""
-    rk = ranks(rows)
-    headers = ["Method", *[h for h, _, _ in COLUMNS]]
+    timing setting when the table's latencies come from more than one; ``missing``: what a cell
+    without a value reads."""
+    rk = ranks(rows, columns)
+    headers = ["Method", *[h for h, _, _ in columns]]
     lines = []
     if latex:
         lines += [f"% {line}" for line in caption]
-        lines += [r"\begin{tabular}{l" + "r" * len(COLUMNS) + "}", r"\toprule", " & ".join(headers) + r" \\",
+        lines += [r"\begin{tabular}{l" + "r" * len(columns) + "}", r"\toprule", " & ".join(headers) + r" \\",
                   r"\midrule"]
     else:
         lines += [f"**{caption[0]}**", "", *(f"{line}  " for line in caption[1:]), "",
@@ -210,9 +245,9 @@ def render(rows: list[dict], caption: list[str], latex: bool, marks: dict[str, s
     dagger = r"$^\dagger$" if latex else JOINED
     for i, r in enumerate(rows):
         cells = [_escape(r["label"]) if latex else r["label"]]
-        for _, col, _ in COLUMNS:
-            text = cell_text(r[col], col, rk.get((i, col)), latex)
-            if col == "latency_s" and text != "-":
+        for _, col, _ in columns:
+            text = cell_text(r[col], col, rk.get((i, col)), latex, missing)
+            if col == "latency_s" and text not in ("-", missing):
                 text += (dagger if r["joined"] else "") + ((marks or {}).get(r["timing"], ""))
             cells.append(text)
         lines.append(" & ".join(cells) + r" \\" if latex else "| " + " | ".join(cells) + " |")
@@ -234,6 +269,13 @@ def caption_of(group: pd.DataFrame, rows: list[dict], aggregate: bool) -> tuple[
     if first["extractor"]:
         lines.append(f"Quality in the {first['extractor']} feature space against {first['reference']}; FID2FC / "
                      "sFID2FC against full compute of this setting (same noise).")
+    timing_lines, marks = _timing_caption(group, rows)
+    return lines + timing_lines, marks
+
+
+def _timing_caption(group: pd.DataFrame, rows: list[dict]) -> tuple[list[str], dict[str, str]]:
+    """The caption's lines on latency: what it was measured on, and which latencies were joined."""
+    lines = []
     timings = list(dict.fromkeys(r["timing"] for r in rows if r["timing"] is not None))
     marks = {t: chr(ord("a") + i) for i, t in enumerate(timings)} if len(timings) > 1 else {}
     if timings:
@@ -247,8 +289,43 @@ def caption_of(group: pd.DataFrame, rows: list[dict], aggregate: bool) -> tuple[
     return lines, marks
 
 
+def t2i_caption(group: pd.DataFrame, rows: list[dict], aggregate: bool) -> tuple[list[str], dict[str, str]]:
+    """A text-to-image table's caption: the setting and the prompt set, what the metrics compare,
+    the latency lines, and why cells read "missing" where the rows' notes say."""
+    first = group.iloc[0]
+    seeds = "mean ± std over seeds" if aggregate else f"seed {first['seed']}"
+    guidance = f", guidance {float(first['cfg_scale']):g}" if first["cfg_scale"] else ""
+    lines = [f"{first['experiment']}: {first['model']} {first['image_size']}px, {first['sampler'].upper()}-"
+             f"{first['num_steps']}{guidance}, {first['num_samples']} samples, sample i from prompt i of "
+             f"{first['prompts']}, {seeds}",
+             f"Samples drawn on {describe_sampling(first)}; weights {first['checkpoint'] or 'unrecorded'}"
+             + ("." if aggregate or not first["setting_id"] else f"; setting {first['setting_id']} (its full-compute "
+                f"set: <paths.store>/full_compute/{first['setting_id']})."),
+             "PSNR / SSIM / LPIPS against full compute of this setting (same noise and prompt; '-' on the "
+             "full-compute row, their reference); ImageReward and CLIP score of each image with its prompt."]
+    timing_lines, marks = _timing_caption(group, rows)
+    lines += timing_lines
+    reasons: dict[str, list[str]] = {}
+    for r in rows:
+        gaps = {col for _, col, _ in T2I_COLUMNS if r[col][0] is not None and math.isnan(r[col][0])}
+        if gaps == {"speedup"}:  # the row was timed, its table's full compute was not
+            reasons.setdefault("speedup: no full-compute latency of the same timing setting", []).append(r["label"])
+        elif gaps:
+            said = [c.strip() for c in str(r["notes"] or "").split(";") if "missing" in c or "not measured" in c]
+            for clause in said or ["no reason in the row's notes"]:
+                reasons.setdefault(clause, []).append(r["label"])
+    for clause, labels in reasons.items():
+        lines.append(f"{MISSING.capitalize()} ({', '.join(labels)}): {clause}.")
+    return lines, marks
+
+
 def table_name(first: pd.Series) -> str:
     compiled = "-compile" if first["compile"] == "True" else ""
+    if first["prompts"]:  # text-to-image: the prompt set is part of the setting (and guidance may be unset)
+        cfg = f"{float(first['cfg_scale']):g}" if first["cfg_scale"] else "-"
+        return (f"{first['experiment']}_{first['model']}_{first['image_size']}px_{first['sampler']}"
+                f"{first['num_steps']}_cfg{cfg}_n{first['num_samples']}_{first['precision_mode'] or 'unknown'}"
+                f"{compiled}_b{first['batch_size']}_{setting_id(first, GROUP_KEYS)[:6]}")
     return (f"{first['experiment']}_{first['model']}_{first['image_size']}px_{first['sampler']}{first['num_steps']}"
             f"_cfg{float(first['cfg_scale']):g}_n{first['num_samples']}_{first['precision_mode'] or 'unknown'}"
             f"{compiled}_b{first['batch_size']}_{setting_id(first, TABLE_KEYS)[:6]}")
@@ -300,12 +377,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table = with_latency(latest(df), df)
     args.out.mkdir(parents=True, exist_ok=True)
-    for _, group in table.groupby(TABLE_KEYS, sort=False):
+    for _, group in table.groupby(GROUP_KEYS, sort=False):
         if not args.aggregate and group["seed"].nunique() > 1:
             group = group[group["seed"] == group["seed"].iloc[0]]
+        name = table_name(group.iloc[0])
+        if is_t2i(group):
+            rows = table_rows(group, args.aggregate, T2I_COLUMNS, T2I_PAIRED)
+            caption, marks = t2i_caption(group, rows, args.aggregate)
+            for suffix, latex in ((".md", False), (".tex", True)):
+                atomic_write_text(args.out / f"{name}{suffix}",
+                                  render(rows, caption, latex, marks, T2I_COLUMNS, MISSING))
+            print(f"wrote {args.out / name}.md, .tex ({len(rows)} methods, text-to-image)")
+            continue
         rows = table_rows(group, args.aggregate)
         caption, marks = caption_of(group, rows, args.aggregate)
-        name = table_name(group.iloc[0])
         atomic_write_text(args.out / f"{name}.md", render(rows, caption, latex=False, marks=marks))
         atomic_write_text(args.out / f"{name}.tex", render(rows, caption, latex=True, marks=marks))
         pareto_plot(group, args.out / f"{name}_pareto.png", caption[0])

@@ -116,3 +116,110 @@ def test_speedup_is_against_the_tables_own_full_compute_row(tmp_path):
     assert proc.returncode == 0, proc.stderr
     speedups = {md.name[0]: {k: v[3] for k, v in _md_rows(md).items()} for md in (tmp_path / "t").glob("*.md")}
     assert speedups == {"a": {"Full": "1", "Cached": "2"}, "b": {"Full": "1", "Cached": "5"}}
+
+
+# ---- text-to-image rows: RFC's Table 2 layout --------------------------------------------------
+
+T2I_HEADER = "| Method | NFC | FLOPs (T) | Latency (s) | Speedup | PSNR | SSIM | LPIPS | ImageReward | CLIP |"
+
+
+def _t2i_csv(path: Path) -> None:
+    """A FLUX-like table: full compute, two cached methods with every metric, one without
+    ImageReward (notes say why), one not timed; plus a class-conditional row and a second prompt set."""
+    common = dict(experiment="rfc_table2", model="flux-tiny", image_size=64, sampler="flow_euler", num_steps=50,
+                  cfg_scale=3.5, num_samples=8, seed=0, batch_size=4, prompts="drawbench200:sha256:0123abcd")
+    rows = [
+        RunRecord(time="2026-01-01T00:00:00", method="none", variant="Full compute", nfc=50.0, tflops=3719.48,
+                  latency_s=10.0, image_reward=1.0, clip_score=31.5, notes="paired metrics missing: reference run",
+                  **common),
+        RunRecord(time="2026-01-01T00:01:00", method="fora", variant="FORA N=3", nfc=17.0, tflops=1264.6,
+                  latency_s=4.0, psnr=28.0, ssim=0.80, lpips=0.30, image_reward=0.90, clip_score=31.0,
+                  notes="paired with /x", **common),
+        RunRecord(time="2026-01-01T00:02:00", method="taylorseer", variant="TaylorSeer N=4 m=2", nfc=14.0,
+                  tflops=1041.5, latency_s=5.0, psnr=31.0, ssim=0.85, lpips=0.20, clip_score=31.2,
+                  notes="paired with /x; image_reward missing: image-reward is not installed", **common),
+        RunRecord(time="2026-01-01T00:03:00", method="toca", variant="ToCa N=5", nfc=12.0, tflops=900.0,
+                  psnr=25.0, ssim=0.70, lpips=0.40, image_reward=0.80, clip_score=30.0,
+                  notes="latency not measured: another job used cuda:0", **common),
+        RunRecord(time="2026-01-01T00:04:00", method="none", variant="Full compute", nfc=50.0, latency_s=10.0,
+                  clip_score=30.0, **{**common, "prompts": "parti:sha256:ffff"}),
+        RunRecord(time="2026-01-01T00:05:00", experiment="rfc_table1", model="m", image_size=8, sampler="ddim",
+                  num_steps=50, cfg_scale=1.5, num_samples=10, seed=0, method="none", variant="Full", nfc=50.0,
+                  latency_s=10.0, fid=5.0),
+    ]
+    for r in rows:
+        append_csv(path, r)
+
+
+def test_text_to_image_rows_in_table2_layout(tmp_path):
+    from make_tables import T2I_COLUMNS
+    from make_tables import main as make_tables
+
+    _t2i_csv(tmp_path / "runs.csv")
+    assert make_tables(["--csv", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "t")]) == 0
+    mds = sorted((tmp_path / "t").glob("*.md"))
+    t2i = [md for md in mds if T2I_HEADER in md.read_text()]
+    assert len(mds) == 3 and len(t2i) == 2  # one table per prompt set, the class-conditional one apart
+    dit = next(md for md in mds if md not in t2i)
+    assert "| Method | NFC | TFLOPs | Latency (s) | Speedup | FID |" in dit.read_text()
+    md = next(md for md in t2i if "drawbench200" in md.read_text())
+    text = md.read_text()
+    table = _md_rows(md)
+    assert list(table) == ["Full compute", "FORA N=3", "TaylorSeer N=4 m=2", "ToCa N=5"]
+    assert [h for h, _, _ in T2I_COLUMNS] == T2I_HEADER.strip("| ").split(" | ")[1:]
+    assert table["Full compute"] == ["50", "3719", "10", "1", "-", "-", "-", "1", "31.5"]
+    assert table["FORA N=3"] == ["17", "1265", "4", "2.5", "28", "0.8", "0.3", "0.9", "31"]
+    assert table["TaylorSeer N=4 m=2"] == ["14", "1042", "5", "2", "31", "0.85", "0.2", "missing", "31.2"]
+    assert table["ToCa N=5"] == ["12", "900", "missing", "missing", "25", "0.7", "0.4", "0.8", "30"]
+    # best / second of each ranked column among the cached rows
+    assert "**31**" in text and "<u>28</u>" in text and "**0.2**" in text and "**2.5x**" in text
+    caption = text.split("| Method")[0]
+    assert "drawbench200:sha256:0123abcd" in caption and "sample i from prompt i" in caption
+    assert "Missing (TaylorSeer N=4 m=2): image_reward missing: image-reward is not installed." in caption
+    assert "Missing (ToCa N=5): latency not measured: another job used cuda:0." in caption
+    assert "reference run" not in caption  # the full row's paired cells are its reference, not missing
+    tex = md.with_suffix(".tex").read_text()
+    assert r"ImageReward & CLIP \\" in tex and r"\textbf{31}" in tex
+    assert (r"TaylorSeer N=4 m=2 & 14 & 1042 & \underline{5} & \underline{2x} & \textbf{31} & \textbf{0.85} & "
+            r"\textbf{0.2} & missing & \textbf{31.2} \\") in tex
+    assert not any(re.fullmatch(r"0(\.0+)?", c) for row in table.values() for c in row)
+
+
+def test_rfc_table2_sweep_composes_every_variant():
+    """The experiment's 13 variants compose with their method keys, and RFC's calibrated tau is
+    looked up per order (m=1 and m=2 are calibrated apart)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rfc.config import register_resolvers, tau_key
+
+    register_resolvers()
+    expected = {
+        "flux_full": ("rfc.cache.NoCache", {}, "Full compute"),
+        "flux_fora3": ("baselines.fora.FORA", {"interval": 3}, "FORA N=3"),
+        "flux_fora7": ("baselines.fora.FORA", {"interval": 7}, "FORA N=7"),
+        "flux_toca5": ("baselines.toca.ToCa", {"interval": 5, "fresh_ratio": 0}, "ToCa N=5"),
+        "flux_toca12": ("baselines.toca.ToCa", {"interval": 12, "fresh_ratio": 0}, "ToCa N=12"),
+        **{f"flux_ts{n}_m{m}": ("baselines.taylorseer.TaylorSeer", {"interval": n, "order": m, "warmup": 3},
+                                f"TaylorSeer N={n} m={m}") for n in (4, 9) for m in (1, 2)},
+        **{f"flux_rfc{t}_m{m}": ("rfc.method.RFC", {"order": m}, f"RFC m={m} NFC {t}")
+           for t in (14, 8) for m in (1, 2)},
+    }
+    GlobalHydra.instance().clear()
+    keys = {}
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        sweep = compose("run", overrides=["experiment=rfc_table2"], return_hydra_config=True)
+        assert sweep.experiment_name == "rfc_table2" and sweep.model.name == "dit-tiny"  # model: the user's choice
+        variants = sweep.hydra.sweeper.params["+variant"].split(",")
+        assert variants == list(expected)  # full compute first: the others pair with it
+        for variant in variants:
+            cfg = compose("run", overrides=["experiment=rfc_table2", f"+variant={variant}"])
+            target, params, name = expected[variant]
+            assert cfg.method._target_ == target and cfg.variant_name == name, variant
+            assert {k: cfg.method[k] for k in params} == params, variant
+            if target == "rfc.method.RFC":
+                t = int(variant.split("_")[1].removeprefix("rfc"))
+                assert cfg.method._get_node("tau")._value() == f"${{calibrated_tau:{t}}}"
+                keys[variant] = tau_key(cfg, t)
+    GlobalHydra.instance().clear()
+    assert len(set(keys.values())) == 4
