@@ -1,9 +1,11 @@
 """FORA (Selvaraju et al., 2024): reuse each block's attention and MLP outputs between full steps.
 
-Official rule: a step is full when it is the first step or its down-counting index is a multiple
-of N (``interval``; the official code calls it a "threshold"). Cached steps return the stored
-branch outputs unchanged; the current step's gates are applied to them as usual. With ``fused``
-(default) a cached step is one gated sum of the stored outputs (rfc/cache/fused.py).
+Official rule (DiT): a step is full when it is the first step or its down-counting index is a
+multiple of N (``interval``; the official code calls it a "threshold"). The official FLUX code
+counts steps up instead: full at step 0 and every N steps after it (the model's
+``step_counting``). Cached steps return the stored branch outputs unchanged; the current step's
+gates are applied to them as usual. With ``fused`` (default) a cached step is one gated sum of
+the stored outputs (rfc/cache/fused.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class FORA(TaylorBankMethod):
         self.make_bank(0, None)  # order 0: the outputs, in their own dtype
 
     def decide(self, step: StepInfo) -> bool:
+        if self.counting == "up":  # official FLUX code: full at step 0, then every N steps after it
+            return step.index % self.interval == 0
         return step.index == 0 or step.down_index % self.interval == 0
 
     def params(self) -> dict[str, object]:

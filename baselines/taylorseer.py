@@ -47,6 +47,10 @@ class TaylorSeer(TaylorBankMethod):
         super().reset()
         self.schedule.reset()
         self.make_bank(self.order, self.dtype)
+        # The official code computes derivatives only from step first_enhance - 1 on (DiT: down-counting
+        # step < T - first_enhance + 1; FLUX: step > first_enhance - 2), i.e. from forward index warmup - 1:
+        # earlier warm-up steps keep the output alone. With the DiT recipe's warmup 2 that is every step.
+        self.bank.restart_below = self.schedule.warmup - 1
 
     def decide(self, step: StepInfo) -> bool:
         return self.schedule(step)

@@ -24,6 +24,9 @@ steps since the token was recomputed) / N, scored before that count is increment
 2x2 block of the token grid the highest-scoring token gets + 0.6 * that block's maximum. The
 count is incremented at every partial step, also when no token is recomputed.
 
+On FLUX only ``fresh_ratio=0`` runs (the official FLUX code's switch to whole-module reuse, full at
+step 0 and every N steps, counted up); token-wise recompute there is refused before sampling.
+
 Attention maps come from an explicit softmax (q scaled before the product, as the official
 attention module does it) on full blocks, and only when R > 0; otherwise the model's own fused
 attention runs, which keeps N = 1, R = 0 bit-identical to ``method=none``.
@@ -54,6 +57,9 @@ MODULE_FACTOR = {"attn": 1 - (1 - MODULE_TIME_WEIGHT) * MODULE_WEIGHT, "mlp": 1 
 RATIO_SCHEDULES: dict[str, tuple[float, float]] = {"ddim50": (2.0, -0.2), "ddpm250": (0.4, 0.8)}
 SCHEDULES = ("official", "step")
 OFFICIAL_LAYER_DIVISOR = 27
+TOKENWISE_FLUX = ("method.fresh_ratio must be 0 on FLUX: ToCa's token-wise recompute on FLUX (scores from the joint "
+                  "attention's map, single-stream attention cached apart from the block output) is not implemented; "
+                  "fresh_ratio=0 runs the official FLUX code's whole-module reuse (full at step 0 and every N)")
 
 
 def linear_factor(weight: float, x: float, span: float) -> float:
@@ -104,6 +110,10 @@ class ToCa(CacheMethod):
     def decide(self, step: StepInfo) -> bool:
         """Block 0's decision, which is the step's count in the papers' NFC; blocks 1.. then test
         the same step against the interval block 0 may just have re-scheduled."""
+        if self.counting == "up":  # the official FLUX code with fresh_ratio 0 (its FORA switch): 0, N, 2N ...
+            require(self.fresh_ratio == 0, TOKENWISE_FLUX)
+            self.rest_full = step.index % self.interval == 0
+            return self.rest_full
         s, first = step.down_index, step.index == 0
         full = first or s % self.current_interval == 0
         if full:
@@ -120,6 +130,9 @@ class ToCa(CacheMethod):
             return 2
         factor = torch.tensor(linear_factor(INTERVAL_WEIGHT, s, T), dtype=torch.float32)
         return max(1, int(torch.round(self.interval / factor)))
+
+    def check_model_family(self, family: str) -> None:
+        require(family != "flux" or self.fresh_ratio == 0, TOKENWISE_FLUX)
 
     def block_full(self, block: int) -> bool:
         return self.full if block == 0 else self.rest_full
@@ -147,7 +160,7 @@ class ToCa(CacheMethod):
                 self.staleness[site] = torch.zeros(out.shape[:2], dtype=torch.int32, device=out.device)
             return out
         step = self.step
-        k = self.fresh_tokens(site, step.down_index, step.num_steps, inp.x.shape[1])
+        k = 0 if self.fresh_ratio == 0 else self.fresh_tokens(site, step.down_index, step.num_steps, inp.x.shape[1])
         stale = self.staleness.get(site)
         if k == 0:
             if stale is not None:

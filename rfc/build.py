@@ -21,12 +21,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from eval.extractors import check_reference, get_extractor
 from rfc.cache import CacheMethod, NoCache
+from rfc.cache.base import block_branches
 from rfc.distributed import group
 from rfc.errors import ConfigError
 from rfc.files import check_writable_file, memo_digest
 from rfc.models.dit import DiT, DiTConfig, dit_config
-from rfc.models.load import build_dit, require_file
+from rfc.models.flux import FluxConfig
+from rfc.models.load import MissingAssetError, build_dit, require_file
 from rfc.models.vae import LATENT_DOWNSAMPLE, check_vae_folder, load_vae, random_vae, vae_folder
+from rfc.prompts import PromptSet, load_prompts
 from rfc.samplers.sampling import CFGDenoiser, Sampler
 from rfc.store import digest_memo
 from rfc.validate import as_bool, as_float, as_int, check_arguments
@@ -55,8 +58,44 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def model_config(m: DictConfig) -> DiTConfig:
-    """DiTConfig from configs/model/*.yaml: a named arch ("DiT-XL/2") or explicit sizes."""
+def is_flux(m: DictConfig) -> bool:
+    """A FLUX.1 text-to-image model (configs/model/flux-*.yaml), else a class-conditional DiT."""
+    return str(m.get("family", "dit")) == "flux"
+
+
+def flux_config(m: DictConfig) -> FluxConfig:
+    """FluxConfig from configs/model/flux-*.yaml, every size checked."""
+    image_size = as_int(m.image_size, "model.image_size", 16)
+    if image_size % 16:
+        raise ConfigError(f"model.image_size {image_size} is not a multiple of 16 (the VAE's 8x downsampling, then "
+                          "2x2 packing)")
+    config = FluxConfig(image_size=image_size, hidden_size=as_int(m.hidden_size, "model.hidden_size", 1),
+                        num_heads=as_int(m.num_heads, "model.num_heads", 1),
+                        depth_double=as_int(m.depth_double, "model.depth_double", 0),
+                        depth_single=as_int(m.depth_single, "model.depth_single", 0),
+                        text_tokens=as_int(m.text_tokens, "model.text_tokens", 1),
+                        text_dim=as_int(m.text_dim, "model.text_dim", 1),
+                        pooled_dim=as_int(m.pooled_dim, "model.pooled_dim", 1),
+                        guidance_embeds=as_bool(m.guidance_embeds, "model.guidance_embeds"))
+    if config.depth_double < 1:
+        raise ConfigError("model.depth_double must be >= 1: RFC's schedule and TeaCache read block 0's input, which is "
+                          "a double-stream block's")
+    if config.hidden_size % config.num_heads:
+        raise ConfigError(f"model.hidden_size {config.hidden_size} is not divisible by model.num_heads "
+                          f"{config.num_heads}")
+    if sum(int(a) for a in m.axes_dims_rope) != config.hidden_size // config.num_heads:
+        raise ConfigError(f"model.axes_dims_rope {list(m.axes_dims_rope)} must sum to the head size "
+                          f"{config.hidden_size // config.num_heads}")
+    if config.guidance_embeds:
+        as_float(m.guidance, "model.guidance", 0.0)
+    return config
+
+
+def model_config(m: DictConfig) -> DiTConfig | FluxConfig:
+    """DiTConfig from configs/model/*.yaml: a named arch ("DiT-XL/2") or explicit sizes; a FLUX
+    model's FluxConfig."""
+    if is_flux(m):
+        return flux_config(m)
     if m.vae not in VAE_CHOICES:
         raise ConfigError(f"model.vae must be one of {VAE_CHOICES}, got {m.vae!r}")
     latent = m.vae != "none"
@@ -137,11 +176,11 @@ def compile_for(model: DiT, method: CacheMethod) -> None:
         model.compile(dynamic=False)
         return
     method.compile = True
-    if method.fused and method.can_fuse():
+    if method.fused and method.can_fuse() and getattr(model, "step_programs", True):
         return
     for block in model.blocks:
-        block.attn.compile(dynamic=False)
-        block.mlp.compile(dynamic=False)
+        for branch in block_branches(block):
+            getattr(block, branch).compile(dynamic=False)
 
 
 @dataclass
@@ -160,6 +199,12 @@ class RunPlan:
     sampler: Sampler
     paths: dict = field(default_factory=dict)
     setting: dict = field(default_factory=dict)  # rfc.setting.SAMPLE_KEYS -> value: what fixes the samples
+    prompts: PromptSet | None = None  # text-to-image models: sample i's prompt is prompts.for_samples(n)[i]
+    skipped_metrics: dict = field(default_factory=dict)  # text-to-image metric -> why it is not computed
+
+    @property
+    def text_to_image(self) -> bool:
+        return self.prompts is not None
 
 
 def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
@@ -180,6 +225,8 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
         raise ConfigError(f"eval.paired must be auto, find or off, got {ev.paired!r}")
     check_precision(str(cfg.get("precision", "tf32")))
     dit = model_config(m)
+    if is_flux(m):
+        return plan_flux_run(cfg, out_dir, dit, num_samples, batch_size, score)
     if as_int(m.guided_channels, "model.guided_channels") < 1 or int(m.guided_channels) > dit.in_channels:
         raise ConfigError(f"model.guided_channels must be in 1..{dit.in_channels}, got {m.guided_channels}")
     if cfg_scale > 1.0 and dit.class_dropout_prob <= 0:
@@ -201,6 +248,18 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     if score:
         get_extractor(extractor).check(paths)
         check_reference(str(ev.reference))
+    out = prepare_outputs(cfg, out_dir, paths)
+    if not m.pretrained:
+        vae_note = "" if m.vae == "none" else (" and a random VAE" if not m.vae_pretrained else "")
+        print(f"note: model.pretrained=false: random DiT weights{vae_note} (timing is real, images are not)"
+              + ("" if score else "; quality metrics skipped (eval.score=false)"))
+    plan = RunPlan(cfg, device, dit, num_samples, batch_size, score, extractor, out, method, sampler, paths)
+    plan.setting = sample_setting(plan)
+    return plan
+
+
+def prepare_outputs(cfg: DictConfig, out_dir: str | Path, paths: dict) -> Path:
+    """The run folder, created, and every file the run will write checked writable."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -210,11 +269,43 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     if cfg.logger.get("csv"):
         check_writable_file(cfg.paths.runs_csv, "paths.runs_csv")
     check_writable_file(digest_memo(paths), "paths.store's")  # full-compute sets, statistics, digests
+    return out
+
+
+def plan_flux_run(cfg: DictConfig, out_dir: str | Path, flux: FluxConfig, num_samples: int, batch_size: int,
+                  score: bool) -> RunPlan:
+    """plan_run for a FLUX model: its prompts, weights (the Hugging Face cache; never downloaded
+    here) and metric weights are checked before anything is built."""
+    m = cfg.model
+    prompts = load_prompts(str(cfg.get("prompts") or "drawbench"))
+    device = resolve_device(str(cfg.device), group().local_rank)
+    check_arguments(cfg.method, "method")
+    check_arguments(cfg.sampler, "sampler")
+    if m.pretrained:
+        from eval.t2i import flux_weights_missing
+
+        missing = flux_weights_missing(str(m.repo))
+        if missing is not None:
+            raise MissingAssetError(f"missing {m.name} weights: {missing}")
+    method = build(cfg.method, "method")
+    try:
+        method.check_model_family("flux")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    sampler = build(cfg.sampler, "sampler")
+    paths = OmegaConf.to_container(cfg.paths, resolve=True)
+    skipped = {}
+    if score:
+        from eval.t2i import T2I_METRICS, check_metrics
+
+        names = list(cfg.eval.get("t2i_metrics") or T2I_METRICS)
+        skipped = check_metrics(names, str(cfg.eval.missing_metrics), Path(paths["assets"]))
+    out = prepare_outputs(cfg, out_dir, paths)
     if not m.pretrained:
-        vae_note = "" if m.vae == "none" else (" and a random VAE" if not m.vae_pretrained else "")
-        print(f"note: model.pretrained=false: random DiT weights{vae_note} (timing is real, images are not)"
-              + ("" if score else "; quality metrics skipped (eval.score=false)"))
-    plan = RunPlan(cfg, device, dit, num_samples, batch_size, score, extractor, out, method, sampler, paths)
+        print("note: model.pretrained=false: random FLUX weights, VAE and prompt embeddings (timing is real, images "
+              "are not)" + ("" if score else "; quality metrics skipped (eval.score=false)"))
+    plan = RunPlan(cfg, device, flux, num_samples, batch_size, score, None, out, method, sampler, paths,
+                   prompts=prompts, skipped_metrics=skipped)
     plan.setting = sample_setting(plan)
     return plan
 
@@ -230,6 +321,8 @@ def sample_setting(plan: RunPlan) -> dict[str, object]:
     checkpoint's sha256, memoized in the store), random weights by their init and architecture
     (the seed is its own key)."""
     cfg, m = plan.cfg, plan.cfg.model
+    if plan.text_to_image:
+        return flux_setting(plan)
     if m.pretrained:
         weights = "sha256:" + memo_digest(m.checkpoint, digest_memo(plan.paths))[:16]
     else:
@@ -244,10 +337,55 @@ def sample_setting(plan: RunPlan) -> dict[str, object]:
                 precision_mode=str(cfg.precision), compile=as_bool(cfg.compile, "compile"))
 
 
+def flux_setting(plan: RunPlan) -> dict[str, object]:
+    """sample_setting of a FLUX run: the weights are the Hugging Face snapshot (repo@commit) or
+    the random init of the architecture; cfg_scale records the distilled guidance (the model's
+    input), guided_channels is empty; the prompt set is its own key."""
+    from rfc.models.flux import hf_snapshot
+
+    cfg, m, sampler = plan.cfg, plan.cfg.model, plan.sampler
+    if m.pretrained:
+        weights = f"hf:{m.repo}@{Path(hf_snapshot(str(m.repo))).name[:12]}"
+    else:
+        arch = json.dumps({**dataclasses.asdict(plan.dit), "axes_dims_rope": list(m.axes_dims_rope)}, sort_keys=True)
+        weights = f"random:{m.init}:{hashlib.sha256(arch.encode()).hexdigest()[:8]}"
+    guidance = float(m.guidance) if plan.dit.guidance_embeds else None
+    return dict(model=str(m.name), arch=str(m.arch), image_size=int(m.image_size),
+                vae=f"{m.repo}/vae" if m.vae_pretrained else "flux-vae (random)", sampler=sampler.name,
+                sampler_params=json.dumps(sampler.params(), sort_keys=True), respacing=None,
+                num_steps=sampler.num_steps, cfg_scale=guidance, guided_channels=None, checkpoint=weights,
+                seed=int(cfg.seed), num_samples=plan.num_samples, batch_size=plan.batch_size,
+                device=device_name(plan.device), precision_mode=str(cfg.precision),
+                compile=as_bool(cfg.compile, "compile"), prompts=plan.prompts.id)
+
+
+def build_flux(plan: RunPlan) -> tuple[torch.nn.Module, CFGDenoiser]:
+    """The planned FLUX model on its device: the transformer (the Hugging Face snapshot, or random
+    weights seeded by the run's seed), the prompt table of the run's prompts (FLUX.1's text
+    encoders, or per-prompt random embeddings), and a guidance wrapper without CFG (FLUX.1-dev's
+    guidance is distilled into the model's input)."""
+    from rfc.models.flux import FluxModel, encode_prompts, load_transformer, random_prompt_table, random_transformer
+
+    m, flux = plan.cfg.model, plan.dit
+    texts = plan.prompts.prompts[:plan.num_samples]
+    dtype = torch.bfloat16 if str(plan.cfg.precision) == "bf16" else torch.float32
+    if m.pretrained:
+        transformer = load_transformer(str(m.repo), dtype)
+        table = encode_prompts(str(m.repo), texts, flux.text_tokens, plan.device, dtype)
+    else:
+        transformer = random_transformer(flux, list(m.axes_dims_rope), int(plan.cfg.seed))
+        table = random_prompt_table(texts, flux.text_tokens, flux.text_dim, flux.pooled_dim)
+    model = FluxModel(transformer, table, flux, float(m.guidance) if flux.guidance_embeds else None)
+    model = apply_precision(model.to(plan.device), str(plan.cfg.precision))
+    return model, CFGDenoiser(model, 1.0, null_class=0, guided_channels=flux.in_channels)
+
+
 def build_model(plan: RunPlan) -> tuple[DiT, CFGDenoiser]:
     """The planned DiT on its device (checkpoint or random init, loaded and checked in fp32, then
     converted by apply_precision for the run's precision) and its guidance wrapper."""
     m = plan.cfg.model
+    if plan.text_to_image:
+        return build_flux(plan)
     model = build_dit(plan.dit, m.checkpoint if m.pretrained else None, init=m.init, seed=int(plan.cfg.seed))
     model = apply_precision(model.to(plan.device), str(plan.cfg.precision))
     denoiser = CFGDenoiser(model, float(plan.cfg.cfg_scale), null_class=plan.dit.num_classes,
@@ -259,6 +397,10 @@ def build_vae(plan: RunPlan) -> torch.nn.Module | None:
     """The planned VAE on the run's device (fetched weights, or random ones seeded by the run's
     seed), or None for a pixel-space model."""
     cfg, m = plan.cfg, plan.cfg.model
+    if plan.text_to_image:
+        from rfc.models.flux import load_flux_vae, random_flux_vae
+
+        return (load_flux_vae(str(m.repo)) if m.vae_pretrained else random_flux_vae(int(cfg.seed))).to(plan.device)
     vae = None
     if m.vae != "none":
         vae = load_vae(vae_folder(plan.paths["assets"], m.vae)) if m.vae_pretrained else random_vae(int(cfg.seed))

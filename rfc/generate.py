@@ -109,7 +109,7 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
         for i, start in enumerate(starts[:1] * extra + starts):
             batch = range(start, min(start + batch_size, num_samples))
             streams = SampleStreams(seed, batch, device)
-            y = streams.labels(cfg.num_classes)
+            y = conditioning(model, streams, batch)
             x = streams.randn(shape)
             method.reset()
             before = device_use.snapshot() if device_use is not None else None
@@ -139,6 +139,16 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
             bar.update(len(batch))
     finally:
         bar.close()  # before any error line reaches the terminal
+
+
+def conditioning(model: torch.nn.Module, streams: SampleStreams, batch: range) -> torch.Tensor:
+    """Each sample's conditioning (B,): a class label drawn first from its stream (DiT), or, for a
+    text-to-image model, its prompt index (sample i is drawn for prompt i, modulo the table's size;
+    its stream then gives only its noise)."""
+    count = getattr(model, "prompt_count", None)
+    if count is None:
+        return streams.labels(model.config.num_classes)
+    return torch.tensor([i % count for i in batch], dtype=torch.long, device=streams.device)
 
 
 def non_finite_rows(x: torch.Tensor) -> int | None:
@@ -180,7 +190,7 @@ def non_finite_batch_error(batch: range, bad: int, sampler: Sampler, denoiser: C
     again (same noise, same method) watching every step: one extra batch, paid only on failure."""
     watch = StepWatch(method, denoiser)
     method.reset()
-    y = streams.labels(cfg.num_classes)
+    y = conditioning(denoiser.model, streams, batch)
     sampler.sample(watch, streams.randn(shape), y, noise=streams.noise_source(shape), listener=watch)
     found = watch.found or f"in the last sampler update (step {sampler.num_steps - 1})"
     return NonFiniteError(

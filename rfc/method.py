@@ -172,9 +172,9 @@ class RelationalSchedule:
         self.bank = FactorBank(order, 0, dtype)
         self.reset()
 
-    def setup(self, depth: int) -> None:
-        """Size the forecast bank for a model of ``depth`` blocks (one site, or every branch)."""
-        sites = 2 * depth if self.modules == "all" else 1
+    def setup(self, num_sites: int) -> None:
+        """Size the forecast bank for a model of ``num_sites`` sites (one site, or every branch)."""
+        sites = num_sites if self.modules == "all" else 1
         if self.bank.sites != sites:
             self.bank = FactorBank(self.order, sites, self.dtype)
 
@@ -411,10 +411,11 @@ class RFC(CacheMethod):
         self.schedule.reset()
         self.states: dict[Site, RelationalState] = {}
         self.pending = False
-        self.schedule.setup(self.depth)
+        sites = getattr(self, "num_sites", 2 * self.depth)
+        self.schedule.setup(sites)
         bank = getattr(self, "bank", None)
-        if bank is None or bank.sites != 2 * self.depth:
-            self.bank = FactorBank(self.order, 2 * self.depth, self.dtype, gram=self.magnitude == "relational")
+        if bank is None or bank.sites != sites:
+            self.bank = FactorBank(self.order, sites, self.dtype, gram=self.magnitude == "relational")
             self.inputs: torch.Tensor | None = None  # (S, B, T, C): I(t) of every site, for the fused step
             self.ratios: torch.Tensor | None = None  # (S, B): s(t) of every site
         else:  # kept from batch to batch (zeroed), so captured step programs stay valid
@@ -459,7 +460,7 @@ class RFC(CacheMethod):
             out = self.run_full(site, module, x_in)
             state = self.states.setdefault(site, RelationalState(TaylorFactors(bank=self.bank, site=site.module_index)))
             state.update(out, x_in if self.needs_inputs else None, index, self.reduction, self.dtype)
-            if self.needs_inputs and self.can_fuse():
+            if self.needs_inputs and self.can_fuse() and getattr(self.model, "step_programs", True):
                 self._gather(site.module_index, state)
             if self.rcs and self.schedule.monitors(site):
                 self.schedule.observe_full(site, x_in, index)

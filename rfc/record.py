@@ -89,6 +89,7 @@ class RunRecord:
     num_steps: int | None = None
     cfg_scale: float | None = None
     guided_channels: int | None = None
+    prompts: str | None = None  # text-to-image rows: the prompt set (name:digest); sample i uses prompt i
     seed: int | None = None
     num_samples: int | None = None
     batch_size: int | None = None
@@ -116,6 +117,9 @@ class RunRecord:
     sfid2fc: float | None = None
     psnr: float | None = None  # mean per-image PSNR (dB) against full compute, same noise
     ssim: float | None = None  # mean per-image SSIM against full compute
+    lpips: float | None = None  # mean per-image LPIPS (AlexNet) against full compute (text-to-image rows)
+    image_reward: float | None = None  # mean ImageReward of image and prompt (text-to-image rows)
+    clip_score: float | None = None  # mean CLIP score of image and prompt, the papers' scale (eval/t2i.py)
     class_acc: float | None = None  # domain classifier's agreement with the conditioning labels
     extractor: str | None = None  # feature space of fid / sfid
     reference: str | None = None  # what fid is measured against
@@ -178,7 +182,13 @@ def make_record(plan: RunPlan, samples: SampleSet, denoiser: CFGDenoiser, proces
         return float(np.average(values, weights=weights))
 
     d = plan.dit
-    flops = [s.flops(denoiser.batch_multiplier, d.num_tokens, d.hidden_size, d.num_heads) for s in samples.stats]
+    if plan.text_to_image:
+        from eval.flops import flux_flops
+
+        flops = [flux_flops(s, denoiser.batch_multiplier, d.image_tokens, d.text_tokens, d.hidden_size, d.num_heads,
+                            d.depth_double, d.depth_single) for s in samples.stats]
+    else:
+        flops = [s.flops(denoiser.batch_multiplier, d.num_tokens, d.hidden_size, d.num_heads) for s in samples.stats]
     notes = []
     # Latency: batches timed while the job had the device to itself (a resumed run may combine
     # several such sessions); none at all when this session shared it.
@@ -218,7 +228,7 @@ def make_record(plan: RunPlan, samples: SampleSet, denoiser: CFGDenoiser, proces
         peak_memory_gb=peak_gb, processes=processes,
         extractor=get_extractor(plan.extractor).name if plan.score else None,
         cpu_threads=torch.get_num_threads() if plan.device.type == "cpu" else None,
-        fused=None if method.name == "none" else bool(method.fused and method.can_fuse()),
+        fused=None if method.name == "none" else bool(method.programs),
         torch_version=torch.__version__, output_dir=str(plan.out_dir), notes="; ".join(notes) or None,
     )
 

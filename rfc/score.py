@@ -6,6 +6,8 @@ run's go to its stats.npz, a full-compute set's are cached in the store entry be
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from eval.extractors import extractor_id, get_extractor, resolve_reference
@@ -24,6 +26,8 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComput
     itself for method=none, else the full-compute set of the run's setting from the store
     (``pair``; its statistics are cached there per extractor). ``publish``: the store entry this
     full-compute run just published, which keeps the statistics computed here."""
+    if plan.text_to_image:
+        return score_text_to_image(record, samples, plan, pair, notes)
     spec = get_extractor(plan.extractor)
     extract = spec.build(plan.paths, str(plan.device))
     feats = extract(samples.images)
@@ -61,4 +65,31 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComput
         record.fid2fc, record.sfid2fc = distances(own, pair_stats)
         record.psnr, record.ssim = psnr_ssim(samples.images, pair_images)
     record.notes = "; ".join(notes) or None
+    return record
+
+
+def score_text_to_image(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComputeEntry | None,
+                        notes: list[str] | None) -> RunRecord:
+    """A text-to-image run's metrics (eval.t2i): PSNR, SSIM and LPIPS against the full-compute
+    images of the same prompts and noise (the run itself for method=none, else the store's set),
+    ImageReward and CLIP score of each image with its prompt. A metric whose weights are missing
+    was refused or marked skipped while planning; its reason goes to the row's notes."""
+    from eval.t2i import COLUMN, T2I_METRICS, score_t2i
+
+    reference = None
+    if record.method == "none":
+        reference = samples.images
+    elif pair is not None:
+        reference, pair_labels = pair.load()
+        if not np.array_equal(pair_labels, samples.labels):
+            raise RunError(f"the full-compute set {pair.samples} has other prompt indices than this run's samples "
+                           f"although both claim setting {pair.id}; delete {pair.folder} and run again")
+    prompts = plan.prompts.prompts
+    texts = [prompts[int(i) % len(prompts)] for i in samples.labels]
+    names = list(plan.cfg.eval.get("t2i_metrics") or T2I_METRICS)
+    values, lines = score_t2i(samples.images, texts, reference, names, plan.skipped_metrics, plan.device,
+                              Path(plan.paths["assets"]))
+    for name in names:
+        setattr(record, COLUMN[name], values.get(COLUMN[name]))
+    record.notes = "; ".join(list(notes or []) + lines) or None
     return record

@@ -8,7 +8,7 @@ full-compute store files its sets under :func:`setting_id`, the shard manifest r
 whose setting changed, and ``scripts/make_tables.py`` groups rows and divides latencies with the
 same key tuples. Every key is its own column of the result row (``rfc/record.py``).
 
-- ``SAMPLE_KEYS``: what fixes every sample's numbers. Two runs with equal sample keys draw sample
+- ``SAMPLE_KEYS``: what fixes every sample's numbers (for text-to-image models, also the prompt set). Two runs with equal sample keys draw sample
   *i* from the same noise through the same weights, sampler, guidance and numerics, so their
   images can be compared one by one (paired metrics) and a method=none run of these keys is *the*
   full-compute set of every cached run with them. Device, precision mode, compile and batch size
@@ -36,7 +36,7 @@ from rfc.record import cell
 MODEL_KEYS = ("model", "arch", "image_size", "vae", "sampler", "sampler_params", "respacing", "num_steps",
               "cfg_scale", "guided_channels")
 SAMPLE_KEYS = (*MODEL_KEYS, "checkpoint", "seed", "num_samples", "batch_size", "device", "precision_mode",
-               "compile")
+               "compile", "prompts")
 QUALITY_KEYS = (*SAMPLE_KEYS, "extractor", "reference")
 TIMING_KEYS = (*MODEL_KEYS, "batch_size", "device", "cpu_threads", "precision_mode", "compile")
 METHOD_KEYS = ("method", "method_params", "fused")
@@ -48,9 +48,15 @@ def key(row: Mapping[str, object], keys: Sequence[str]) -> tuple[str, ...]:
     return tuple(cell(row.get(k)) for k in keys)
 
 
+OPTIONAL_KEYS = ("prompts",)
+"""Keys added after setting ids were first issued: part of an id only when set, so the ids of rows
+without them (every DiT row) stay what they were."""
+
+
 def setting_id(row: Mapping[str, object], keys: Sequence[str] = SAMPLE_KEYS) -> str:
     """A short, stable name of a setting: 16 hex digits of the sha256 of its key values."""
-    body = json.dumps(dict(zip(keys, key(row, keys), strict=True)), sort_keys=True)
+    values = dict(zip(keys, key(row, keys), strict=True))
+    body = json.dumps({k: v for k, v in values.items() if v or k not in OPTIONAL_KEYS}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 

@@ -35,7 +35,7 @@ from eval.flops import adaln_flops, attention_flops, mlp_flops
 from rfc.cache.registry import method_config
 from rfc.samplers.sampling import StepInfo
 
-Branch = Literal["attn", "mlp"]
+Branch = Literal["attn", "mlp", "total"]
 
 MODEL_PROTOCOL = ("embed", "blocks", "head", "token_shape", "weight_dtype", "stacked_modulation")
 """What a model exposes to caching methods (each model class documents them): nothing here
@@ -56,19 +56,31 @@ class GuidedModel(Protocol):
 
 @dataclass(frozen=True)
 class Site:
-    """One cached module: the attention or MLP branch of block ``block``."""
+    """One cached module: branch ``branch`` of block ``block`` (a block's attention or MLP;
+    FLUX's single-stream blocks have one site, ``total``). ``index`` is its position among all
+    sites in execution order, given by the method that routes it (not part of its identity)."""
 
     block: int
     branch: Branch
+    index: int = field(default=-1, compare=False)
 
     @property
     def module_index(self) -> int:
-        """0 .. 2*depth-1 in execution order (attn of block 0, mlp of block 0, attn of block 1 ...)."""
-        return 2 * self.block + (0 if self.branch == "attn" else 1)
+        """0 .. sites-1 in execution order (attn of block 0, mlp of block 0, attn of block 1 ...);
+        a site made without an index is a two-site block's (attention, MLP)."""
+        return self.index if self.index >= 0 else 2 * self.block + (0 if self.branch == "attn" else 1)
+
+
+def block_branches(block: object) -> tuple[str, ...]:
+    """A block's sites in execution order (``branches``; by default attention, then MLP)."""
+    return tuple(getattr(block, "branches", ("attn", "mlp")))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """x (B, T, C) modulated by per-sample (B, C) or per-token (B, T, C) shift and scale."""
+    if shift.dim() == 2:
+        shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
+    return x * (1 + scale) + shift
 
 
 class BranchInput:
@@ -91,9 +103,12 @@ class BranchInput:
     def tokens(self, idx: torch.Tensor) -> torch.Tensor:
         """Modulated input of the tokens idx (B, k) -> (B, k, C); layer norm is per token, so this
         equals full()[rows, idx] without normalising the other tokens."""
-        x = torch.gather(self.x, 1, idx.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))
+        where = idx.unsqueeze(-1).expand(-1, -1, self.x.shape[-1])
+        x = torch.gather(self.x, 1, where)
         self._stats.norm_tokens += idx.shape[1]
-        return modulate(self.norm(x), self.shift, self.scale)
+        if self.shift.dim() == 2:
+            return modulate(self.norm(x), self.shift, self.scale)
+        return modulate(self.norm(x), torch.gather(self.shift, 1, where), torch.gather(self.scale, 1, where))
 
 
 @dataclass
@@ -111,8 +126,10 @@ class MethodStats:
     partial_blocks: int = 0  # blocks that recomputed some tokens (ToCa); the rest were cached
     full_attn: int = 0
     full_mlp: int = 0
+    full_total: int = 0  # single-stream blocks (FLUX) computed in full
     partial_attn_tokens: list[int] = field(default_factory=list)
     partial_mlp_tokens: list[int] = field(default_factory=list)
+    partial_total_tokens: list[int] = field(default_factory=list)
     norm_tokens: int = 0  # tokens pushed through a layer norm + modulate
     cache_bytes_peak: int = 0
 
@@ -120,24 +137,29 @@ class MethodStats:
     def total_steps(self) -> int:
         return self.full_steps + self.cached_steps
 
-    def count_block(self, full_sites_before: int, partial_sites_before: int) -> None:
-        """Classify one block evaluation by what its branches ran (counted since the given marks)."""
+    def count_block(self, full_sites_before: int, partial_sites_before: int, sites: int = 2) -> None:
+        """Classify one block evaluation of ``sites`` sites by what they ran (counted since the
+        given marks)."""
         full = self.full_sites - full_sites_before
-        if full == 2:
+        if full == sites:
             self.full_blocks += 1
         elif full or self.partial_sites - partial_sites_before:
             self.partial_blocks += 1
 
-    def count_full_forward(self, depth: int, tokens: int, probed_tokens: int = 0) -> None:
-        """A whole forward computed in full: every block's modulation, both branches on every
-        token, two layer norms per block (``probed_tokens`` of them already counted by a probe
-        that computed block 0's attention input first)."""
+    def count_full_forward(self, depth: int, tokens: int, probed_tokens: int = 0,
+                           kinds: tuple[str, ...] | None = None) -> None:
+        """A whole forward computed in full: every block's modulation, every site on every token,
+        one layer norm per site (``probed_tokens`` of them already counted by a probe that
+        computed block 0's attention input first). ``kinds``: every site's branch in execution
+        order (default: attention and MLP per block)."""
+        kinds = kinds if kinds is not None else ("attn", "mlp") * depth
         self.block_calls += depth
         self.full_blocks += depth
-        self.full_attn += depth
-        self.full_mlp += depth
-        self.full_sites += 2 * depth
-        self.norm_tokens += 2 * depth * tokens - probed_tokens
+        self.full_attn += kinds.count("attn")
+        self.full_mlp += kinds.count("mlp")
+        self.full_total += kinds.count("total")
+        self.full_sites += len(kinds)
+        self.norm_tokens += len(kinds) * tokens - probed_tokens
 
     def flops(self, rows: int, tokens: int, hidden: int, heads: int) -> float:
         """Analytic FLOPs per sample of what ran; rows = 2 with guidance (the papers' B)."""
@@ -159,6 +181,7 @@ class CacheMethod:
     def __init__(self) -> None:
         self.model: nn.Module | None = None
         self.depth = 0
+        self.counting = "down"
         self.step: StepInfo | None = None
         self.full = True  # decision for the current step
         self._stats = MethodStats()
@@ -182,12 +205,24 @@ class CacheMethod:
             raise RuntimeError("the model already has a forward override (another method attached?)")
         self.model = model
         self.depth = len(model.blocks)
-        self.programs = self.fused and self.can_fuse()
+        self.counting = getattr(model, "step_counting", "down")  # how the model's official caching code counts steps
+        self.set_sites(model)
+        self.programs = self.fused and self.can_fuse() and getattr(model, "step_programs", True)
         if self.programs:
             self.prepare_fused(model)
         model.forward = functools.partial(_model_forward, model, method=self)
         model.cache_method = self
         self.reset()
+
+    def set_sites(self, model: nn.Module) -> None:
+        """Every site of ``model`` in execution order: ``site_kinds`` (their branches),
+        ``num_sites`` and ``site_base`` (block i's first site index)."""
+        kinds: list[str] = []
+        self.site_base: list[int] = []
+        for block in model.blocks:
+            self.site_base.append(len(kinds))
+            kinds += block_branches(block)
+        self.site_kinds, self.num_sites = tuple(kinds), len(kinds)
 
     def detach(self) -> None:
         if self.model is None:
@@ -196,6 +231,10 @@ class CacheMethod:
         vars(self.model).pop("cache_method", None)
         self.model = None
         self._release()
+
+    def check_model_family(self, family: str) -> None:
+        """Raise a ValueError naming the key when this configuration cannot run on models of
+        ``family`` ("dit", "flux"); called while the run is planned, before anything is built."""
 
     # ---- step programs (optional) -------------------------------------------------------------
     def can_fuse(self) -> bool:
@@ -270,13 +309,15 @@ class CacheMethod:
         stats.block_calls += 1
         marks = stats.full_sites, stats.partial_sites
 
+        branches, base = block_branches(block), self.site_base[index]
+
         def routed(b: int, x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor,
                    module: nn.Module) -> torch.Tensor:
-            site = Site(index, "attn" if b == 0 else "mlp")
+            site = Site(index, branches[b], base + b)
             return self.branch(site, BranchInput(x, norm, shift, scale, stats), module)
 
         out = block.run(x, c, routed)
-        stats.count_block(*marks)
+        stats.count_block(*marks, sites=len(branches))
         return out
 
     # ---- what subclasses define --------------------------------------------------------------
@@ -319,12 +360,16 @@ class CacheMethod:
         self._stats.full_sites += 1
         if site.branch == "attn":
             self._stats.full_attn += 1
-        else:
+        elif site.branch == "mlp":
             self._stats.full_mlp += 1
+        else:
+            self._stats.full_total += 1
 
     def count_partial(self, site: Site, tokens: int) -> None:
         self._stats.partial_sites += 1
-        (self._stats.partial_attn_tokens if site.branch == "attn" else self._stats.partial_mlp_tokens).append(tokens)
+        lists = {"attn": self._stats.partial_attn_tokens, "mlp": self._stats.partial_mlp_tokens,
+                 "total": self._stats.partial_total_tokens}
+        lists[site.branch].append(tokens)
 
     def stats(self) -> MethodStats:
         return self._stats
@@ -367,6 +412,7 @@ class NoCache(CacheMethod):
             raise RuntimeError(f"method {self.name!r} is already attached to a model")
         self.model = model
         self.depth = len(model.blocks)
+        self.set_sites(model)
         self.tokens = model.token_shape[0]
         self.reset()
 
@@ -375,7 +421,7 @@ class NoCache(CacheMethod):
 
     def begin_step(self, step: StepInfo) -> None:
         super().begin_step(step)
-        self._stats.count_full_forward(self.depth, self.tokens)
+        self._stats.count_full_forward(self.depth, self.tokens, kinds=self.site_kinds)
 
 
 class WarmedUp:

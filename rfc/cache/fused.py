@@ -247,8 +247,9 @@ class TaylorBankMethod(CacheMethod):
     def make_bank(self, order: int, dtype: torch.dtype | None) -> None:
         """The bank for the attached model, kept (zeroed) from batch to batch."""
         bank = getattr(self, "bank", None)
-        if bank is None or bank.sites != 2 * self.depth or bank.order != order:
-            self.bank = FactorBank(order, 2 * self.depth, dtype)
+        sites = getattr(self, "num_sites", 2 * self.depth)
+        if bank is None or bank.sites != sites or bank.order != order:
+            self.bank = FactorBank(order, sites, dtype)
         else:
             bank.reset()
 

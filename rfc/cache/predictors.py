@@ -64,6 +64,7 @@ class FactorBank:
 
     def __init__(self, order: int, sites: int, dtype: torch.dtype | None = torch.float32, gram: bool = False) -> None:
         self.order, self.sites, self.dtype, self.with_gram = order, sites, dtype, gram
+        self.restart_below = 0  # full steps with a smaller index start the factors afresh (TaylorSeer's warm-up)
         self.slots: tuple[torch.Tensor, ...] = ()
         self.gram: torch.Tensor | None = None  # (sites, B, order, order)
         self.reset()
@@ -95,7 +96,7 @@ class FactorBank:
     def begin(self, index: int, device: torch.device) -> FullStep:
         """Start storing the full step ``index`` (every site will be stored at this step)."""
         spacing = 1 if self.last_index is None else index - self.last_index
-        first = self.last_index is None
+        first = self.last_index is None or index < self.restart_below
         self.valid = 1 if first else min(self.order + 1, self.valid + 1)
         self._step, self.last_index = index, index
         keep = torch.arange(self.order + 1) < self.valid

@@ -25,8 +25,11 @@ from torch import nn
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation: x (B, T, C) scaled and shifted per sample by (B, C) vectors."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN modulation: x (B, T, C) scaled and shifted per sample by (B, C) vectors, or per token
+    by (B, T, C) ones (FLUX's double-stream blocks modulate text and image tokens differently)."""
+    if shift.dim() == 2:
+        shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
+    return x * (1 + scale) + shift
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,6 +160,8 @@ def compute_branch(b: int, x: torch.Tensor, norm: nn.Module, shift: torch.Tensor
 class DiTBlock(nn.Module):
     """adaLN-Zero block. The conditioning vector c yields six per-sample vectors: shift, scale
     and gate for the attention branch and for the MLP branch."""
+
+    branches = ("attn", "mlp")  # its sites, in execution order
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()

@@ -74,5 +74,8 @@ def random_vae(seed: int = 0) -> torch.nn.Module:
 
 @torch.no_grad()
 def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Latents (B, 4, s, s) -> images (B, 3, 8s, 8s) in about [-1, 1]."""
+    """Latents (B, 4, s, s) -> images (B, 3, 8s, 8s) in about [-1, 1]. A VAE with its own latent
+    scaling (FLUX's, rfc.models.flux.FluxVAE) decodes through its ``decode_images``."""
+    if hasattr(vae, "decode_images"):
+        return vae.decode_images(latents)
     return vae.decode(latents / LATENT_SCALE).sample
