@@ -1,14 +1,25 @@
-"""Download the files a real (ImageNet) run needs into the assets folder.
+"""Download the files a real run needs: the ImageNet (DiT) assets into the assets folder, FLUX.1
+and the text-to-image metrics' weights where their libraries look for them.
 
-    python scripts/fetch_assets.py                 # everything
+    python scripts/fetch_assets.py                 # the ImageNet (DiT) assets
     python scripts/fetch_assets.py dit-xl-256 vae-ema
-    python scripts/fetch_assets.py --list
+    python scripts/fetch_assets.py flux-dev t2i-metrics
+    python scripts/fetch_assets.py --list          # every entry and group, present or missing
     RFC_ASSETS=/data/rfc python scripts/fetch_assets.py   # or --dest
 
 Downloads are resumable: data goes to NAME.part and continues from its size with an HTTP Range
 request; the file is renamed into place only after its size (and sha256, where known) check
 out, so an interrupted or corrupt download is never mistaken for a finished one.
 The runner itself never downloads; it names the missing file and this command.
+
+Not everything goes to the assets folder. ``lpips`` (torchvision's AlexNet) goes to torch hub's
+checkpoint folder ($TORCH_HOME/hub/checkpoints), where torchvision loads it from. Hugging Face
+repositories (``flux-dev``, ``flux-schnell``, ``clip-vit-large-patch14``, ``image-reward``) are
+fetched with huggingface_hub.snapshot_download into the Hugging Face cache (HF_HOME /
+HF_HUB_CACHE; resumable too), where diffusers and transformers find them by repository id; only
+the files a run loads are fetched (FLUX: the diffusers folders, not the 24 GB single-file
+checkpoint beside them). FLUX.1-dev is gated: accept its licence on the model page and log in
+(`hf auth login` or HF_TOKEN) first.
 """
 
 from __future__ import annotations
@@ -23,6 +34,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from eval.t2i import (  # noqa: E402
+    ALEXNET_FILE,
+    ALEXNET_URL,
+    BLIP_TOKENIZER_FILES,
+    BLIP_TOKENIZER_REPO,
+    CLIP_FILES,
+    CLIP_REPO,
+    CLIP_WEIGHTS,
+    FLUX_FETCH_NAME,
+    IMAGE_REWARD_FILES,
+    IMAGE_REWARD_REPO,
+    flux_weights_missing,
+    hub_cache,
+    hub_missing,
+)
 from rfc.files import file_digest  # noqa: E402
 
 CHUNK = 1 << 20
@@ -35,6 +61,22 @@ class Asset:
     path: str  # relative to the assets folder
     sha256_prefix: str | None = None  # checked when the publisher states one
     size: int | None = None
+    root: str = "assets"  # "assets": under --dest; "torch-hub": torch hub's checkpoint folder
+
+
+@dataclass(frozen=True)
+class HubRepo:
+    """A Hugging Face repository, fetched into the Hugging Face cache with snapshot_download."""
+
+    name: str
+    repo_id: str
+    allow_patterns: tuple[str, ...]  # only what a run loads
+    required: tuple[str, ...] = ()  # present in the cache = complete (FLUX: eval.t2i.flux_weights_missing)
+    gated: bool = False  # the publisher wants its licence accepted first
+
+
+class AccessRefused(OSError):
+    """The hub refused the download (401 / 403, a gated repository): retrying will not help."""
 
 
 _HF = "https://huggingface.co/stabilityai/sd-vae-ft-{v}/resolve/main/{f}"
@@ -51,13 +93,100 @@ ASSETS: tuple[Asset, ...] = (
           "weights-inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth"),
     Asset("adm-ref-imagenet256", "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
           "imagenet/256/VIRTUAL_imagenet256_labeled.npz", "VIRTUAL_imagenet256_labeled.npz"),
+    # LPIPS's backbone: torchvision's AlexNet, where torchvision looks for it (torch hub names a file after
+    # its sha256 prefix); the LPIPS linear layers ship with torchmetrics.
+    Asset("lpips", ALEXNET_URL, ALEXNET_FILE, sha256_prefix="7be5be79", root="torch-hub"),
 )
 
-GROUPS = {"vae-ema": ("vae-ema-config", "vae-ema-weights"), "vae-mse": ("vae-mse-config", "vae-mse-weights")}
+_FLUX_PATTERNS = ("model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "text_encoder/*",
+                  "text_encoder_2/*", "transformer/*", "vae/*")
+_FLUX_REPO = {name: repo for repo, name in FLUX_FETCH_NAME.items()}
+
+HUB: tuple[HubRepo, ...] = (
+    HubRepo("flux-dev", _FLUX_REPO["flux-dev"], _FLUX_PATTERNS, gated=True),
+    HubRepo("flux-schnell", _FLUX_REPO["flux-schnell"], _FLUX_PATTERNS),
+    HubRepo("clip-vit-large-patch14", CLIP_REPO,
+            (*CLIP_FILES, CLIP_WEIGHTS[0], "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json"), required=(*CLIP_FILES, CLIP_WEIGHTS[0])),
+    HubRepo("image-reward-weights", IMAGE_REWARD_REPO, IMAGE_REWARD_FILES, required=IMAGE_REWARD_FILES),
+    HubRepo("image-reward-tokenizer", BLIP_TOKENIZER_REPO, (*BLIP_TOKENIZER_FILES, "tokenizer.json", "config.json"),
+            required=BLIP_TOKENIZER_FILES),
+)
+
+GROUPS = {
+    "vae-ema": ("vae-ema-config", "vae-ema-weights"),
+    "vae-mse": ("vae-mse-config", "vae-mse-weights"),
+    "image-reward": ("image-reward-weights", "image-reward-tokenizer"),
+    "t2i-metrics": ("clip-vit-large-patch14", "image-reward", "lpips"),
+}
+DEFAULT = ("dit-xl-256", "dit-xl-512", "vae-ema", "vae-mse", "inception", "adm-ref-imagenet256")  # no names given
+
+Entry = Asset | HubRepo
 
 
 def default_dest() -> Path:
     return Path(os.environ.get("RFC_ASSETS", ROOT / "assets"))
+
+
+def torch_hub_checkpoints() -> Path:
+    """torch hub's checkpoint folder ($TORCH_HOME/hub/checkpoints), where torchvision looks for weights."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def asset_dest(asset: Asset, dest: Path) -> Path:
+    """The folder ``asset.path`` is relative to: --dest, or torch hub's checkpoint folder."""
+    return torch_hub_checkpoints() if asset.root == "torch-hub" else dest
+
+
+def hub_state(repo: HubRepo) -> str | None:
+    """None when ``repo``'s files are all in the Hugging Face cache, else what is missing (offline)."""
+    if repo.repo_id in FLUX_FETCH_NAME:
+        return flux_weights_missing(repo.repo_id)
+    missing = hub_missing(repo.repo_id, repo.required)
+    return f"{', '.join(missing)} missing" if missing else None
+
+
+def _refusal(err: BaseException) -> int | None:
+    """The HTTP status (401 / 403) when the hub refused access, else None."""
+    from huggingface_hub.errors import GatedRepoError
+
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status in (401, 403):
+        return int(status)
+    return 403 if isinstance(err, GatedRepoError) else None
+
+
+def fetch_hub(repo: HubRepo, quiet: bool = False) -> Path:
+    """snapshot_download ``repo``'s allowed files into the Hugging Face cache (resuming a partial
+    download); return its snapshot folder. Raises AccessRefused, in one line saying what to do,
+    when the hub refuses (gated repository, no or wrong token), and OSError when the download
+    ended without every required file."""
+    import huggingface_hub
+
+    if hub_state(repo) is None:  # complete: no request at all (a gated repository would want a token)
+        folder = huggingface_hub.snapshot_download(repo.repo_id, allow_patterns=list(repo.allow_patterns),
+                                                   local_files_only=True)
+        if not quiet:
+            print(f"{repo.name}: present ({folder})")
+        return Path(folder)
+    try:
+        folder = Path(huggingface_hub.snapshot_download(repo.repo_id, allow_patterns=list(repo.allow_patterns)))
+    except OSError as err:  # HfHubHTTPError and LocalEntryNotFoundError are OSErrors
+        status = _refusal(err)
+        if status is None:
+            raise
+        what = "is a gated repository" if repo.gated else "refused access"
+        raise AccessRefused(
+            f"{repo.name}: {repo.repo_id} {what} (HTTP {status}): accept the licence at "
+            f"https://huggingface.co/{repo.repo_id} and log in (`hf auth login` or HF_TOKEN), then run again") from err
+    missing = hub_state(repo)
+    if missing is not None:
+        raise OSError(f"{repo.name}: downloaded, but still incomplete: {missing}")
+    if not quiet:
+        print(f"{repo.name}: done ({folder})")
+    return folder
 
 
 def verify(asset: Asset, path: Path) -> None:
@@ -117,45 +246,69 @@ def fetch(asset: Asset, dest: Path, timeout: float = 60.0, quiet: bool = False) 
     return final
 
 
-def select(names: list[str]) -> list[Asset]:
-    by_name = {a.name: a for a in ASSETS}
-    if not names:
-        return list(ASSETS)
-    chosen: list[Asset] = []
-    for n in names:
+def select(names: list[str]) -> list[Entry]:
+    """The entries ``names`` (entries or groups, groups may hold groups) stand for, in order and
+    each once; no names: the ImageNet (DiT) assets."""
+    by_name: dict[str, Entry] = {e.name: e for e in (*ASSETS, *HUB)}
+    chosen: list[Entry] = []
+
+    def add(n: str) -> None:
         if n in GROUPS:
-            chosen += [by_name[x] for x in GROUPS[n]]
+            for x in GROUPS[n]:
+                add(x)
         elif n in by_name:
-            chosen.append(by_name[n])
+            if by_name[n] not in chosen:
+                chosen.append(by_name[n])
         else:
             raise SystemExit(f"unknown asset {n!r}; known: {', '.join([*by_name, *GROUPS])}")
+
+    for n in names or DEFAULT:
+        add(n)
     return chosen
+
+
+def describe(entry: Entry, dest: Path) -> str:
+    """One --list line: name, present / missing, where it goes, where it comes from."""
+    if isinstance(entry, HubRepo):
+        state = "present" if hub_state(entry) is None else "missing"
+        gated = " (gated: accept the licence, log in)" if entry.gated else ""
+        return f"{entry.name:24s} {state:8s} {hub_cache()} [HF cache]  <- https://huggingface.co/{entry.repo_id}{gated}"
+    path = asset_dest(entry, dest) / entry.path
+    return f"{entry.name:24s} {'present' if path.exists() else 'missing':8s} {path}  <- {entry.url}"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="*", help="assets or groups to fetch (default: all)")
-    p.add_argument("--dest", type=Path, default=None, help="assets folder (default: $RFC_ASSETS or ./assets)")
-    p.add_argument("--list", action="store_true", help="list the assets and exit")
+    p.add_argument("names", nargs="*", help="assets or groups to fetch (default: the ImageNet assets)")
+    p.add_argument("--dest", type=Path, default=None,
+                   help="assets folder (default: $RFC_ASSETS or ./assets); Hugging Face repositories go to the "
+                        "Hugging Face cache, lpips to torch hub's checkpoints")
+    p.add_argument("--list", action="store_true", help="list the assets (all of them without names) and exit")
     args = p.parse_args(argv)
     dest = args.dest or default_dest()
-    assets = select(args.names)
     if args.list:
-        for a in assets:
-            state = "present" if (dest / a.path).exists() else "missing"
-            print(f"{a.name:24s} {state:8s} {dest / a.path}  <- {a.url}")
+        by_name = {e.name: e for e in (*ASSETS, *HUB)}
+        for e in select(args.names) if args.names else by_name.values():
+            print(describe(e, dest))
+        print("groups: " + ", ".join(f"{g} = {' + '.join(members)}" for g, members in GROUPS.items()))
         return 0
-    failed = []
-    for a in assets:
+    entries = select(args.names)
+    failed, refused = [], False
+    for e in entries:
         try:
-            fetch(a, dest)
+            if isinstance(e, HubRepo):
+                fetch_hub(e)
+            else:
+                fetch(e, asset_dest(e, dest))
+        except AccessRefused as err:  # one line; running again will not help
+            print(err, file=sys.stderr)
+            refused = True
         except (OSError, ValueError) as err:  # URLError is an OSError
-            print(f"{a.name}: FAILED: {err}", file=sys.stderr)
-            failed.append(a.name)
+            print(f"{e.name}: FAILED: {err}", file=sys.stderr)
+            failed.append(e.name)
     if failed:
         print(f"failed: {', '.join(failed)} (run again to resume)", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed or refused else 0
 
 
 if __name__ == "__main__":
