@@ -226,7 +226,7 @@ def make_record(plan: RunPlan, samples: SampleSet, denoiser: CFGDenoiser, proces
         latency_s=latency, latency_spread_s=spread, timed_batches=len(timed), images_per_s=images_per_s,
         vae_latency_s=statistics.median(vae_times) if vae_times else None,
         peak_memory_gb=peak_gb, processes=processes,
-        extractor=get_extractor(plan.extractor).name if plan.score else None,
+        extractor=get_extractor(plan.extractor).name if plan.score and plan.extractor else None,
         cpu_threads=torch.get_num_threads() if plan.device.type == "cpu" else None,
         fused=None if method.name == "none" else bool(method.programs),
         torch_version=torch.__version__, output_dir=str(plan.out_dir), notes="; ".join(notes) or None,
