@@ -390,29 +390,11 @@ def image_reward_score(images: np.ndarray, prompts: Sequence[str], device: torch
 
 
 def psnr_ssim_on(images: np.ndarray, reference: np.ndarray, device: torch.device) -> tuple[float, float]:
-    """``eval.metrics.psnr_ssim``'s numbers (the DiT rows' PSNR and SSIM: mean per image, float64,
-    data range 255, the same torchmetrics calls and SSIM window rule), computed on ``device`` a few
-    images at a time. psnr_ssim itself works on the CPU on the whole set at once, and float64
-    convolutions have no fast CPU kernel: SSIM of one 1024x1024 image took 22 s and 6 GB there (2-core
-    build machine; 4 images at once, 163 s and 22 GB). The tests check that this equals psnr_ssim."""
-    import torch
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    """``eval.metrics.psnr_ssim`` (the DiT rows' PSNR and SSIM) on ``device``, one image at a time
+    on a CPU (SSIM of one 1024x1024 image: 22 s and 6 GB there), eight on a GPU."""
+    from eval.metrics import psnr_ssim
 
-    if images.shape != reference.shape:
-        raise ValueError(f"paired images differ in shape: {images.shape} vs {reference.shape}")
-    chunk = 1 if device.type == "cpu" else 8
-    psnr_sum = ssim_sum = 0.0
-    for s in range(0, len(images), chunk):
-        x = torch.from_numpy(images[s:s + chunk]).to(device).permute(0, 3, 1, 2).double()
-        y = torch.from_numpy(reference[s:s + chunk]).to(device).permute(0, 3, 1, 2).double()
-        mse = (x - y).pow(2).flatten(1).mean(1)
-        psnr = torch.where(mse == 0, torch.full_like(mse, float("inf")),
-                           peak_signal_noise_ratio(x, y, data_range=255.0, reduction="none", dim=(1, 2, 3)))
-        side = min(x.shape[-2:])
-        kernel = 11 if side >= 11 else (side if side % 2 else side - 1)
-        ssim = structural_similarity_index_measure(x, y, data_range=255.0, kernel_size=kernel, reduction="none")
-        psnr_sum, ssim_sum = psnr_sum + float(psnr.sum()), ssim_sum + float(ssim.sum())
-    return psnr_sum / len(images), ssim_sum / len(images)
+    return psnr_ssim(images, reference, device, chunk=1 if device.type == "cpu" else 8)
 
 
 def score_t2i(images: np.ndarray, prompts: Sequence[str], reference: np.ndarray | None, names: Sequence[str],
