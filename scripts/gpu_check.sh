@@ -19,4 +19,9 @@ PARTS=${PARTS:-"1 2 3"}
 # 3. eager (no compile), 16 images, all methods with ToCa: what compile and CUDA graphs buy
 [[ $PARTS == *3* ]] && timeout "${T3:-120}" "${B[@]}" batch_sizes=[16] variants=[eager] \
   2>&1 | tee "$OUT/xl_b16_bf16_eager.log"
+# 4. (PARTS=4) FLUX.1-dev shapes with random weights (nothing to download on the GPU machine), 1024 px,
+# 50 steps, bf16, one image per batch: full compute and TaylorSeer N=4 m=2 (NFC 14), rows in $OUT/flux_runs.csv
+[[ $PARTS == *4* ]] && timeout "${T4:-420}" python3 run.py -m model=flux-dev model.pretrained=false eval=latency \
+  eval.num_samples=3 eval.batch_size=1 device=cuda +variant=flux_full,flux_ts4_m2 \
+  "paths.runs_csv=$OUT/flux_runs.csv" "paths.outputs=$OUT/outputs" 2>&1 | tee "$OUT/flux_dev_latency.log"
 ls -la "$OUT"
