@@ -23,7 +23,6 @@ from baselines.taylorseer import TaylorSeer
 from baselines.toca import ToCa
 from rfc.build import plan_run
 from rfc.cache import NoCache
-from rfc.errors import ConfigError
 from rfc.method import RFC
 from rfc.models.flux import FluxConfig, FluxModel, image_ids, pack, random_prompt_table, random_transformer, unpack
 from rfc.runner import run
@@ -170,10 +169,21 @@ def test_rfc_runs_on_flux_and_its_schedule_reacts_to_tau(tiny):
     assert nfcs == sorted(nfcs, reverse=True) and nfcs[0] > nfcs[-1]
 
 
-def test_toca_token_wise_recompute_on_flux_is_refused_before_building(make_cfg, tmp_path):
-    cfg = make_cfg("model=flux-tiny", "method=toca", "eval.score=false")
-    with pytest.raises(ConfigError, match="method.fresh_ratio must be 0 on FLUX"):
-        plan_run(cfg, tmp_path / "out")
+def test_toca_with_its_default_settings_runs_on_flux_tiny(make_cfg, tmp_path):
+    """python run.py model=flux-tiny method=toca: token-wise recompute as the official FLUX code
+    (N = 3, R = 0.07: full at steps 0, 1, 2 and every 3rd after, NFC 18; single-stream blocks
+    recompute some tokens at every partial step), a row with fewer FLOPs than full compute."""
+    from eval.flops import flux_full_step_flops
+
+    cfg = make_cfg("model=flux-tiny", "method=toca", "eval.num_samples=2", "eval.batch_size=2", "eval.score=false")
+    plan_run(cfg, tmp_path / "plan")  # planned without a refusal
+    rec = run(cfg, tmp_path / "toca", progress=False)
+    assert rec.method == "toca" and rec.nfc == 18 and '"fresh_ratio": 0.07' in rec.method_params
+    assert rec.partial_sites > 0 and rec.partial_blocks > 0
+    full = 50 * flux_full_step_flops(1, 16, 8, 32, 2, 2, 3) / 1e12  # flux-tiny: 16 image, 8 text tokens
+    assert rec.nfc / 50 * full < rec.tflops < full
+    images = np.load(tmp_path / "toca" / "samples.npz")["arr_0"]
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
 
 
 def test_flux_tiny_runs_write_rows_and_grids(make_cfg, tmp_path):

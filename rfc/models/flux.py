@@ -27,6 +27,7 @@ per element is the one diffusers runs, so ``forward`` equals the transformer's o
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -237,6 +238,88 @@ class SingleStreamBlock:
         return x + mod.gate.unsqueeze(1) * branch(0, x, self.norms[0], mod.shift, mod.scale, self.total)
 
 
+def _heads(attn: nn.Module, x: torch.Tensor, added: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, T, H, D) of ``x`` through the attention module's own projections (fused or not, as
+    diffusers' processor picks them) and RMS norms: the image-stream ones, or the text stream's
+    ``add_*`` projections and ``norm_added_*`` norms when ``added``."""
+    if getattr(attn, "fused_projections", False):
+        q, k, v = (attn.to_added_qkv if added else attn.to_qkv)(x).chunk(3, dim=-1)
+    elif added:
+        q, k, v = attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
+    else:
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+    if added:
+        return attn.norm_added_q(q), attn.norm_added_k(k), v
+    return attn.norm_q(q), attn.norm_k(k), v
+
+
+def flux_attention_with_received(attn: nn.Module, hidden_states: torch.Tensor,
+                                 encoder_hidden_states: torch.Tensor | None = None,
+                                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                                 ) -> tuple[torch.Tensor, ...]:
+    """diffusers' FluxAttention (the FluxAttnProcessor computation) with the softmax written out, and
+    the attention each token receives: ``(image out, text out, received)`` when
+    ``encoder_hidden_states`` are given (a double-stream block), else ``(out, received)`` (a
+    single-stream block's pre-only attention, no output projection).
+
+    Why: ToCa scores tokens by the attention map of the last full step, which fused attention
+    (scaled_dot_product_attention) never materialises. Everything but the softmax is the module's
+    own: its projections, its RMS norms on q and k (text tokens through the ``add_*`` ones), the text
+    tokens first, diffusers' ``apply_rotary_emb`` on q and k, ``to_out`` / ``to_add_out``. The map is
+    computed as the official FLUX ToCa code computes it (flux/math.py ``dot_product_attention``):
+    q k^T first, then times 1/sqrt(D), softmax over keys, in the query's dtype; ``received`` (B, T),
+    text then image tokens, is that map averaged over heads and then over queries
+    (``attn_map.mean(dim=1).mean(dim=1)``: a mean, where the DiT code sums; ToCa L2-normalises it,
+    so only the rounding differs). The output equals the fused module's to rounding (tests: 1e-5)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    q, k, v = _heads(attn, hidden_states, added=False)
+    n_txt = 0
+    if encoder_hidden_states is not None:
+        tq, tk, tv = _heads(attn, encoder_hidden_states, added=True)
+        n_txt = encoder_hidden_states.shape[1]
+        q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
+    if rope is not None:
+        q = apply_rotary_emb(q, rope, sequence_dim=1)
+        k = apply_rotary_emb(k, rope, sequence_dim=1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    probs = (torch.matmul(q, k.transpose(-2, -1)) * (1 / math.sqrt(q.shape[-1]))).softmax(dim=-1)
+    out = torch.matmul(probs, v).transpose(1, 2).flatten(2, 3).to(q.dtype)  # (B, T, C)
+    received = probs.mean(dim=1).mean(dim=1)
+    if encoder_hidden_states is None:
+        return out, received
+    txt, img = out[:, :n_txt], out[:, n_txt:]
+    img = attn.to_out[1](attn.to_out[0](img.contiguous()))
+    return img, attn.to_add_out(txt.contiguous()), received
+
+
+def joint_attention_with_received(joint: JointAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``joint(x)`` returns (text part then image part, (B, T, C)), computed with an explicit
+    softmax, and the attention each of the T = n_txt + n_img tokens receives (B, T)."""
+    n = joint.ctx.n_txt
+    img, txt, received = flux_attention_with_received(joint.inner, x[:, n:], x[:, :n], joint.ctx.rope)
+    return torch.cat([txt, img], dim=1), received
+
+
+def single_total_with_attention(total: SingleTotal, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``total(x)`` returns, with its attention computed by an explicit softmax, and the two
+    things ToCa keeps of it: the attention output before ``proj_out`` (B, T, C) and the attention
+    each token receives (B, T). Same order of operations as SingleTotal (MLP, attention, proj_out)."""
+    b = total.block
+    mlp = b.act_mlp(b.proj_mlp(x))
+    attn, received = flux_attention_with_received(b.attn, x, rope=total.ctx.rope)
+    return b.proj_out(torch.cat([attn, mlp], dim=2)), attn, received
+
+
+def single_total_from_attention(total: SingleTotal, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """A single-stream block's output for tokens x (B, k, C) with their attention output ``attn``
+    (B, k, C) given rather than computed: proj_out([attn, gelu(proj_mlp(x))]), as ToCa's partial step
+    forms it from the attention cached at the last full step."""
+    b = total.block
+    return b.proj_out(torch.cat([attn, b.act_mlp(b.proj_mlp(x))], dim=2))
+
+
 class FluxModel(nn.Module):
     """FLUX.1's transformer with its prompt table and distilled guidance, behind the cache
     protocol. ``forward(x, t, y)``: latents (B, 16, h, w), the pipeline's timestep / 1000 (B,), prompt
@@ -315,7 +398,9 @@ class FluxModel(nn.Module):
         return self.head(tokens, c)
 
 
-__all__ = ["FluxConfig", "FluxModel", "PromptTable", "modulate", "pack", "unpack", "random_prompt_table"]
+__all__ = ["FluxConfig", "FluxModel", "PromptTable", "flux_attention_with_received", "joint_attention_with_received",
+           "modulate", "pack", "random_prompt_table", "single_total_from_attention", "single_total_with_attention",
+           "unpack"]
 
 
 # --------------------------------------------------------------------------------------------
