@@ -66,8 +66,10 @@ def full_step_flops(B: int, N: int, C: int, h: int, depth: int) -> float:
 # Partial computation (ToCa-style: a subset of tokens recomputed, the rest reused from the cache):
 # the recomputed tokens' q, k, v projections, their scores against the keys of all N tokens (the
 # other tokens' keys and values come from the cache, at no cost), attention x v for them, and their
-# output projection; in a single-stream block also their proj_mlp, GELU and proj_out. A partial
-# double-stream MLP counts its tokens over the concatenated text + image tokens.
+# output projection (flux_joint_attention_flops / flux_single_block_flops with ``queries``). A
+# partial double-stream MLP counts its tokens over the concatenated text + image tokens. flux_flops
+# prices a partial single-stream site as the one method that makes them runs it (ToCa's FLUX code):
+# the tokens' proj_mlp, GELU and proj_out, their attention reused (flux_single_partial_flops).
 
 
 def _flux_attention_core(B: int, queries: int, keys: int, C: int, h: int, softmax: bool) -> float:
@@ -117,6 +119,13 @@ def flux_single_block_flops(B: int, N: int, C: int, h: int, mlp_ratio: float = 4
             + 2 * B * q * (C + M) * C)  # proj_out
 
 
+def flux_single_partial_flops(B: int, k: int, C: int, mlp_ratio: float = 4.0) -> float:
+    """A partial single-stream site as ToCa's FLUX code recomputes it: for the k chosen tokens the
+    MLP (proj_mlp, GELU) and proj_out of [cached attention, new MLP]; their attention is reused."""
+    M = int(C * mlp_ratio)
+    return 2 * B * k * C * M + 6 * B * k * M + 2 * B * k * (C + M) * C
+
+
 def flux_double_modulation_flops(B: int, C: int) -> float:
     """A double-stream block's AdaLayerNormZero for image and for text: two Linear(C, 6C) on
     silu(temb). Every block computes it every step, cached or not."""
@@ -158,7 +167,7 @@ def flux_flops(stats: object, rows: int, n_img: int, n_txt: int, hidden: int, he
       text MLP together); ``full_total``: full single-stream blocks (0 where the counter is absent);
     - ``partial_attn_tokens`` / ``partial_mlp_tokens`` / ``partial_total_tokens``: token counts of
       partial double-stream attention, double-stream MLP (over text + image tokens) and
-      single-stream sites, counted as the module comment above says;
+      single-stream sites (MLP and proj_out only: ``flux_single_partial_flops``);
     - ``norm_tokens``: tokens pushed through a layer norm + modulate (a full step: 2 N per
       double-stream block, N per single-stream block).
 
@@ -173,6 +182,5 @@ def flux_flops(stats: object, rows: int, n_img: int, n_txt: int, hidden: int, he
     total += sum(flux_joint_attention_flops(B, N, C, heads, queries=k, softmax=softmax)
                  for k in stats.partial_attn_tokens)
     total += sum(flux_mlp_flops(B, k, C, mlp_ratio) for k in stats.partial_mlp_tokens)
-    total += sum(flux_single_block_flops(B, N, C, heads, mlp_ratio, queries=k, softmax=softmax)
-                 for k in getattr(stats, "partial_total_tokens", ()))
+    total += sum(flux_single_partial_flops(B, k, C, mlp_ratio) for k in getattr(stats, "partial_total_tokens", ()))
     return total + flux_norm_flops(B, stats.norm_tokens, C)

@@ -105,7 +105,8 @@ def test_partial_sites_by_hand_on_a_small_configuration():
     assert flux_single_block_flops(B, N, C, h, queries=N) == flux_single_block_flops(B, N, C, h)
     stats = _stats(partial_attn_tokens=[k], partial_mlp_tokens=[k, 5], partial_total_tokens=[k], norm_tokens=7)
     total = flux_flops(stats, B, 6, 4, C, h, n_double=1, n_single=1)
-    assert total == attn + flux_mlp_flops(B, k, C) + flux_mlp_flops(B, 5, C) + single + B * 7 * C
+    mlp_part = 2 * B * k * C * M + 6 * B * k * M + 2 * B * k * (C + M) * C  # ToCa reuses the tokens' attention
+    assert total == attn + flux_mlp_flops(B, k, C) + flux_mlp_flops(B, 5, C) + mlp_part + B * 7 * C
     with pytest.raises(ValueError, match="0..10"):
         flux_single_block_flops(B, N, C, h, queries=N + 1)
 

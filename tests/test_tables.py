@@ -198,8 +198,8 @@ def test_rfc_table2_sweep_composes_every_variant():
         "flux_full": ("rfc.cache.NoCache", {}, "Full compute"),
         "flux_fora3": ("baselines.fora.FORA", {"interval": 3}, "FORA N=3"),
         "flux_fora7": ("baselines.fora.FORA", {"interval": 7}, "FORA N=7"),
-        "flux_toca5": ("baselines.toca.ToCa", {"interval": 5, "fresh_ratio": 0}, "ToCa N=5"),
-        "flux_toca12": ("baselines.toca.ToCa", {"interval": 12, "fresh_ratio": 0}, "ToCa N=12"),
+        "flux_toca5": ("baselines.toca.ToCa", {"interval": 5, "fresh_ratio": 0.1}, "ToCa N=5"),
+        "flux_toca12": ("baselines.toca.ToCa", {"interval": 12, "fresh_ratio": 0.1}, "ToCa N=12"),
         **{f"flux_ts{n}_m{m}": ("baselines.taylorseer.TaylorSeer", {"interval": n, "order": m, "warmup": 3},
                                 f"TaylorSeer N={n} m={m}") for n in (4, 9) for m in (1, 2)},
         **{f"flux_rfc{t}_m{m}": ("rfc.method.RFC", {"order": m}, f"RFC m={m} NFC {t}")
