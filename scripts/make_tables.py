@@ -311,7 +311,8 @@ def t2i_caption(group: pd.DataFrame, rows: list[dict], aggregate: bool) -> tuple
         if gaps == {"speedup"}:  # the row was timed, its table's full compute was not
             reasons.setdefault("speedup: no full-compute latency of the same timing setting", []).append(r["label"])
         elif gaps:
-            said = [c.strip() for c in str(r["notes"] or "").split(";") if "missing" in c or "not measured" in c]
+            said = [c.strip() for c in str(r["notes"] or "").split(";")
+                    if any(w in c for w in ("missing", "not measured", "not scored"))]
             for clause in said or ["no reason in the row's notes"]:
                 reasons.setdefault(clause, []).append(r["label"])
     for clause, labels in reasons.items():
