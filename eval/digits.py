@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rfc.images import to_uint8_nhwc
+from rfc.progress import bar, label
 
 DIGITS_LEVELS = 16  # digits pixels are integers 0..16
 
@@ -81,9 +82,11 @@ class DigitsExtractor:
                 f"digits extractor expects uint8 (N, 8, 8, 1) images, got {images_u8.dtype} {images_u8.shape}"
             )
         feats, preds = [], []
-        for start in range(0, len(images_u8), batch_size):
-            batch = torch.from_numpy(images_u8[start : start + batch_size]).to(self.device)
-            f = self.model.features(batch)
-            feats.append(f.double().cpu())
-            preds.append(self.model.head(f).argmax(dim=1).cpu())
+        with bar(total=len(images_u8), unit="img", desc=label("digits features"), secondary=True) as shown:
+            for start in range(0, len(images_u8), batch_size):
+                batch = torch.from_numpy(images_u8[start : start + batch_size]).to(self.device)
+                f = self.model.features(batch)
+                feats.append(f.double().cpu())
+                preds.append(self.model.head(f).argmax(dim=1).cpu())
+                shown.update(len(batch))
         return {"features": torch.cat(feats).numpy(), "predictions": torch.cat(preds).numpy()}

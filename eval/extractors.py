@@ -223,6 +223,7 @@ def _cached_reference(store: Path, name: str, digest: str, spec: ExtractorSpec, 
         except NpzError as err:
             problem = str(err)
         if problem is None:
+            log.info("reference %s: features from the store's cache %s", name, path)
             # the name is this run's: the same content under another file name is the same statistics
             return Reference(name, arrays["mu"], arrays["sigma"], arrays.get("mu_s"), arrays.get("sigma_s"),
                              arrays["features"])
@@ -243,6 +244,7 @@ def _cached_reference(store: Path, name: str, digest: str, spec: ExtractorSpec, 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_savez(path, **entry)
+        log.info("reference %s: features of %d images extracted and cached in %s", name, len(ref.features), path)
     except OSError as err:
         log.warning("cannot cache the statistics of reference %s in %s: %s", name, path, err.strerror or err)
     return ref

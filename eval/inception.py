@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rfc.progress import bar, label
+
 SFID_CHANNELS = 7
 
 
@@ -47,16 +49,19 @@ class InceptionExtractor:
             raise ValueError(f"expected uint8 NHWC images with 1 or 3 channels, got {images_u8.dtype} "
                              f"{images_u8.shape}")
         pool, spatial, logits = [], [], []
-        for start in range(0, len(images_u8), batch_size):
-            x = torch.from_numpy(images_u8[start : start + batch_size]).to(self.device).permute(0, 3, 1, 2)
-            if x.shape[1] == 1:
-                x = x.expand(-1, 3, -1, -1)  # grey -> RGB, as image loaders do
-            out = self.net(x.contiguous())
-            pool.append(out[0].double().cpu())
-            sp = self._spatial[:, :SFID_CHANNELS].permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # NHWC, 2023-d
-            spatial.append(sp.double().cpu())
-            if self.has_logits:
-                logits.append(out[1].double().cpu())
+        # 50,000 samples take minutes: a bar (rfc.progress decides whether it is drawn) names the set
+        with bar(total=len(images_u8), unit="img", desc=label("Inception features"), secondary=True) as shown:
+            for start in range(0, len(images_u8), batch_size):
+                x = torch.from_numpy(images_u8[start : start + batch_size]).to(self.device).permute(0, 3, 1, 2)
+                if x.shape[1] == 1:
+                    x = x.expand(-1, 3, -1, -1)  # grey -> RGB, as image loaders do
+                out = self.net(x.contiguous())
+                pool.append(out[0].double().cpu())
+                sp = self._spatial[:, :SFID_CHANNELS].permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # NHWC, 2023-d
+                spatial.append(sp.double().cpu())
+                if self.has_logits:
+                    logits.append(out[1].double().cpu())
+                shown.update(x.shape[0])
         result = {"features": torch.cat(pool).numpy(), "spatial": torch.cat(spatial).numpy()}
         if self.has_logits:
             result["logits"] = torch.cat(logits).numpy()

@@ -13,8 +13,15 @@ manifold.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
+from rfc.progress import bar, label
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 IS_SPLIT_SIZE = 5000  # ADM: compute_inception_score(activations, split_size=5000)
 
@@ -65,20 +72,25 @@ def _sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.T + b.pow(2).sum(1)[None]).clamp_min(0)
 
 
-def _radii(feats: torch.Tensor, k: int, block: int) -> torch.Tensor:
+def _radii(feats: torch.Tensor, k: int, block: int, shown: tqdm | None = None) -> torch.Tensor:
     """Squared distance from each point to its k-th nearest neighbour in its own set."""
     out = []
     for s in range(0, len(feats), block):
         d = _sq_distances(feats[s : s + block], feats)
         out.append(d.kthvalue(k + 1, dim=1).values)  # +1: the point itself is at distance 0
+        if shown is not None:
+            shown.update(1)
     return torch.cat(out)
 
 
-def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, block: int) -> float:
+def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, block: int,
+              shown: tqdm | None = None) -> float:
     inside = []
     for s in range(0, len(points), block):
         d = _sq_distances(points[s : s + block], centres)
         inside.append((d <= radii[None]).any(dim=1))
+        if shown is not None:
+            shown.update(1)
     return float(torch.cat(inside).double().mean())
 
 
@@ -88,8 +100,11 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, blo
         raise ValueError(f"precision/recall with k={k} needs more than {k} points in each set")
     ref = torch.from_numpy(np.asarray(reference, dtype=np.float64))
     smp = torch.from_numpy(np.asarray(samples, dtype=np.float64))
-    precision = _coverage(smp, ref, _radii(ref, k, block), block)
-    recall = _coverage(ref, smp, _radii(smp, k, block), block)
+    # float64 distances of 50,000 samples to each other take minutes on a CPU: a bar over the blocks
+    blocks = 2 * (-(-len(ref) // block) + -(-len(smp) // block))
+    with bar(total=blocks, unit="block", desc=label("precision/recall"), secondary=True) as shown:
+        precision = _coverage(smp, ref, _radii(ref, k, block, shown), block, shown)
+        recall = _coverage(ref, smp, _radii(smp, k, block, shown), block, shown)
     return precision, recall
 
 
@@ -107,7 +122,7 @@ def psnr_ssim(images: np.ndarray, reference: np.ndarray, device: torch.device | 
         raise ValueError(f"paired images differ in shape: {images.shape} vs {reference.shape}")
     step = chunk or len(images)
     psnrs, ssims = [], []
-    for s in range(0, len(images), step):
+    for s in bar(iterable=range(0, len(images), step), unit="chunk", desc=label("PSNR/SSIM"), secondary=True):
         x = torch.from_numpy(images[s:s + step]).to(device).permute(0, 3, 1, 2).double()
         y = torch.from_numpy(reference[s:s + step]).to(device).permute(0, 3, 1, 2).double()
         mse = (x - y).pow(2).flatten(1).mean(1)

@@ -77,6 +77,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rfc.errors import ConfigError, RunError, reason
+from rfc.progress import bar
+from rfc.runlog import timed
 
 if TYPE_CHECKING:
     import numpy as np
@@ -326,7 +328,8 @@ def clip_score(images: np.ndarray, prompts: Sequence[str], model: Any, tokenizer
     max_len = model.config.text_config.max_position_embeddings
     total = 0.0
     with _exact_fp32(device):
-        for image, prompt in zip(images, prompts, strict=True):
+        for image, prompt in bar(iterable=zip(images, prompts, strict=True), total=len(images), unit="img",
+                                 desc="CLIP score", secondary=True):
             pixels = clip_pixel_values(image)[None].to(device)
             img = _features(model.get_image_features(pixel_values=pixels))
             tokens = tokenizer(prompt, padding=True, return_tensors="pt")
@@ -365,7 +368,7 @@ def lpips_score(images: np.ndarray, reference: np.ndarray, device: torch.device)
         raise RunError(f"cannot score lpips: {problem[0]}; fetch it with `{problem[1]}`")
     metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="mean", normalize=True).to(device)
     with _exact_fp32(device):
-        for s in range(0, len(images), _CHUNK):
+        for s in bar(iterable=range(0, len(images), _CHUNK), unit="chunk", desc="LPIPS", secondary=True):
             x = torch.from_numpy(images[s:s + _CHUNK]).to(device).permute(0, 3, 1, 2).float() / 255
             y = torch.from_numpy(reference[s:s + _CHUNK]).to(device).permute(0, 3, 1, 2).float() / 255
             metric.update(x, y)
@@ -385,7 +388,9 @@ def image_reward_score(images: np.ndarray, prompts: Sequence[str], device: torch
     ckpt, med_config = (hub_file(IMAGE_REWARD_REPO, f) for f in IMAGE_REWARD_FILES)
     model = image_reward.load(str(ckpt), device=device, med_config=str(med_config))
     with _exact_fp32(device):
-        scores = [float(model.score(p, Image.fromarray(img))) for img, p in zip(images, prompts, strict=True)]
+        scores = [float(model.score(p, Image.fromarray(img)))
+                  for img, p in bar(iterable=zip(images, prompts, strict=True), total=len(images), unit="img",
+                                    desc="ImageReward", secondary=True)]
     return sum(scores) / len(scores)
 
 
@@ -427,16 +432,20 @@ def score_t2i(images: np.ndarray, prompts: Sequence[str], reference: np.ndarray 
         notes.append(f"{', '.join(unpaired)} not scored: no full-compute images of the same noise to compare with")
         todo = [m for m in todo if m not in unpaired]
     if "psnr" in todo or "ssim" in todo:
-        psnr, ssim = psnr_ssim_on(images, reference, device)  # type: ignore[arg-type]
+        with timed(f"PSNR/SSIM of {len(images)} images against full compute"):
+            psnr, ssim = psnr_ssim_on(images, reference, device)  # type: ignore[arg-type]
         for m, v in (("psnr", psnr), ("ssim", ssim)):
             if m in todo:
                 values[COLUMN[m]] = v
     if "lpips" in todo:
-        values[COLUMN["lpips"]] = lpips_score(images, reference, device)  # type: ignore[arg-type]
+        with timed("LPIPS"):
+            values[COLUMN["lpips"]] = lpips_score(images, reference, device)  # type: ignore[arg-type]
     if "image_reward" in todo:
-        values[COLUMN["image_reward"]] = image_reward_score(images, prompts, device)
+        with timed("ImageReward"):
+            values[COLUMN["image_reward"]] = image_reward_score(images, prompts, device)
     if "clip" in todo:
-        model, tokenizer = _load_clip(device)
-        values[COLUMN["clip"]] = clip_score(images, prompts, model, tokenizer, device)
-        del model
+        with timed("CLIP score"):
+            model, tokenizer = _load_clip(device)
+            values[COLUMN["clip"]] = clip_score(images, prompts, model, tokenizer, device)
+            del model
     return values, notes

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from rfc.samplers.sampling import CFGDenoiser, Sampler
 from rfc.store import digest_memo
 from rfc.validate import as_bool, as_float, as_int, check_arguments
 
+LOG = logging.getLogger("rfc")
 VAE_CHOICES = ("ema", "mse", "none")
 MIN_SCORED_SAMPLES = 2  # a covariance needs two samples
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
@@ -251,11 +253,17 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     out = prepare_outputs(cfg, out_dir, paths)
     if not m.pretrained:
         vae_note = "" if m.vae == "none" else (" and a random VAE" if not m.vae_pretrained else "")
-        print(f"note: model.pretrained=false: random DiT weights{vae_note} (timing is real, images are not)"
+        _note(f"model.pretrained=false: random DiT weights{vae_note} (timing is real, images are not)"
               + ("" if score else "; quality metrics skipped (eval.score=false)"))
     plan = RunPlan(cfg, device, dit, num_samples, batch_size, score, extractor, out, method, sampler, paths)
     plan.setting = sample_setting(plan)
     return plan
+
+
+def _note(text: str) -> None:
+    """A note for the person at the terminal (stdout), kept in run.log too."""
+    print(f"note: {text}")
+    LOG.info("note: %s", text)
 
 
 def prepare_outputs(cfg: DictConfig, out_dir: str | Path, paths: dict) -> Path:
@@ -302,7 +310,7 @@ def plan_flux_run(cfg: DictConfig, out_dir: str | Path, flux: FluxConfig, num_sa
         skipped = check_metrics(names, str(cfg.eval.missing_metrics), Path(paths["assets"]))
     out = prepare_outputs(cfg, out_dir, paths)
     if not m.pretrained:
-        print("note: model.pretrained=false: random FLUX weights, VAE and prompt embeddings (timing is real, images "
+        _note("model.pretrained=false: random FLUX weights, VAE and prompt embeddings (timing is real, images "
               "are not)" + ("" if score else "; quality metrics skipped (eval.score=false)"))
     plan = RunPlan(cfg, device, flux, num_samples, batch_size, score, None, out, method, sampler, paths,
                    prompts=prompts, skipped_metrics=skipped)

@@ -9,7 +9,9 @@ uses its own seeds, apart from the evaluation seeds.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,9 @@ from rfc.config import CALIBRATION_FILE, tau_key
 from rfc.devices import DeviceUse
 from rfc.files import atomic_write_text
 from rfc.generate import batch_sizes, generate
+from rfc.progress import bar
+
+LOG = logging.getLogger("rfc")
 
 
 @dataclass
@@ -77,20 +82,34 @@ def calibrate(cfg: DictConfig, target: float, num_samples: int, batch_size: int,
     base = OmegaConf.to_container(cfg.method, resolve=False)
     base.pop("tau", None)
 
+    # Each trial samples the whole calibration set (minutes on DiT-XL): one bar over the trials,
+    # with the trial's own sampling bar beneath it while it runs.
+    trials = bar(unit="trial", desc=f"calibrating tau for NFC {target:g}", secondary=True)
+    count = 0  # trials so far (a disabled bar does not count)
+
     def nfc_of(tau: float) -> float:
+        nonlocal count
+        count += 1
         method: CacheMethod = build(OmegaConf.create({**base, "tau": tau}), "method")
         method.attach(model)
+        t0 = time.perf_counter()
         try:
             with torch.no_grad():
                 samples = generate(model, plan.sampler, denoiser, method, seed=seed,
                                    indices=range(num_samples), batch_size=batch_size, device=plan.device,
-                                   progress=False, precision=str(cfg.precision))
+                                   progress=True, precision=str(cfg.precision),
+                                   desc=f"trial {count}: tau {tau:.4g}", leave=False)
         finally:
             method.detach()
         sizes = batch_sizes(num_samples, batch_size)
-        return float(np.average([s.full_steps for s in samples.stats], weights=sizes))
+        nfc = float(np.average([s.full_steps for s in samples.stats], weights=sizes))
+        trials.update(1)
+        trials.set_postfix(tau=f"{tau:.4g}", nfc=f"{nfc:.2f}")
+        LOG.info("calibration trial %d: tau %.6g -> mean NFC %.2f (target %g; %.1f s)", count, tau, nfc, target,
+                 time.perf_counter() - t0)
+        return nfc
 
-    with DeviceUse(plan.device):  # runs timing on this device see the calibration's load
+    with DeviceUse(plan.device), trials:  # runs timing on this device see the calibration's load
         return bisect_tau(nfc_of, target, tolerance)
 
 

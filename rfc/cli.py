@@ -12,6 +12,8 @@ import errno
 import logging
 import shlex
 import sys
+import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +38,21 @@ class _LineFormatter(logging.Formatter):
         return line
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """stderr through tqdm.write: a warning that arrives while a progress bar is drawn gets its own
+    line, with the bar redrawn below it, instead of being spliced into the bar. (With no bar
+    drawn, tqdm.write is a plain write.)"""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
+
 class _QuietFileHandler(logging.FileHandler):
     """The run log; a log write that fails (the disk is full) must not hide the real error."""
 
@@ -43,12 +60,39 @@ class _QuietFileHandler(logging.FileHandler):
         pass
 
 
+class _WarningsIntoLog(logging.Handler):
+    """Python warnings raised during the job (torch's, a library's deprecation) are shown on stderr
+    exactly as before and also written to run.log, so the log has every warning the terminal
+    showed. Not a handler of the ``rfc`` logger: it only hooks ``warnings.showwarning`` until
+    closed."""
+
+    def __init__(self, file: logging.Handler) -> None:
+        super().__init__()
+        self.file, self.original = file, warnings.showwarning
+        warnings.showwarning = self.show
+
+    def show(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: object = None, line: str | None = None) -> None:
+        self.original(message, category, filename, lineno, file, line)
+        text = f"{category.__name__}: {message} ({filename}:{lineno})"
+        self.file.handle(LOG.makeRecord(LOG.name, logging.WARNING, filename, lineno, text, None, None))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        pass
+
+    def close(self) -> None:
+        if warnings.showwarning == self.show:
+            warnings.showwarning = self.original
+        super().close()
+
+
 def attach_log(out_dir: str | Path | None, main: bool = True) -> list[logging.Handler]:
     """Send the ``rfc`` logger to stderr (warnings and errors) and, on the main process, to
-    ``<out_dir>/run.log`` (everything, time-stamped). Returns the handlers, for :func:`detach_log`."""
+    ``<out_dir>/run.log`` (everything, time-stamped, Python warnings included). Returns the
+    handlers, for :func:`detach_log`."""
     LOG.setLevel(logging.INFO)
     LOG.propagate = False
-    console = logging.StreamHandler(sys.stderr)
+    console = _ConsoleHandler(sys.stderr)
     console.setLevel(logging.WARNING)
     console.setFormatter(_LineFormatter())
     handlers: list[logging.Handler] = [console]
@@ -62,11 +106,13 @@ def attach_log(out_dir: str | Path | None, main: bool = True) -> list[logging.Ha
             pass  # an unwritable folder is reported by the run itself, on stderr
     for handler in handlers:
         LOG.addHandler(handler)
+    if len(handlers) > 1:
+        handlers.append(_WarningsIntoLog(handlers[1]))
     return handlers
 
 
 def detach_log(handlers: list[logging.Handler]) -> None:
-    for handler in handlers:
+    for handler in reversed(handlers):  # the warnings hook before the file it writes to
         LOG.removeHandler(handler)
         handler.close()
 
@@ -90,6 +136,16 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def exit_code(err: BaseException) -> int:
+    """The exit code a failure ends the command with (see the module docstring). run_job ends
+    with it, and a W&B run of the job finishes with it (eval.loggers), so both say the same."""
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(err, (*EXPECTED, OSError)):
+        return EXIT_ERROR
+    return EXIT_BUG
+
+
 def run_job(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), sweep: str | None = None,
             launcher: str = "basic", main: bool = True, n_jobs: int | None = None) -> int:
     """One job of the command line (a run, or one job of a multirun) with its failures mapped to
@@ -98,26 +154,33 @@ def run_job(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (),
     from rfc.runner import run
 
     handlers = attach_log(out_dir, main)
+    t0 = time.perf_counter()
+    code = EXIT_BUG
     try:
         LOG.info("start: %s", " ".join(["python run.py", *overrides]))
         run(cfg, out_dir, sweep=sweep, launcher=launcher, n_jobs=n_jobs)
-        LOG.info("done")
-        return EXIT_OK
-    except KeyboardInterrupt:
+        code = EXIT_OK
+    except KeyboardInterrupt as err:
         LOG.error("interrupted: the batches finished so far are kept in %s; resume with: %s", out_dir,
                   resume_command(out_dir, overrides))
-        return EXIT_INTERRUPTED
+        code = exit_code(err)
     except EXPECTED as err:
         LOG.error("%s", one_line(err))
-        return EXIT_ERROR
+        code = exit_code(err)
     except OSError as err:
         LOG.error("%s", describe_os_error(err, out_dir, overrides))
-        return EXIT_ERROR
-    except Exception:
+        code = exit_code(err)
+    except Exception as err:
         LOG.exception("unexpected failure; the traceback below is also in %s", Path(out_dir) / LOG_FILE)
-        return EXIT_BUG
+        code = exit_code(err)
     finally:
+        seconds = time.perf_counter() - t0
+        if code == EXIT_OK:
+            LOG.info("done in %.1f s", seconds)
+        else:
+            LOG.info("failed after %.1f s: exit code %d", seconds, code)
         detach_log(handlers)
+    return code
 
 
 def check_resume_argument(argv: Sequence[str]) -> str | None:

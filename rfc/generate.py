@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
+from rfc import progress as bars
 from rfc.build import RunPlan, precision_mode
 from rfc.cache import CacheMethod, MethodStats
 from rfc.devices import DeviceUse
@@ -27,6 +27,7 @@ from rfc.files import atomic_savez
 from rfc.images import to_uint8_nhwc
 from rfc.models.dit import DiT, DiTConfig
 from rfc.models.vae import decode
+from rfc.runlog import BatchListener, BatchReport, Milestones
 from rfc.samplers.sampling import CFGDenoiser, Sampler, StepInfo
 from rfc.seeding import SampleStreams
 from rfc.shards import Batch, ShardStore, batch_starts, rank_starts
@@ -89,7 +90,8 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
                      num_samples: int, batch_size: int, starts: list[int], device: torch.device,
                      vae: torch.nn.Module | None = None, progress: bool = True, warmup_batches: int = 0,
                      timed: bool = True, precision: str = "fp32", device_use: DeviceUse | None = None,
-                     desc: str = "sampling") -> Iterator[Batch]:
+                     desc: str = "sampling", on_batch: BatchListener | None = None,
+                     leave: bool = True) -> Iterator[Batch]:
     """Draw the batches [start, start + batch_size) for each of ``starts``, one at a time, so the
     caller can store each before the next begins; sample i's label and noise come from stream
     (seed, i), so a batch does not depend on which process draws it or when.
@@ -99,12 +101,17 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
     run that many extra times, untimed and discarded, before sampling. ``timed=False`` marks
     every batch unmeasured (a session whose timing is not trustworthy, e.g. several processes).
     With ``device_use``, a batch during which another job of the harness used the device is not
-    timed either, and names that job in ``Batch.shared``."""
+    timed either, and names that job in ``Batch.shared``.
+
+    Progress: a bar on the terminal when ``progress`` and rfc.progress.show_bars agree, and
+    ``on_batch`` (run.log's milestones, W&B) told of each batch once the caller has taken it,
+    and of each warm-up pass."""
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     extra = warmup_batches if len(starts) <= warmup_batches else 0
-    bar = tqdm(total=sum(_batch_len(s, batch_size, num_samples) for s in starts), unit="img", desc=desc,
-               disable=not progress)
+    total = sum(_batch_len(s, batch_size, num_samples) for s in starts)
+    bar = bars.bar(enabled=progress, total=total, unit="img", desc=desc, leave=leave)
+    done, t0 = 0, time.perf_counter()
     try:
         for i, start in enumerate(starts[:1] * extra + starts):
             batch = range(start, min(start + batch_size, num_samples))
@@ -122,8 +129,12 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
                 with precision_mode(precision, device):
                     raise non_finite_batch_error(batch, bad, sampler, denoiser, method,
                                                  SampleStreams(seed, batch, device), shape, cfg)
-            if i < extra:
-                continue  # an untimed warm-up pass: nothing kept
+            if i < extra:  # an untimed warm-up pass: nothing kept
+                if on_batch is not None:
+                    on_batch(BatchReport(desc, start, len(batch), 0, total, 0, len(starts), clock.seconds, None, 0.0,
+                                         warmup=True))
+                t0 = time.perf_counter()
+                continue
             vae_seconds = None
             if vae is not None:
                 with Clock(device) as vae_clock:
@@ -137,6 +148,10 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
             yield Batch(start, to_uint8_nhwc(x), y.cpu().numpy().astype(np.int64), method.stats(), clock.seconds,
                         vae_seconds, measured and shared is None, shared if measured else None)
             bar.update(len(batch))
+            done += len(batch)
+            if on_batch is not None:
+                on_batch(BatchReport(desc, start, len(batch), done, total, i - extra + 1, len(starts), clock.seconds,
+                                     vae_seconds, time.perf_counter() - t0))
     finally:
         bar.close()  # before any error line reaches the terminal
 
@@ -202,7 +217,8 @@ def non_finite_batch_error(batch: range, bad: int, sampler: Sampler, denoiser: C
 
 def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
              indices: range, batch_size: int, device: torch.device, vae: torch.nn.Module | None = None,
-             progress: bool = True, warmup_batches: int = 0, precision: str = "fp32") -> SampleSet:
+             progress: bool = True, warmup_batches: int = 0, precision: str = "fp32", desc: str = "sampling",
+             leave: bool = True) -> SampleSet:
     """All of ``indices`` (a range from 0) in memory: calibration, diagnostics and tests."""
     if indices.start != 0 or indices.step != 1:
         raise ValueError(f"indices must be range(0, n), got {indices}")
@@ -210,7 +226,7 @@ def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheM
     return SampleSet.from_batches(list(generate_batches(
         model, sampler, denoiser, method, seed=seed, num_samples=n, batch_size=batch_size,
         starts=batch_starts(n, batch_size), device=device, vae=vae, progress=progress,
-        warmup_batches=warmup_batches, precision=precision)))
+        warmup_batches=warmup_batches, precision=precision, desc=desc, leave=leave)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,9 +285,19 @@ class Drawer:
     progress: bool  # a progress bar (the caller passes it for rank 0 only)
     grp: Group
     use: DeviceUse  # who else uses the device during timed batches
+    listeners: list[BatchListener] = field(default_factory=list)  # told of every batch (W&B), after run.log
+
+    def _on_batch(self, report: BatchReport, milestones: Milestones) -> None:
+        if not self.grp.is_main:
+            return
+        milestones(report)
+        for listener in self.listeners:
+            listener(report)
 
     def draw_into(self, target: ShardStore, meth: CacheMethod, timed: bool, desc: str) -> Session:
         """This rank's missing batches of ``target`` drawn with ``meth`` (see sample_into)."""
+
+        milestones = Milestones(self.grp.world_size)
 
         def draw(starts: list[int], timed: bool) -> Iterator[Batch]:
             meth.attach(self.model)
@@ -281,7 +307,7 @@ class Drawer:
                                             starts=starts, device=self.device, vae=self.vae, progress=self.progress,
                                             warmup_batches=self.warmup_batches, timed=timed,
                                             precision=self.precision, device_use=self.use if timed else None,
-                                            desc=desc)
+                                            desc=desc, on_batch=lambda r: self._on_batch(r, milestones))
             finally:
                 meth.detach()
 

@@ -242,13 +242,16 @@ class RowLogger(Protocol):
 
 def publish_record(record: RunRecord, out_dir: Path, loggers: Sequence[RowLogger], samples_path: Path,
                    grid_path: Path) -> None:
-    """Write the run folder's record.json, name the run's samples and grid, and hand the row to
-    the loggers (CSV, W&B), each of whose lines is printed and logged."""
+    """Write the run folder's record.json, name the run's samples and grid, log the row's key
+    metrics (run.log's result line), and hand the row to the loggers (CSV, W&B), each of whose
+    lines is printed and logged."""
     from rfc.files import atomic_write_text
+    from rfc.runlog import log_result
 
     atomic_write_text(out_dir / "record.json", json.dumps(record.as_dict(), indent=2) + "\n")
     print(f"samples: {samples_path}\ngrid:    {grid_path}")
     LOG.info("samples: %s; grid: %s; record: %s", samples_path, grid_path, out_dir / "record.json")
+    log_result(record)
     for logger in loggers:
         line = logger.log(record, out_dir)
         print(line)

@@ -14,17 +14,22 @@ The flow, one module per stage:
 3. score (rfc.score): quality metrics against the reference, paired metrics against full compute.
 4. record (rfc.record): rank 0 merges the shards into samples.npz, grid and schedules, makes the
    row, writes record.json and hands the row to the loggers (CSV, W&B).
+
+Along the way rank 0 tells the story in run.log (rfc.runlog: the config summary, sampling
+milestones, each stage's time, the result) and to W&B, whose run is open from the moment the job
+holds its folder until it ends, however it ends (eval.loggers.logging_job).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from eval.loggers import build_loggers
+from eval.loggers import JobLogger, build_loggers, logging_job
 from rfc.build import RunPlan, build_model, build_vae, compile_for, plan_run
 from rfc.cache import NoCache
 from rfc.devices import DeviceUse, concurrency
@@ -32,7 +37,9 @@ from rfc.distributed import Group, broadcast, group
 from rfc.errors import FolderLockedError
 from rfc.files import FolderLock
 from rfc.generate import Drawer, claim_entry, full_compute_pair, manifest_config, open_store
-from rfc.record import RowLogger, RunRecord, make_record, merge_shards, publish_record
+from rfc.progress import job_progress
+from rfc.record import RunRecord, make_record, merge_shards, publish_record
+from rfc.runlog import log_plan, timed
 from rfc.score import score
 from rfc.shards import ShardStore
 from rfc.store import FullComputeEntry, store_root
@@ -49,9 +56,20 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
     scores and logs (other ranks return None). Latency is recorded only when the job had its
     device to itself (rfc.devices): one process, a launcher that runs jobs one at a time
     (``launcher``, Hydra's hydra/launcher choice, with joblib's ``n_jobs``), and no other job of
-    the harness on the device during any timed batch."""
+    the harness on the device during any timed batch.
+
+    ``progress``: False turns every progress bar of the job off; True leaves the choice to
+    rfc.progress.show_bars (a terminal, a launcher that does not multiplex output)."""
+    with job_progress(progress, launcher, n_jobs):
+        return _run(cfg, out_dir, progress, sweep, launcher, n_jobs)
+
+
+def _run(cfg: DictConfig, out_dir: str | Path, progress: bool, sweep: str | None, launcher: str,
+         n_jobs: int | None) -> RunRecord | None:
     grp = group()
     plan = plan_run(cfg, out_dir)
+    if grp.is_main:
+        log_plan(plan, sweep)
     store = ShardStore(plan.out_dir, manifest_config(plan), plan.num_samples, plan.batch_size)
     store.check()  # a folder of another configuration is refused here, before any work
     loggers = build_loggers(cfg, sweep) if grp.is_main else []  # fails fast, e.g. W&B online without a login
@@ -65,20 +83,27 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
     if refusal:
         raise FolderLockedError(refusal)
     try:
-        with DeviceUse(plan.device) as use:
+        with DeviceUse(plan.device) as use, logging_job(loggers, plan, sweep):
             return _run_locked(plan, store, loggers, grp, progress, sweep,
                                concurrency(launcher, n_jobs, grp.world_size), use)
     finally:
         lock.release()
 
 
-def _run_locked(plan: RunPlan, store: ShardStore, loggers: list[RowLogger], grp: Group, progress: bool,
+def _run_locked(plan: RunPlan, store: ShardStore, loggers: list[JobLogger], grp: Group, progress: bool,
                 sweep: str | None, busy: str | None, use: DeviceUse) -> RunRecord | None:
     cfg, device = plan.cfg, plan.device
     torch.set_grad_enabled(False)
-    model, denoiser = build_model(plan)  # unreadable or non-finite weights stop the run here
-    vae = build_vae(plan)
+    with timed("model built") as info:
+        model, denoiser = build_model(plan)  # unreadable or non-finite weights stop the run here
+        vae = build_vae(plan)
+        info["detail"] = f"{sum(p.numel() for p in model.parameters()) / 1e6:.3g} M parameters" + (
+            "" if vae is None else f", VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.3g} M")
     resumed = open_store(store, grp)
+    if resumed and grp.is_main:
+        LOG.info("resuming: %d of %d samples already in %s", resumed, plan.num_samples, store.folder)
+    if busy is not None and grp.is_main:
+        LOG.info("latency will not be recorded: %s", busy)
     method, sampler = plan.method, plan.sampler
     if cfg.compile:
         compile_for(model, method)
@@ -88,23 +113,29 @@ def _run_locked(plan: RunPlan, store: ShardStore, loggers: list[RowLogger], grp:
     publish = grp.is_main and method.name == "none" and claim_entry(entry)
     drawer = Drawer(model, sampler, denoiser, vae, device, seed=int(cfg.seed),
                     warmup_batches=int(cfg.eval.warmup_batches), precision=str(cfg.precision),
-                    progress=progress and grp.is_main, grp=grp, use=use)
+                    progress=progress and grp.is_main, grp=grp, use=use, listeners=[lg.progress for lg in loggers])
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         session = drawer.draw_into(store, method, busy is None, "sampling")
         peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         if grp.is_main:
-            samples, npz_path, grid_path = merge_shards(plan, store)
+            with timed("merged the shards into samples.npz, grid and schedules"):
+                samples, npz_path, grid_path = merge_shards(plan, store)
             record = make_record(plan, samples, denoiser, grp.world_size, busy, sweep, session, resumed, peak_gb)
             if publish:
                 entry.publish(npz_path, source=f"method=none run {plan.out_dir}")
                 LOG.info("published as the full-compute set %s (%s)", entry.id, entry.folder)
         pair, drawn_pair = None, False
         if plan.score and method.name != "none" and str(cfg.eval.paired) != "off":
+            t0 = time.perf_counter()
             pair, drawn_pair = full_compute_pair(
                 entry, str(cfg.eval.paired), grp,
                 lambda target: drawer.draw_into(target, NoCache(), False, "full compute (for pairing)"))
+            if grp.is_main:
+                how = "none in the store (eval.paired=find)" if pair is None else (
+                    f"full-compute set {pair.id} " + ("drawn by this run" if drawn_pair else "found in the store"))
+                LOG.info("pairing: %.2f s (%s)", time.perf_counter() - t0, how)
         if not grp.is_main:
             return None
         notes = [record.notes] if record.notes else []
@@ -115,7 +146,8 @@ def _run_locked(plan: RunPlan, store: ShardStore, loggers: list[RowLogger], grp:
             elif method.name != "none" and str(cfg.eval.paired) == "find":
                 notes.append(f"paired metrics missing: no full-compute set of this setting in {entry.folder.parent} "
                              "(eval.paired=find)")
-            record = score(record, samples, plan, pair, notes, entry if publish else None)
+            with timed("scoring"):
+                record = score(record, samples, plan, pair, notes, entry if publish else None)
     finally:
         if entry.held:
             entry.release()

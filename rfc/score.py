@@ -6,6 +6,7 @@ run's go to its stats.npz, a full-compute set's are cached in the store entry be
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,12 @@ from eval.stats import check_features, distances, quality_metrics, save_stats, s
 from rfc.build import RunPlan
 from rfc.errors import RunError
 from rfc.generate import SampleSet
+from rfc.progress import task
 from rfc.record import RunRecord
+from rfc.runlog import timed
 from rfc.store import FullComputeEntry, link_or_copy
+
+LOG = logging.getLogger("rfc")
 
 
 def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComputeEntry | None = None,
@@ -30,12 +35,17 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComput
         return score_text_to_image(record, samples, plan, pair, notes)
     spec = get_extractor(plan.extractor)
     extract = spec.build(plan.paths, str(plan.device))
-    feats = extract(samples.images)
+    with timed(f"features of the samples ({spec.name}, {len(samples.images)} images)"), \
+            task("features of the samples"):
+        feats = extract(samples.images)
     check_features(feats, spec.name, "the samples")
-    ref = resolve_reference(str(plan.cfg.eval.reference), spec, extract, plan.paths)
+    with timed("reference") as info, task("features of the reference"):
+        ref = resolve_reference(str(plan.cfg.eval.reference), spec, extract, plan.paths)
+        info["detail"] = ref.name
     reason = "the Inception weights have no logits layer" if spec.name.startswith("inception") else None
-    own = stats_of(feats)  # computed once: metrics, stats.npz and the paired distances share it
-    q = quality_metrics(feats, ref, reason, own)
+    with timed("quality metrics (FID, sFID, IS, precision/recall)"), task("precision/recall"):
+        own = stats_of(feats)  # computed once: metrics, stats.npz and the paired distances share it
+        q = quality_metrics(feats, ref, reason, own)
     record.extractor, record.reference = spec.name, ref.name
     record.fid, record.sfid, record.inception_score = q["fid"], q["sfid"], q["inception_score"]
     record.precision, record.recall = q["precision"], q["recall"]
@@ -57,13 +67,18 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComput
                            f"although both claim setting {pair.id}; delete {pair.folder} and run again")
         pair_stats = pair.load_stats(eid)
         if pair_stats is None:
-            pair_feats = extract(pair_images)
-            check_features(pair_feats, spec.name, f"the full-compute set {pair.samples}")
-            pair_stats = stats_of(pair_feats)
-            save_stats(pair.stats_path(eid), pair_feats, spec.name, pair_stats)
+            with timed(f"features of the full-compute set {pair.id} ({len(pair_images)} images), kept in the store"), \
+                    task("features of the full-compute set"):
+                pair_feats = extract(pair_images)
+                check_features(pair_feats, spec.name, f"the full-compute set {pair.samples}")
+                pair_stats = stats_of(pair_feats)
+                save_stats(pair.stats_path(eid), pair_feats, spec.name, pair_stats)
+        else:
+            LOG.info("features of the full-compute set %s: statistics from the store", pair.id)
     if pair_stats is not None:
-        record.fid2fc, record.sfid2fc = distances(own, pair_stats)
-        record.psnr, record.ssim = psnr_ssim(samples.images, pair_images)
+        with timed("paired metrics (FID2FC, sFID2FC, PSNR, SSIM)"), task("PSNR/SSIM"):
+            record.fid2fc, record.sfid2fc = distances(own, pair_stats)
+            record.psnr, record.ssim = psnr_ssim(samples.images, pair_images)
     record.notes = "; ".join(notes) or None
     return record
 
