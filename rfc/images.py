@@ -13,25 +13,21 @@ def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
     return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
 
 
-def save_grid(images: np.ndarray, path: Path, n: int = 64, min_side: int = 32) -> Path:
-    """PNG grid of the first ``n`` images (8 per row); small images are enlarged (nearest)."""
-    from PIL import Image
+def save_grid(images: np.ndarray, path: Path, n: int = 64, min_side: int = 32, nrow: int = 8) -> Path:
+    """PNG grid of the first ``n`` uint8 NHWC images, ``nrow`` per row, 2 white pixels between them
+    (torchvision's make_grid and save_image). Images smaller than ``min_side`` are enlarged with
+    the whole grid by an integer factor, nearest neighbour, so an 8x8 digit stays a crisp block of
+    pixels instead of a blur or a speck. Grayscale images are written as RGB with equal channels
+    (make_grid's convention). Written under a temporary name and renamed."""
+    from torchvision.utils import make_grid, save_image
 
-    imgs = images[:n]
-    cols = min(8, len(imgs))
-    rows = -(-len(imgs) // cols)
-    _, h, w, c = imgs.shape
-    pad = 2
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(imgs):
-        r, q = divmod(i, cols)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = img
-    pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    scale = max(1, -(-min_side // h))
-    if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     from rfc.files import atomic_path
 
+    imgs = torch.from_numpy(np.ascontiguousarray(images[:n])).permute(0, 3, 1, 2)
+    grid = make_grid(imgs.float() / 255.0, nrow=min(nrow, len(imgs)), padding=2, pad_value=1.0)
+    scale = max(1, -(-min_side // imgs.shape[2]))
+    if scale > 1:
+        grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     with atomic_path(path) as tmp:
-        pil.save(tmp, format="PNG")
+        save_image(grid, tmp, format="PNG")
     return path

@@ -1,21 +1,36 @@
-"""scripts/make_figures.py: each figure shows the rows its plan names, the same sample indices in
-every column, full compute first, titled with NFC and speedup; rows without samples are skipped."""
+"""scripts/make_figures.py: each comparison figure shows the rows its plan (and the JSON beside it)
+names, the same sample indices in every column, full compute first, titled with run id, NFC and
+speedup; rows without samples are skipped. Each quality-vs-speed plot shows one labelled point per
+row of its table, one line per method family in speed order, and refuses (or, asked to, marks) a
+table of too few samples. rfc.images.save_grid: torchvision's grid, small images enlarged."""
 
 from __future__ import annotations
 
-import sys
+import json
+import math
 from pathlib import Path
 
 import numpy as np
+import pytest
+from PIL import Image
 
 from eval.loggers import append_csv
+from rfc.figures import (
+    MIN_SAMPLES,
+    SMALL,
+    draw,
+    draw_quality_speed,
+    families,
+    family_lines,
+    plan_figure,
+    plan_quality_speed,
+    read_samples,
+)
 from rfc.files import atomic_savez
+from rfc.images import save_grid
 from rfc.record import RunRecord
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_figures import draw, main, plan_figure, read_samples  # noqa: E402
-from make_tables import GROUP_KEYS, latest, load, with_latency  # noqa: E402
+from rfc.tables import GROUP_KEYS, latest, load, with_latency
+from scripts.make_figures import main
 
 
 def _samples(folder: Path, value: int, n: int = 5, size: int = 16, channels: int = 3,
@@ -63,15 +78,22 @@ def test_the_plan_names_the_runs_and_indices_the_figure_shows(tmp_path):
     plan = plan_figure(groups["rfc_table2"], k=3)
     assert [c.label for c in plan.columns] == ["Full compute", "FORA N=3", "TaylorSeer N=4 m=2"]
     assert plan.indices == [0, 1, 2] and plan.row_labels == ["prompt 0", "prompt 1", "prompt 2"]
-    assert dict(plan.skipped).keys() == {"ToCa N=5", "RFC m=2 NFC 14"}
+    plan_skips = {"ToCa N=5", "RFC m=2 NFC 14"}
+    assert dict(plan.skipped).keys() == plan_skips
     assert "no samples.npz" in dict(plan.skipped)["ToCa N=5"] and "differ" in dict(plan.skipped)["RFC m=2 NFC 14"]
     rows = groups["rfc_table2"].set_index("variant")
     assert [c.run_id for c in plan.columns] == [rows.loc[c.label, "run_id"] for c in plan.columns]
     titles = [c.title.splitlines()[-1] for c in plan.columns]
     assert titles == ["NFC 50, speedup 1x", "NFC 17, speedup 2.5x", "NFC 14, speedup -"]
-    grid = draw(plan, tmp_path / "fig.png")
-    # cell [i][j] is sample i of column j's run: value of that run + i
+    assert [c.title.splitlines()[-2] for c in plan.columns] == [f"run {c.run_id}" for c in plan.columns]
     values = {"Full compute": 0, "FORA N=3": 100, "TaylorSeer N=4 m=2": 200}
+    grid = draw(plan, tmp_path / "fig.png")
+    # the JSON beside the figure names the CSV rows and the sample folders the columns were read from
+    manifest = json.loads((tmp_path / "fig.json").read_text())
+    assert [(c["label"], c["run_id"], c["samples"]) for c in manifest["columns"]] == \
+        [(v, rows.loc[v, "run_id"], str(Path(rows.loc[v, "output_dir"]) / "samples.npz")) for v in values]
+    assert manifest["sample_indices"] == [0, 1, 2] and {s["label"] for s in manifest["skipped"]} == set(plan_skips)
+    # cell [i][j] is sample i of column j's run: value of that run + i
     assert [[int(img.min()) for img in row] for row in grid] == \
         [[values[c.label] + i for c in plan.columns] for i in plan.indices]
     assert all(int(img.max()) == int(img.min()) for row in grid for img in row)
@@ -97,7 +119,147 @@ def test_command_line_writes_one_figure_per_table(tmp_path, capsys):
     out = capsys.readouterr().out
     written = [Path(line.split()[1]) for line in out.splitlines() if line.startswith("wrote ")]
     assert len(written) == 2 and all(p.stat().st_size > 1000 and p.suffix == ".png" for p in written)
+    assert all(p.name.endswith("_samples.png") and p.with_suffix(".json").is_file() for p in written)
     assert "skipped 'ToCa N=5'" in out and "(3 methods x 2 samples)" in out
+    # both tables are far too small for their metrics (or have none): no quality-vs-speed plot
+    assert not list((tmp_path / "figs").glob("*_quality_speed.png"))
     assert main(["--runs", str(path), "--out", str(tmp_path / "one"), "--experiment", "rfc_table1"]) == 0
-    assert [p.name.startswith("rfc_table1_") for p in (tmp_path / "one").iterdir()] == [True]
+    one = sorted(p.name for p in (tmp_path / "one").iterdir())  # the figure and the JSON naming its rows
+    assert len(one) == 2 and all(n.startswith("rfc_table1_") for n in one) and one[0].endswith("_samples.json")
     assert main(["--runs", str(tmp_path / "none.csv")]) == 2
+
+
+# ---- quality against speed -----------------------------------------------------------------------
+
+TS = '{"interval": %d, "order": %d, "warmup": 2}'
+RFC = '{"interval": 4, "order": 2, "rfe": true, "rcs": true, "magnitude": "relational", "tau": %s}'
+# method, variant, method_params, nfc, tflops, latency, fid, fid2fc; written out of speed order
+SPEED_ROWS = [
+    ("none", "Full compute", "{}", 50.0, 4.0, 20.0, 11.0, 0.0),
+    ("fora", "FORA N=5", '{"interval": 5}', 11.0, 0.9, 4.0, 15.0, 2.0),
+    ("fora", "FORA N=3", '{"interval": 3}', 18.0, 1.4, 5.0, 13.0, 1.0),
+    ("taylorseer", "TaylorSeer N=6 m=2", TS % (6, 2), 10.0, 0.8, 4.5, 12.0, 0.6),
+    ("taylorseer", "TaylorSeer N=4 m=2", TS % (4, 2), 14.0, 1.1, 5.0, 11.2, 0.2),
+    ("taylorseer", "TaylorSeer N=4 m=1", TS % (4, 1), 14.0, 1.1, 4.9, 11.5, 0.3),
+    ("rfc", "RFC m=2 NFC 14", RFC % 0.03, 14.0, 1.1, 8.0, 10.9, 0.05),
+    ("rfc", "RFC m=2 NFC 8", RFC % 0.2, 8.0, 0.7, 6.0, 11.3, 0.4),
+    ("fbcache", "", '{"threshold": 0.08, "warmup": 0}', 20.0, 1.6, 6.6, 12.5, 0.5),
+]
+
+
+def _speed_csv(tmp: Path, n: int, untimed: str | None = None) -> Path:
+    """A class-conditional table of ``n`` samples (no samples on disk: the plot needs the CSV only);
+    ``untimed``: a variant recorded without a latency."""
+    path = tmp / "runs.csv"
+    common = dict(experiment="rfc_table1", model="dit-tiny", image_size=8, sampler="ddim", num_steps=50,
+                  cfg_scale=1.5, num_samples=n, seed=0, batch_size=250, extractor="digits-classifier",
+                  reference="sklearn-digits-1797")
+    for i, (method, variant, params, nfc, tflops, latency, fid, fid2fc) in enumerate(SPEED_ROWS):
+        append_csv(path, RunRecord(time=f"2026-01-01T00:{i:02d}:00", method=method, variant=variant or None,
+                                   method_params=params, nfc=nfc, tflops=tflops,
+                                   latency_s=None if variant == untimed else latency, fid=fid,
+                                   fid2fc=None if method == "none" else fid2fc, **common))
+    return path
+
+
+def test_quality_speed_plot_names_its_rows_families_and_speed_order(tmp_path):
+    path = _speed_csv(tmp_path, n=1000)
+    (group,) = _groups(path).values()
+    plan = plan_quality_speed(group)
+    assert plan.x_kind == "speedup" and plan.metrics == ["fid", "fid2fc"] and not plan.small and not plan.why_not
+    rows = group.set_index("label")
+    fora5 = next(p for p in plan.points if p.label == "FORA N=5")
+    assert fora5.run_id == rows.loc["FORA N=5", "run_id"] and fora5.x == 20.0 / 4.0
+    assert {p.label: p.family for p in plan.points} == {
+        "Full compute": "Full compute", "FORA N=5": "FORA", "FORA N=3": "FORA",
+        "TaylorSeer N=6 m=2": "TaylorSeer m=2", "TaylorSeer N=4 m=2": "TaylorSeer m=2",
+        "TaylorSeer N=4 m=1": "TaylorSeer m=1", "RFC m=2 NFC 14": "RFC m=2", "RFC m=2 NFC 8": "RFC m=2",
+        "FBCache thr=0.08": "FBCache"}  # a row without a variant name: its family and speed knob
+    lines = {name: [p.label for p in pts] for name, pts in family_lines(plan, "fid").items()}
+    assert lines == {"FORA": ["FORA N=3", "FORA N=5"], "TaylorSeer m=2": ["TaylorSeer N=4 m=2", "TaylorSeer N=6 m=2"],
+                     "TaylorSeer m=1": ["TaylorSeer N=4 m=1"], "RFC m=2": ["RFC m=2 NFC 14", "RFC m=2 NFC 8"],
+                     "FBCache": ["FBCache thr=0.08"]}  # each in speed order (x ascending); full compute apart
+    full = next(p for p in plan.points if p.is_full)
+    assert full.x == 1.0 and full.values == {"fid": 11.0}  # FID2FC: full compute is its reference, no value
+
+    title = draw_quality_speed(plan, tmp_path / "q.png")
+    assert SMALL not in title and "1000 samples" in title
+    assert Image.open(tmp_path / "q.png").size[0] > 1000
+    manifest = json.loads((tmp_path / "q.json").read_text())
+    assert [(p["label"], p["run_id"], p["x"], p.get("fid")) for p in manifest["points"]] == \
+        [(p.label, rows.loc[_row_label(rows, p.label), "run_id"], p.x, p.values.get("fid")) for p in plan.points]
+    assert manifest["x"] == "speedup" and manifest["min_samples"] == {"fid": 1000, "fid2fc": 1000}
+    assert manifest["not_meaningful"] == {}
+
+
+def _row_label(rows, label: str) -> str:
+    """The table label of a plot label (rows without a variant are labelled by method and JSON)."""
+    return label if label in rows.index else next(r for r in rows.index if r.startswith("fbcache"))
+
+
+def test_rows_without_latency_put_every_point_on_the_flops_ratio(tmp_path):
+    (group,) = _groups(_speed_csv(tmp_path, n=1000, untimed="FORA N=3")).values()
+    plan = plan_quality_speed(group)
+    assert plan.x_kind == "flops" and "not every row timed" in plan.x_label
+    assert {p.label: round(p.x, 6) for p in plan.points}["FORA N=3"] == round(4.0 / 1.4, 6)
+
+
+def test_too_few_samples_are_refused_or_marked(tmp_path, capsys):
+    """FID from 16 samples (the old ablation plot's ~350) is refused; a stale plot of that table is
+    removed; --allow-small draws it with NOT MEANINGFUL in the title and the JSON."""
+    assert MIN_SAMPLES["fid"] == 1000 and MIN_SAMPLES["psnr"] == 100
+    path = _speed_csv(tmp_path, n=16)
+    (group,) = _groups(path).values()
+    plan = plan_quality_speed(group)
+    assert plan.small == {"fid": 1000, "fid2fc": 1000}
+    assert plan.warning == "FID from 16 samples (< 1,000); FID2FC from 16 samples (< 1,000)"
+    stale = tmp_path / "figs" / f"{plan.name}_quality_speed.png"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an earlier plot")
+    stale.with_suffix(".json").write_text("{}")
+    assert main(["--runs", str(path), "--out", str(tmp_path / "figs")]) == 0
+    out = capsys.readouterr().out
+    assert f"no quality-vs-speed plot for {plan.name}: FID from 16 samples (< 1,000)" in out
+    assert not stale.exists() and not stale.with_suffix(".json").exists() and f"removed {stale}" in out
+
+    assert main(["--runs", str(path), "--out", str(tmp_path / "figs"), "--allow-small"]) == 0
+    assert "marked NOT MEANINGFUL: FID from 16 samples" in capsys.readouterr().out and stale.stat().st_size > 1000
+    manifest = json.loads(stale.with_suffix(".json").read_text())
+    assert manifest["not_meaningful"] == {"fid": "16 < 1000", "fid2fc": "16 < 1000"} and manifest["num_samples"] == 16
+    assert draw_quality_speed(plan, tmp_path / "small.png").endswith(f"{SMALL}: {plan.warning}")
+
+
+@pytest.mark.parametrize("n, small", [(50, True), (200, False)])
+def test_text_to_image_plot_uses_psnr_and_its_floor(tmp_path, n, small):
+    path = tmp_path / "runs.csv"
+    common = dict(experiment="rfc_table2", model="flux-tiny", image_size=64, sampler="flow_euler", num_steps=50,
+                  cfg_scale=3.5, num_samples=n, seed=0, batch_size=4, prompts="drawbench:sha256:0123")
+    for i, (method, variant, nfc, latency, psnr) in enumerate((("none", "Full compute", 50.0, 10.0, math.inf),
+                                                               ("fora", "FORA N=3", 17.0, 4.0, 28.0),
+                                                               ("fora", "FORA N=7", 8.0, 2.0, 22.0))):
+        append_csv(path, RunRecord(time=f"2026-01-01T00:0{i}:00", method=method, variant=variant, nfc=nfc,
+                                   latency_s=latency, psnr=psnr, **common))
+    (group,) = _groups(path).values()
+    plan = plan_quality_speed(group)
+    assert plan.metrics == ["psnr"] and bool(plan.small) is small
+    assert [(p.label, p.x, p.values) for p in plan.points] == [
+        ("Full compute", 1.0, {}), ("FORA N=3", 2.5, {"psnr": 28.0}), ("FORA N=7", 5.0, {"psnr": 22.0})]
+    assert families([{"label": "x", "method": "toca", "method_params": "{}", "fused": "", "is_full": False}]) == \
+        {"x": "ToCa"}
+
+
+def test_save_grid_is_torchvisions_grid_with_small_images_enlarged(tmp_path):
+    images = np.stack([np.full((8, 8, 1), 10 * i, np.uint8) for i in range(10)])
+    save_grid(images, tmp_path / "g.png", n=9)  # 9 of 10: a row of 8, a row of 1
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    scale = 4  # 8 px enlarged to at least 32
+    assert grid.shape == ((2 * (8 + 2) + 2) * scale, (8 * (8 + 2) + 2) * scale, 3)
+    for i in range(9):
+        r, c = divmod(i, 8)
+        y, x = (2 + r * 10) * scale, (2 + c * 10) * scale
+        assert (grid[y:y + 8 * scale, x:x + 8 * scale] == 10 * i).all()  # image i, crisp (nearest)
+    assert (grid[:2 * scale] == 255).all() and (grid[-2 * scale:, 2 * scale:] == 255).all()  # white padding
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    save_grid(rgb, tmp_path / "rgb.png")
+    out = np.asarray(Image.open(tmp_path / "rgb.png"))
+    assert out.shape == (68, 3 * 66 + 2, 3) and np.array_equal(out[2:66, 68:132], rgb[1])  # not enlarged

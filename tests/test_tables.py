@@ -13,10 +13,10 @@ from pathlib import Path
 
 from eval.loggers import append_csv
 from rfc.record import RunRecord
+from rfc.tables import COLUMNS, T2I_COLUMNS, fmt
+from scripts.make_tables import main as make_tables
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_tables import COLUMNS, fmt  # noqa: E402
 
 
 def _run(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -52,7 +52,7 @@ def test_rfc_table1_on_the_tiny_model_and_its_tables(tmp_path):
     assert proc.returncode == 0, proc.stderr
     md = next((tmp_path / "tables").glob("rfc_table1_*.md"))
     tex = md.with_suffix(".tex")
-    assert md.with_name(md.stem + "_pareto.png").stat().st_size > 1000
+    assert not list((tmp_path / "tables").glob("*.png"))  # quality-vs-speed plots are make_figures.py's
     table = _md_rows(md)
     full_latency = float(next(r for r in rows if r["method"] == "none")["latency_s"])
     for r in rows:
@@ -118,6 +118,50 @@ def test_speedup_is_against_the_tables_own_full_compute_row(tmp_path):
     assert speedups == {"a": {"Full": "1", "Cached": "2"}, "b": {"Full": "1", "Cached": "5"}}
 
 
+def test_latex_is_a_styler_float_and_stale_pareto_plots_are_removed(tmp_path, capsys):
+    """The .tex is pandas' Styler.to_latex float (booktabs rules, the caption as \\caption and as
+    comments, labels escaped, best bold and second underlined as in the Markdown), and a
+    <name>_pareto.png of an earlier version beside a regenerated table is deleted."""
+    path = tmp_path / "runs.csv"
+    common = dict(experiment="exp_1", model="m", image_size=8, sampler="ddim", num_steps=50, cfg_scale=1.5,
+                  num_samples=10, seed=0)
+    rows = (("none", "Full", 10.0, 5.0), ("fora", "FORA N_3 & co", 4.0, 7.0), ("taylorseer", "TS 50%", 5.0, 6.0))
+    for i, (method, variant, latency, fid) in enumerate(rows):
+        append_csv(path, RunRecord(time=f"2026-01-01T00:0{i}:00", method=method, variant=variant, nfc=50.0 - 10 * i,
+                                   latency_s=latency, fid=fid, **common))
+    assert make_tables(["--csv", str(path), "--out", str(tmp_path / "t")]) == 0
+    md = next((tmp_path / "t").glob("*.md"))
+    stale = md.with_name(md.stem + "_pareto.png")
+    stale.write_bytes(b"old")
+    assert make_tables(["--csv", str(path), "--out", str(tmp_path / "t")]) == 0
+    assert not stale.exists() and f"removed {stale}" in capsys.readouterr().out
+    tex = md.with_suffix(".tex").read_text()
+    assert tex.startswith("% exp_1: m 8px, DDIM-50") and r"\begin{table}" in tex and r"\caption{exp\_1: m 8px" in tex
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex and r"\end{table}" in tex
+    assert r"Method & NFC & TFLOPs & Latency (s) & Speedup & FID & sFID & FID2FC & sFID2FC & IS \\" in tex
+    assert r"FORA N\_3 \& co & 40 & - & \textbf{4} & \textbf{2.5x} & \underline{7} &" in tex
+    assert r"TS 50\% & 30 & - & \underline{5} & \underline{2x} & \textbf{6} &" in tex
+    assert _md_rows(md)["FORA N_3 & co"][:5] == ["40", "-", "4", "2.5", "7"]
+
+
+def test_a_row_without_latency_joins_the_timing_run_of_its_exact_timing_setting(tmp_path):
+    """A quality row that could not time itself takes the latency of the latest row of the same
+    method and the same timing setting (here an eval=latency run: another sample count, so another
+    table), marked with a dagger, and its speedup divides by its own table's full compute."""
+    path = tmp_path / "runs.csv"
+    common = dict(experiment="exp", model="m", image_size=8, sampler="ddim", num_steps=50, cfg_scale=1.5, seed=0,
+                  batch_size=4, device="cpu (x86_64)", cpu_threads=2)
+    append_csv(path, RunRecord(time="2026-01-01T00:00:00", method="fora", variant="FORA", num_samples=8, nfc=18.0,
+                               latency_s=4.0, **common))  # the timing run
+    append_csv(path, RunRecord(time="2026-01-01T00:01:00", method="none", variant="Full", num_samples=100, nfc=50.0,
+                               latency_s=10.0, fid=5.0, **common))
+    append_csv(path, RunRecord(time="2026-01-01T00:02:00", method="fora", variant="FORA", num_samples=100, nfc=18.0,
+                               fid=6.0, **common))  # no latency of its own
+    assert make_tables(["--csv", str(path), "--out", str(tmp_path / "t")]) == 0
+    table = _md_rows(next(p for p in (tmp_path / "t").glob("*.md") if "_n100_" in p.name))
+    assert table["FORA"][2:4] == ["4\u2020", "2.5"] and table["Full"][2:4] == ["10", "1"]
+
+
 # ---- text-to-image rows: RFC's Table 2 layout --------------------------------------------------
 
 T2I_HEADER = "| Method | NFC | FLOPs (T) | Latency (s) | Speedup | PSNR | SSIM | LPIPS | ImageReward | CLIP |"
@@ -152,9 +196,6 @@ def _t2i_csv(path: Path) -> None:
 
 
 def test_text_to_image_rows_in_table2_layout(tmp_path):
-    from make_tables import T2I_COLUMNS
-    from make_tables import main as make_tables
-
     _t2i_csv(tmp_path / "runs.csv")
     assert make_tables(["--csv", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "t")]) == 0
     mds = sorted((tmp_path / "t").glob("*.md"))
