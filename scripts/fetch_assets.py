@@ -13,13 +13,19 @@ out, so an interrupted or corrupt download is never mistaken for a finished one.
 The runner itself never downloads; it names the missing file and this command.
 
 Not everything goes to the assets folder. ``lpips`` (torchvision's AlexNet) goes to torch hub's
-checkpoint folder ($TORCH_HOME/hub/checkpoints), where torchvision loads it from. Hugging Face
-repositories (``flux-dev``, ``flux-schnell``, ``clip-vit-large-patch14``, ``image-reward``) are
-fetched with huggingface_hub.snapshot_download into the Hugging Face cache (HF_HOME /
-HF_HUB_CACHE; resumable too), where diffusers and transformers find them by repository id; only
-the files a run loads are fetched (FLUX: the diffusers folders, not the 24 GB single-file
-checkpoint beside them). FLUX.1-dev is gated: accept its licence on the model page and log in
+checkpoint folder ($TORCH_HOME/hub/checkpoints), where torchvision loads it from. Everything on the
+Hugging Face Hub goes to the Hugging Face cache (HF_HOME / HF_HUB_CACHE; resumable too), where
+diffusers, transformers and the runner find it by repository id, and where a copy another project
+already fetched is reused instead of downloaded again: the DiT VAEs (``vae-ema``, ``vae-mse``:
+config.json and the safetensors weights of stabilityai/sd-vae-ft-ema / -mse, with
+huggingface_hub.hf_hub_download) and whole repositories (``flux-dev``, ``flux-schnell``,
+``clip-vit-large-patch14``, ``image-reward``, with snapshot_download; only the files a run loads:
+FLUX's diffusers folders, not the 24 GB single-file checkpoint beside them). A VAE that an earlier
+version downloaded into <assets>/sd-vae-ft-ema counts as present (the runner still loads it when
+the cache has none). FLUX.1-dev is gated: accept its licence on the model page and log in
 (`hf auth login` or HF_TOKEN) first.
+
+Imports the installed package (``pip install -e .``), so it runs from any working directory.
 """
 
 from __future__ import annotations
@@ -32,9 +38,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from eval.t2i import (  # noqa: E402
+from eval.t2i import (
     ALEXNET_FILE,
     ALEXNET_URL,
     BLIP_TOKENIZER_FILES,
@@ -49,8 +53,10 @@ from eval.t2i import (  # noqa: E402
     hub_cache,
     hub_missing,
 )
-from rfc.files import file_digest  # noqa: E402
+from rfc.files import file_digest
+from rfc.models.vae import VAE_CONFIG, VAE_REPOS, VAE_WEIGHTS, cached_vae_folder, check_vae_folder, legacy_vae_folder
 
+ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 1 << 20
 
 
@@ -75,19 +81,28 @@ class HubRepo:
     gated: bool = False  # the publisher wants its licence accepted first
 
 
+@dataclass(frozen=True)
+class HubFiles:
+    """Named files of a Hugging Face repository, fetched into the Hugging Face cache one by one with
+    hf_hub_download (the DiT VAEs: two files of a repository that also holds .bin and .ckpt copies
+    of the same weights). ``vae`` names the rfc.models.vae entry it is, whose earlier assets-folder
+    copy also counts as present."""
+
+    name: str
+    repo_id: str
+    files: tuple[str, ...]
+    vae: str | None = None
+
+
 class AccessRefused(OSError):
     """The hub refused the download (401 / 403, a gated repository): retrying will not help."""
 
 
-_HF = "https://huggingface.co/stabilityai/sd-vae-ft-{v}/resolve/main/{f}"
 _DIT = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-{s}x{s}.pt"
 
 ASSETS: tuple[Asset, ...] = (
     Asset("dit-xl-256", _DIT.format(s=256), "DiT-XL-2-256x256.pt"),
     Asset("dit-xl-512", _DIT.format(s=512), "DiT-XL-2-512x512.pt"),
-    *(Asset(f"vae-{v}-{kind}", _HF.format(v=v, f=f), f"sd-vae-ft-{v}/{f}")
-      for v in ("ema", "mse")
-      for kind, f in (("config", "config.json"), ("weights", "diffusion_pytorch_model.safetensors"))),
     # torch-fidelity's FID Inception (the TF 2015-12-05 graph ADM's evaluator uses).
     Asset("inception", "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
           "weights-inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth"),
@@ -102,7 +117,12 @@ _FLUX_PATTERNS = ("model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2
                   "text_encoder_2/*", "transformer/*", "vae/*")
 _FLUX_REPO = {name: repo for repo, name in FLUX_FETCH_NAME.items()}
 
-HUB: tuple[HubRepo, ...] = (
+VAES: tuple[HubFiles, ...] = tuple(HubFiles(f"vae-{v}", repo, (VAE_CONFIG, VAE_WEIGHTS[0]), vae=v)
+                                   for v, repo in VAE_REPOS.items())
+
+# everything fetched from the Hugging Face Hub into its cache: the VAEs file by file, repositories whole
+HUB: tuple[HubFiles | HubRepo, ...] = (
+    *VAES,
     HubRepo("flux-dev", _FLUX_REPO["flux-dev"], _FLUX_PATTERNS, gated=True),
     HubRepo("flux-schnell", _FLUX_REPO["flux-schnell"], _FLUX_PATTERNS),
     HubRepo("clip-vit-large-patch14", CLIP_REPO,
@@ -114,14 +134,13 @@ HUB: tuple[HubRepo, ...] = (
 )
 
 GROUPS = {
-    "vae-ema": ("vae-ema-config", "vae-ema-weights"),
-    "vae-mse": ("vae-mse-config", "vae-mse-weights"),
     "image-reward": ("image-reward-weights", "image-reward-tokenizer"),
     "t2i-metrics": ("clip-vit-large-patch14", "image-reward", "lpips"),
 }
+ENTRIES: tuple[Entry, ...] = (*ASSETS, *HUB)
 DEFAULT = ("dit-xl-256", "dit-xl-512", "vae-ema", "vae-mse", "inception", "adm-ref-imagenet256")  # no names given
 
-Entry = Asset | HubRepo
+Entry = Asset | HubFiles | HubRepo
 
 
 def default_dest() -> Path:
@@ -146,6 +165,55 @@ def hub_state(repo: HubRepo) -> str | None:
         return flux_weights_missing(repo.repo_id)
     missing = hub_missing(repo.repo_id, repo.required)
     return f"{', '.join(missing)} missing" if missing else None
+
+
+def files_state(entry: HubFiles, dest: Path) -> str | None:
+    """None when ``entry``'s files are in the Hugging Face cache (for a VAE: as the runner finds
+    them, one revision holding config and weights) or, for a VAE, complete in the assets folder
+    of an earlier version; else what is missing. Offline."""
+    if entry.vae is not None:
+        if cached_vae_folder(entry.vae) is not None:
+            return None
+        try:
+            check_vae_folder(legacy_vae_folder(dest, entry.vae))
+            return None
+        except FileNotFoundError:
+            missing = hub_missing(entry.repo_id, entry.files) or ["one revision holding config and weights"]
+            return f"{', '.join(missing)} missing"
+    missing = hub_missing(entry.repo_id, entry.files)
+    return f"{', '.join(missing)} missing" if missing else None
+
+
+def fetch_files(entry: HubFiles, dest: Path, quiet: bool = False) -> Path:
+    """hf_hub_download each of ``entry``'s files into the Hugging Face cache (a file already there
+    is not requested again; an interrupted download resumes); return the folder holding them.
+    Nothing is fetched when the assets folder already holds an earlier version's complete copy
+    of a VAE, since the runner loads that one. Raises AccessRefused on 401 / 403 and OSError when a
+    file is still missing afterwards."""
+    import huggingface_hub
+
+    legacy = legacy_vae_folder(dest, entry.vae) if entry.vae is not None else None
+    if files_state(entry, dest) is None:
+        folder = (cached_vae_folder(entry.vae) if entry.vae is not None else None) or legacy
+        if not quiet:
+            print(f"{entry.name}: present ({folder})")
+        return Path(folder) if folder is not None else Path(hub_cache())
+    paths = []
+    try:
+        for f in entry.files:
+            paths.append(Path(huggingface_hub.hf_hub_download(entry.repo_id, f)))
+    except OSError as err:
+        status = _refusal(err)
+        if status is None:
+            raise
+        raise AccessRefused(f"{entry.name}: {entry.repo_id} refused access (HTTP {status}): log in "
+                            "(`hf auth login` or HF_TOKEN), then run again") from err
+    missing = files_state(entry, dest)
+    if missing is not None:
+        raise OSError(f"{entry.name}: downloaded, but still incomplete: {missing}")
+    if not quiet:
+        print(f"{entry.name}: done ({paths[0].parent})")
+    return paths[0].parent
 
 
 def _refusal(err: BaseException) -> int | None:
@@ -249,7 +317,7 @@ def fetch(asset: Asset, dest: Path, timeout: float = 60.0, quiet: bool = False) 
 def select(names: list[str]) -> list[Entry]:
     """The entries ``names`` (entries or groups, groups may hold groups) stand for, in order and
     each once; no names: the ImageNet (DiT) assets."""
-    by_name: dict[str, Entry] = {e.name: e for e in (*ASSETS, *HUB)}
+    by_name: dict[str, Entry] = {e.name: e for e in ENTRIES}
     chosen: list[Entry] = []
 
     def add(n: str) -> None:
@@ -269,6 +337,10 @@ def select(names: list[str]) -> list[Entry]:
 
 def describe(entry: Entry, dest: Path) -> str:
     """One --list line: name, present / missing, where it goes, where it comes from."""
+    if isinstance(entry, HubFiles):
+        state = "present" if files_state(entry, dest) is None else "missing"
+        return (f"{entry.name:24s} {state:8s} {hub_cache()} [HF cache]  <- https://huggingface.co/{entry.repo_id} "
+                f"({', '.join(entry.files)})")
     if isinstance(entry, HubRepo):
         state = "present" if hub_state(entry) is None else "missing"
         gated = " (gated: accept the licence, log in)" if entry.gated else ""
@@ -287,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     dest = args.dest or default_dest()
     if args.list:
-        by_name = {e.name: e for e in (*ASSETS, *HUB)}
+        by_name = {e.name: e for e in ENTRIES}
         for e in select(args.names) if args.names else by_name.values():
             print(describe(e, dest))
         print("groups: " + ", ".join(f"{g} = {' + '.join(members)}" for g, members in GROUPS.items()))
@@ -298,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if isinstance(e, HubRepo):
                 fetch_hub(e)
+            elif isinstance(e, HubFiles):
+                fetch_files(e, dest)
             else:
                 fetch(e, asset_dest(e, dest))
         except AccessRefused as err:  # one line; running again will not help

@@ -183,7 +183,11 @@ def test_unusable_reference_is_named_before_sampling(make_cfg, tmp_path, capsys,
     assert str(path) in err and not (tmp_path / "out" / "shards").exists()
 
 
-def test_damaged_vae_is_named(make_cfg, tmp_path, capsys, earlier):
+def test_damaged_vae_is_named(make_cfg, tmp_path, capsys, earlier, monkeypatch):
+    import huggingface_hub.constants
+
+    # an empty Hugging Face cache: a VAE the user fetched there would otherwise be found first
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     vae = tmp_path / "assets" / "sd-vae-ft-ema"
     vae.mkdir(parents=True)
     (vae / "config.json").write_text("{")  # cut short

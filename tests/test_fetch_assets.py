@@ -15,7 +15,7 @@ import pytest
 import torch
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 
-from scripts.fetch_assets import ASSETS, DEFAULT, HUB, Asset, asset_dest, fetch, main, select
+from scripts.fetch_assets import ASSETS, DEFAULT, HUB, VAES, Asset, HubFiles, asset_dest, fetch, main, select
 
 PAYLOAD = bytes(range(256)) * 4000  # about 1 MB
 
@@ -72,23 +72,25 @@ def test_checksum_mismatch_discards_the_download(server, tmp_path: Path):
 
 def test_registry_covers_what_the_configs_need():
     paths = {a.path for a in ASSETS}
-    assert {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt", "sd-vae-ft-ema/config.json",
-            "sd-vae-ft-mse/diffusion_pytorch_model.safetensors", "VIRTUAL_imagenet256_labeled.npz"} <= paths
-    assert [a.name for a in select(["vae-ema"])] == ["vae-ema-config", "vae-ema-weights"]
+    assert {"DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt", "VIRTUAL_imagenet256_labeled.npz"} <= paths
+    # the VAEs: two files each of the stabilityai repositories, into the Hugging Face cache
+    assert select(["vae-ema", "vae-mse"]) == list(VAES) and all(isinstance(v, HubFiles) for v in VAES)
+    assert [(v.repo_id, v.files) for v in VAES] == [
+        (f"stabilityai/sd-vae-ft-{v}", ("config.json", "diffusion_pytorch_model.safetensors")) for v in ("ema", "mse")]
 
 
 def test_listing_names_every_entry_and_group(capsys):
     assert main(["--list"]) == 0
     out = capsys.readouterr().out
-    for name in (*(a.name for a in ASSETS), "flux-dev", "flux-schnell", "clip-vit-large-patch14", "lpips",
-                 "image-reward-weights", "image-reward-tokenizer"):
+    for name in (*(a.name for a in ASSETS), "vae-ema", "vae-mse", "flux-dev", "flux-schnell", "clip-vit-large-patch14",
+                 "lpips", "image-reward-weights", "image-reward-tokenizer"):
         assert f"\n{name} " in f"\n{out}", name
     assert "https://huggingface.co/black-forest-labs/FLUX.1-dev (gated" in out
     assert "t2i-metrics = clip-vit-large-patch14 + image-reward + lpips" in out
     assert [e.name for e in select(["t2i-metrics"])] == ["clip-vit-large-patch14", "image-reward-weights",
                                                          "image-reward-tokenizer", "lpips"]
     assert [e.name for e in select(["flux-dev", "flux-dev"])] == ["flux-dev"]
-    assert {e.name for e in select([])} == {a.name for a in ASSETS if a.name != "lpips"}  # no names: ImageNet
+    assert {e.name for e in select([])} == {*(a.name for a in ASSETS if a.name != "lpips"), "vae-ema", "vae-mse"}
     assert "lpips" not in DEFAULT and "flux-dev" not in DEFAULT
     with pytest.raises(SystemExit, match="unknown asset 'flux-pro'"):
         select(["flux-pro"])
@@ -158,3 +160,61 @@ def test_a_complete_repo_is_not_requested_again(hf_cache, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", local_only)
     assert main(["clip-vit-large-patch14"]) == 0
     assert calls == [True] and "clip-vit-large-patch14: present" in capsys.readouterr().out
+
+
+def _snapshot(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = "c0ffee") -> Path:
+    """A Hugging Face cache entry of ``repo_id`` at ``commit`` (refs/main pointing at it)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        (snap / name).write_bytes(data)
+    return snap
+
+
+def test_vae_goes_to_the_hf_cache_with_hf_hub_download(hf_cache, tmp_path, monkeypatch, capsys):
+    """vae-ema: hf_hub_download of config and safetensors weights (nothing in the assets folder);
+    run again, it is present and nothing is requested."""
+    calls = []
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        if kwargs.get("local_files_only"):  # the presence check: whatever the fake cache holds
+            path = hf_cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "c0ffee" / filename
+            if not path.exists():
+                raise huggingface_hub.errors.LocalEntryNotFoundError(filename)
+            return str(path)
+        calls.append((repo_id, filename))
+        snap = hf_cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "c0ffee"
+        if not snap.exists():
+            _snapshot(hf_cache, repo_id, {})
+        (snap / filename).write_bytes(b"{}")
+        return str(snap / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    assert main(["vae-ema", "--dest", str(tmp_path / "assets")]) == 0
+    assert calls == [("stabilityai/sd-vae-ft-ema", "config.json"),
+                     ("stabilityai/sd-vae-ft-ema", "diffusion_pytorch_model.safetensors")]
+    assert "vae-ema: done" in capsys.readouterr().out and not (tmp_path / "assets").exists()
+    assert main(["vae-ema", "--dest", str(tmp_path / "assets")]) == 0
+    assert len(calls) == 2 and "vae-ema: present" in capsys.readouterr().out
+
+
+def test_an_earlier_assets_folder_vae_counts_as_present(hf_cache, tmp_path, monkeypatch, capsys):
+    legacy = tmp_path / "assets" / "sd-vae-ft-mse"
+    legacy.mkdir(parents=True)
+    (legacy / "config.json").write_text("{}")
+    (legacy / "diffusion_pytorch_model.safetensors").write_bytes(b"w")
+
+    def never(*args, **kwargs):
+        if kwargs.get("local_files_only"):
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        raise AssertionError("downloaded although the assets folder holds the VAE")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", never)
+    assert main(["vae-mse", "--dest", str(tmp_path / "assets")]) == 0
+    assert f"vae-mse: present ({legacy})" in capsys.readouterr().out
+    assert main(["--list", "vae-mse", "vae-ema", "--dest", str(tmp_path / "assets")]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split()[:2] == ["vae-mse", "present"] and listing[1].split()[:2] == ["vae-ema", "missing"]
