@@ -12,14 +12,12 @@ results/tau_calibration.json, where ``method.tau='${calibrated_tau:14}'`` finds 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rfc.config import register_resolvers  # noqa: E402
+from rfc.config import register_resolvers
 
 register_resolvers()
 

