@@ -48,7 +48,8 @@ def _remove(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=Path, default=ROOT / "results" / "runs.csv")
+    p.add_argument("--runs", "--csv", dest="runs", type=Path, default=ROOT / "results" / "runs.csv",
+                   help="the results CSV (--csv, as make_tables names it)")
     p.add_argument("--experiment", default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "figures")
