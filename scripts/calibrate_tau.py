@@ -25,15 +25,21 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="../configs", config_name="calibrate")
 def main(cfg: DictConfig) -> None:
     from rfc.calibration import calibrate, save_calibration
+    from rfc.cli import LOG_FILE, attach_log, detach_log
     from rfc.models.load import CheckpointError, MissingAssetError
 
     c = cfg.calibration
+    out_dir = HydraConfig.get().runtime.output_dir
+    handlers = attach_log(out_dir)  # each trial's tau and NFC go to <out_dir>/run.log
     try:
         result = calibrate(cfg, float(cfg.target_nfc), int(c.num_samples), int(c.batch_size), int(c.seed),
-                           float(c.tolerance), HydraConfig.get().runtime.output_dir)
+                           float(c.tolerance), out_dir)
     except (MissingAssetError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        detach_log(handlers)
+    print(f"log: {out_dir}/{LOG_FILE}")
     for tau, nfc in result.trials:
         print(f"  tau {tau:.6g} -> mean NFC {nfc:.2f}")
     path, _ = save_calibration(cfg, result, int(c.num_samples), int(c.seed))
