@@ -99,7 +99,8 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
     Latency: the first ``warmup_batches`` batches are not timed (they pay one-time allocation,
     kernel selection and caching costs); when there are not more batches than that, the first is
     run that many extra times, untimed and discarded, before sampling. ``timed=False`` marks
-    every batch unmeasured (a session whose timing is not trustworthy, e.g. several processes).
+    every batch unmeasured (a session whose timing is not trustworthy, e.g. several processes, or a
+    full-compute set drawn for pairing) and skips those extra passes: they change no sample.
     With ``device_use``, a batch during which another job of the harness used the device is not
     timed either, and names that job in ``Batch.shared``.
 
@@ -108,7 +109,7 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
     and of each warm-up pass."""
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    extra = warmup_batches if len(starts) <= warmup_batches else 0
+    extra = warmup_batches if timed and len(starts) <= warmup_batches else 0  # untimed: nothing to warm up for
     total = sum(_batch_len(s, batch_size, num_samples) for s in starts)
     bar = bars.bar(enabled=progress, total=total, unit="img", desc=desc, leave=leave)
     done, t0 = 0, time.perf_counter()
