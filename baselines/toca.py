@@ -286,7 +286,7 @@ class ToCa(CacheMethod):
         stale.scatter_(1, idx, 0)
         fresh = module(inp.tokens(idx))  # (B, k, C)
         self.count_partial(site, k)
-        out = self.cache[site].scatter(1, idx.unsqueeze(-1).expand(-1, -1, fresh.shape[-1]), fresh)
+        out = scatter_tokens(self.cache[site], idx, fresh)
         self.cache[site] = out
         return out
 

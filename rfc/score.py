@@ -61,10 +61,7 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComput
     if record.method == "none":
         pair_images, pair_stats = samples.images, own  # full compute is its own pair
     elif pair is not None:
-        pair_images, pair_labels = pair.load()
-        if not np.array_equal(pair_labels, samples.labels):
-            raise RunError(f"the full-compute set {pair.samples} has other class labels than this run's samples "
-                           f"although both claim setting {pair.id}; delete {pair.folder} and run again")
+        pair_images = load_pair(pair, samples, "class labels")
         pair_stats = pair.load_stats(eid)
         if pair_stats is None:
             with timed(f"features of the full-compute set {pair.id} ({len(pair_images)} images), kept in the store"), \
@@ -83,6 +80,16 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComput
     return record
 
 
+def load_pair(pair: FullComputeEntry, samples: SampleSet, labels: str) -> np.ndarray:
+    """The full-compute images of the store entry ``pair``, refused when their ``labels`` (class
+    labels, prompt indices) differ from the run's: one setting id, two sample sets, a damaged store."""
+    images, pair_labels = pair.load()
+    if not np.array_equal(pair_labels, samples.labels):
+        raise RunError(f"the full-compute set {pair.samples} has other {labels} than this run's samples "
+                       f"although both claim setting {pair.id}; delete {pair.folder} and run again")
+    return images
+
+
 def score_text_to_image(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComputeEntry | None,
                         notes: list[str] | None) -> RunRecord:
     """A text-to-image run's metrics (eval.t2i): PSNR, SSIM and LPIPS against the full-compute
@@ -95,10 +102,7 @@ def score_text_to_image(record: RunRecord, samples: SampleSet, plan: RunPlan, pa
     if record.method == "none":
         reference = samples.images
     elif pair is not None:
-        reference, pair_labels = pair.load()
-        if not np.array_equal(pair_labels, samples.labels):
-            raise RunError(f"the full-compute set {pair.samples} has other prompt indices than this run's samples "
-                           f"although both claim setting {pair.id}; delete {pair.folder} and run again")
+        reference = load_pair(pair, samples, "prompt indices")
     prompts = plan.prompts.prompts
     texts = [prompts[int(i) % len(prompts)] for i in samples.labels]
     names = list(plan.cfg.eval.get("t2i_metrics") or T2I_METRICS)

@@ -8,9 +8,10 @@ full-compute store files its sets under :func:`setting_id`, the shard manifest r
 whose setting changed, and ``scripts/make_tables.py`` groups rows and divides latencies with the
 same key tuples. Every key is its own column of the result row (``rfc/record.py``).
 
-- ``SAMPLE_KEYS``: what fixes every sample's numbers (for text-to-image models, also the prompt set). Two runs with equal sample keys draw sample
-  *i* from the same noise through the same weights, sampler, guidance and numerics, so their
-  images can be compared one by one (paired metrics) and a method=none run of these keys is *the*
+- ``SAMPLE_KEYS``: what fixes every sample's numbers (for text-to-image models, also the prompt
+  set). Two runs with equal sample keys draw sample *i* from the same noise through the same
+  weights, sampler, guidance and numerics, so their images can be compared one by one (paired
+  metrics) and a method=none run of these keys is *the*
   full-compute set of every cached run with them. Device, precision mode, compile and batch size
   belong here: they change the rounding, and a bf16 cached run measured against a tf32 full-compute
   set would charge the precision's error to the method.

@@ -180,10 +180,7 @@ class SingleTotal(nn.Module):
         object.__setattr__(self, "ctx", ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.block
-        mlp = b.act_mlp(b.proj_mlp(x))
-        attn = b.attn(hidden_states=x, image_rotary_emb=self.ctx.rope)
-        return b.proj_out(torch.cat([attn, mlp], dim=2))
+        return single_total_from_attention(self, x, self.block.attn(hidden_states=x, image_rotary_emb=self.ctx.rope))
 
 
 class DoubleStreamBlock:
@@ -203,11 +200,10 @@ class DoubleStreamBlock:
 
     def modulation(self, c: torch.Tensor) -> tuple[BranchModulation, BranchModulation]:
         """Per-token (B, T, C) shift, scale and gate of the attention and of the MLP site."""
-        b, n_txt = self.block, self.ctx.n_txt
+        b = self.block
         img = b.norm1.linear(b.norm1.silu(c)).chunk(6, dim=1)
         txt = b.norm1_context.linear(b.norm1_context.silu(c)).chunk(6, dim=1)
-        n_img = self.n_img
-        vec = [per_token(t, i, n_txt, n_img) for t, i in zip(txt, img, strict=True)]
+        vec = [per_token(t, i, self.ctx.n_txt, self.n_img) for t, i in zip(txt, img, strict=True)]
         return BranchModulation(*vec[:3]), BranchModulation(*vec[3:])
 
     def run(self, x: torch.Tensor, c: torch.Tensor, branch: BranchFn) -> torch.Tensor:
@@ -305,11 +301,9 @@ def joint_attention_with_received(joint: JointAttention, x: torch.Tensor) -> tup
 def single_total_with_attention(total: SingleTotal, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What ``total(x)`` returns, with its attention computed by an explicit softmax, and the two
     things ToCa keeps of it: the attention output before ``proj_out`` (B, T, C) and the attention
-    each token receives (B, T). Same order of operations as SingleTotal (MLP, attention, proj_out)."""
-    b = total.block
-    mlp = b.act_mlp(b.proj_mlp(x))
-    attn, received = flux_attention_with_received(b.attn, x, rope=total.ctx.rope)
-    return b.proj_out(torch.cat([attn, mlp], dim=2)), attn, received
+    each token receives (B, T). The same proj_out of [attention, MLP] as SingleTotal."""
+    attn, received = flux_attention_with_received(total.block.attn, x, rope=total.ctx.rope)
+    return single_total_from_attention(total, x, attn), attn, received
 
 
 def single_total_from_attention(total: SingleTotal, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
