@@ -22,8 +22,8 @@ ROOT = str(Path(__file__).resolve().parent)
 sys.path.insert(0, ROOT)
 # Jobs that submitit starts in fresh interpreters (launcher=local/slurm) import the project too.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-from rfc import distributed  # noqa: E402
-from rfc.config import register_resolvers  # noqa: E402
+from rfc.run.config import register_resolvers  # noqa: E402
+from rfc.utils import distributed  # noqa: E402
 
 register_resolvers()
 
@@ -40,7 +40,7 @@ def _join_slurm_tasks(device: str) -> None:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="run")
 def main(cfg: DictConfig) -> None:
-    from rfc.cli import run_job
+    from rfc.run.cli import run_job
 
     hc = HydraConfig.get()
     # The launcher in effect is Hydra's own choice (hydra/launcher=joblib, or what launcher=local|slurm
@@ -61,7 +61,7 @@ def _cli_device() -> str:
 
 
 if __name__ == "__main__":
-    from rfc.cli import check_resume_argument
+    from rfc.run.cli import check_resume_argument
 
     problem = check_resume_argument(sys.argv[1:])
     if problem:

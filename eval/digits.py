@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rfc.images import to_uint8_nhwc
-from rfc.progress import bar, label
+from rfc.utils.images import to_uint8_nhwc
+from rfc.utils.progress import bar, label
 
 DIGITS_LEVELS = 16  # digits pixels are integers 0..16
 

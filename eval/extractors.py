@@ -29,10 +29,9 @@ from eval.stats import (
     read_npz,
     reference_from_features,
 )
-from rfc.errors import NonFiniteError
-from rfc.files import atomic_savez, memo_digest
 from rfc.models.load import MissingAssetError, require_file
-from rfc.store import REFERENCES, digest_memo
+from rfc.utils.errors import NonFiniteError
+from rfc.utils.files import REFERENCES, atomic_savez, digest_memo, memo_digest
 
 Extractor = Callable[[np.ndarray], dict[str, np.ndarray]]
 TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rfc.progress import bar, label
+from rfc.utils.progress import bar, label
 
 SFID_CHANNELS = 7
 
@@ -49,7 +49,7 @@ class InceptionExtractor:
             raise ValueError(f"expected uint8 NHWC images with 1 or 3 channels, got {images_u8.dtype} "
                              f"{images_u8.shape}")
         pool, spatial, logits = [], [], []
-        # 50,000 samples take minutes: a bar (rfc.progress decides whether it is drawn) names the set
+        # 50,000 samples take minutes: a bar (rfc.utils.progress decides whether it is drawn) names the set
         with bar(total=len(images_u8), unit="img", desc=label("Inception features"), secondary=True) as shown:
             for start in range(0, len(images_u8), batch_size):
                 x = torch.from_numpy(images_u8[start : start + batch_size]).to(self.device).permute(0, 3, 1, 2)

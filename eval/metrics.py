@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from rfc.progress import bar, label
+from rfc.utils.progress import bar, label
 
 if TYPE_CHECKING:
     from tqdm import tqdm

@@ -17,7 +17,7 @@ import numpy as np
 
 from eval.fid import feature_statistics, frechet_distance
 from eval.metrics import inception_score, precision_recall
-from rfc.errors import NonFiniteError, reason
+from rfc.utils.errors import NonFiniteError, reason
 
 PR_K = 3  # ADM: k = 3 nearest neighbours
 
@@ -44,7 +44,7 @@ def save_stats(path: str | Path, feats: dict[str, np.ndarray], extractor: str,
                stats: dict[str, np.ndarray] | None = None) -> Path:
     """Write ADM-layout statistics of a feature set (atomically), reusable as a reference;
     ``stats`` = stats_of(feats) when the caller already has them."""
-    from rfc.files import atomic_savez
+    from rfc.utils.files import atomic_savez
 
     path = Path(path)
     atomic_savez(path, **(stats or stats_of(feats)), features=feats["features"], extractor=np.array(extractor))

@@ -76,9 +76,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rfc.errors import ConfigError, RunError, reason
-from rfc.progress import bar
-from rfc.runlog import timed
+from rfc.utils.errors import ConfigError, RunError, reason
+from rfc.utils.logs import timed
+from rfc.utils.progress import bar
 
 if TYPE_CHECKING:
     import numpy as np

@@ -41,16 +41,16 @@ from omegaconf import DictConfig, OmegaConf
 from baselines.fora import FORA
 from baselines.taylorseer import TaylorSeer
 from baselines.toca import ToCa
-from rfc.build import apply_precision, device_name, model_config, precision_mode, resolve_device
 from rfc.cache import CacheMethod, NoCache
 from rfc.cache.base import WarmedUp
-from rfc.calibration import bisect_tau
-from rfc.config import register_resolvers
-from rfc.devices import DeviceUse
-from rfc.files import atomic_write_text
 from rfc.method import RFC
 from rfc.models.load import build_dit
+from rfc.run.build import apply_precision, device_name, model_config, precision_mode, resolve_device
+from rfc.run.config import register_resolvers
 from rfc.samplers.sampling import CFGDenoiser, DDIMSampler, StepInfo
+from rfc.tools.calibration import bisect_tau
+from rfc.utils.devices import DeviceUse
+from rfc.utils.files import atomic_write_text
 
 register_resolvers()
 

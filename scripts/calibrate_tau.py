@@ -17,16 +17,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from rfc.config import register_resolvers
+from rfc.run.config import register_resolvers
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="calibrate")
 def main(cfg: DictConfig) -> None:
-    from rfc.calibration import calibrate, save_calibration
-    from rfc.cli import LOG_FILE, attach_log, detach_log
     from rfc.models.load import CheckpointError, MissingAssetError
+    from rfc.run.cli import LOG_FILE, attach_log, detach_log
+    from rfc.tools.calibration import calibrate, save_calibration
 
     c = cfg.calibration
     out_dir = HydraConfig.get().runtime.output_dir

@@ -21,12 +21,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # before torch starts: see rfc.conformance
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # before torch starts: see rfc.tools.conformance
 
 import torch  # noqa: E402
 
-from rfc.conformance import RELATIVE_TOLERANCE, REPO_ROOT, Fixture, case_paths, fixture_dir, run_case  # noqa: E402
-from rfc.files import atomic_write_text  # noqa: E402
+from rfc.tools.conformance import RELATIVE_TOLERANCE, REPO_ROOT, Fixture, case_paths, fixture_dir, run_case  # noqa: E402
+from rfc.utils.files import atomic_write_text  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

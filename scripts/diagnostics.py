@@ -19,8 +19,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from rfc.config import register_resolvers
-from rfc.files import atomic_write_text
+from rfc.run.config import register_resolvers
+from rfc.utils.files import atomic_write_text
 
 register_resolvers()
 
@@ -41,8 +41,8 @@ def closest_interval(make, num_steps: int, target: float) -> int:  # noqa: ANN00
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="diagnostics")
 def main(cfg: DictConfig) -> None:
-    from rfc.build import plan_run
-    from rfc.devices import DeviceUse
+    from rfc.run.build import plan_run
+    from rfc.utils.devices import DeviceUse
 
     target = float(cfg.target_nfc)
     work = Path(HydraConfig.get().runtime.output_dir)
@@ -57,10 +57,10 @@ def _diagnose(cfg: DictConfig, plan, work: Path, target: float) -> None:  # noqa
 
     from baselines.fora import FORA
     from baselines.taylorseer import TaylorSeer
-    from rfc.build import build, build_model
-    from rfc.calibration import calibrate
-    from rfc.diagnostics import Probe, write_outputs
-    from rfc.generate import generate
+    from rfc.run.build import build, build_model
+    from rfc.run.generate import generate
+    from rfc.tools.calibration import calibrate
+    from rfc.tools.diagnostics import Probe, write_outputs
 
     d = cfg.diagnostics
     order = int(cfg.method.order)

@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         read_npz,
         save_stats,
     )
-    from rfc.errors import ConfigError, RunError
-    from rfc.files import check_writable_file
     from rfc.models.load import MissingAssetError
+    from rfc.utils.errors import ConfigError, RunError
+    from rfc.utils.files import check_writable_file
 
     paths = {"assets": str(args.assets), "digits_classifier": str(args.digits_classifier)}
     if args.cache is not None:

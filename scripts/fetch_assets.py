@@ -53,8 +53,8 @@ from eval.t2i import (
     hub_cache,
     hub_missing,
 )
-from rfc.files import file_digest
 from rfc.models.vae import VAE_CONFIG, VAE_REPOS, VAE_WEIGHTS, cached_vae_folder, check_vae_folder, legacy_vae_folder
+from rfc.utils.files import file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 1 << 20

@@ -5,9 +5,9 @@
     python scripts/make_figures.py --runs results/runs.csv --out results/figures
     python scripts/make_figures.py --allow-small                      # draw small sample sets, marked
 
-One pair of figures per table of scripts/make_tables.py, from the same rows (rfc.tables: the first
+One pair of figures per table of scripts/make_tables.py, from the same rows (rfc.reports.tables: the first
 seed, the latest rerun of each method, the same joined latencies and speedups), so a figure never
-puts two settings side by side. See rfc/figures.py for what each shows and why.
+puts two settings side by side. See rfc/reports/figures.py for what each shows and why.
 
 <out>/<table>_samples.png: rows are K sample indices, the same under every method (same noise and,
 for text-to-image rows, the same prompt), columns the methods, full compute first, each titled with
@@ -19,7 +19,7 @@ column's (other samples).
 speed order, full compute marked; x = speedup over full compute (latency, else FLOPs or NFC), y =
 the table's quality metrics. Refused (with a printed line, and any earlier plot of that table
 removed) when the table's sample count is under the metric's floor (FID family: 1,000; per-image
-means such as PSNR, ImageReward, CLIP: 100; rfc.figures.MIN_SAMPLES); --allow-small draws it with
+means such as PSNR, ImageReward, CLIP: 100; rfc.reports.figures.MIN_SAMPLES); --allow-small draws it with
 "NOT MEANINGFUL" in its title and across each such panel.
 
 Each PNG gets a .json beside it naming the rows (run ids, sample folders, values) it was made from.
@@ -31,8 +31,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from rfc.figures import draw, draw_quality_speed, plan_figure, plan_quality_speed
-from rfc.tables import read_table, tables
+from rfc.reports.figures import draw, draw_quality_speed, plan_figure, plan_quality_speed
+from rfc.reports.tables import read_table, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@
     python scripts/make_tables.py --experiment rfc_table1 --model dit-xl
     python scripts/make_tables.py --aggregate                  # mean +- std over seeds
 
-One table per setting: the experiment and every key of rfc.setting.QUALITY_KEYS but the seed
+One table per setting: the experiment and every key of rfc.run.setting.QUALITY_KEYS but the seed
 (model, weights, sampler, steps, guidance, sample count, device, precision mode, compile, batch
 size, extractor, reference), so rows of two settings are never mixed in one table. Columns: Method
 | NFC | TFLOPs | Latency | Speedup | FID | sFID | FID2FC | sFID2FC | IS, the best value of a ranked
@@ -12,7 +12,7 @@ column bold and the second underlined (full compute is the reference and is not 
 
 Latency is a row's own when the run had its device to itself; otherwise it is joined from the
 latest row of the same method (method, method_params, fused path) and the same timing setting
-(rfc.setting.TIMING_KEYS, e.g. a serial ``eval=latency`` run after a parallel quality sweep; on a
+(rfc.run.setting.TIMING_KEYS, e.g. a serial ``eval=latency`` run after a parallel quality sweep; on a
 CPU, where parallel workers run with fewer threads, one that differs only in its thread count when
 none matches), marked with a dagger. Speedup = latency of full compute / the row's, both of the same timing
 setting, never across devices, precisions, compile modes, batch sizes or CPU thread counts; the
@@ -33,7 +33,7 @@ full-compute row, their reference); a value the row does not have reads "missing
 so an unmeasured metric is not mistaken for a reference or a result, and the caption names the
 prompt set and quotes the rows' notes on why. Same grouping, latency joining and speedup rules.
 
-The grouping, joining and rendering live in rfc/tables.py (the installed package), which
+The grouping, joining and rendering live in rfc/reports/tables.py (the installed package), which
 scripts/make_figures.py reads the CSV through as well, so a figure shows exactly its table's rows.
 """
 
@@ -43,8 +43,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from rfc.files import atomic_write_text
-from rfc.tables import (
+from rfc.reports.tables import (
     MISSING,
     T2I_COLUMNS,
     T2I_PAIRED,
@@ -58,6 +57,7 @@ from rfc.tables import (
     table_rows,
     tables,
 )
+from rfc.utils.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""The shared store of full-compute sets (rfc/store.py): list its entries, delete some or all.
+"""The shared store of full-compute sets (rfc/run/store.py): list its entries, delete some or all.
 
     python scripts/store.py list                   # one line per entry
     python scripts/store.py clear 05623e144f7e29f0 # one entry (its setting_id, as in runs.csv)
@@ -17,9 +17,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from rfc.errors import FolderLockedError
-from rfc.files import FolderLock
-from rfc.store import DIGESTS, FULL_COMPUTE, REFERENCES, list_entries
+from rfc.run.store import FULL_COMPUTE, list_entries
+from rfc.utils.errors import FolderLockedError
+from rfc.utils.files import DIGESTS, REFERENCES, FolderLock
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from eval.digits import DigitsClassifier, digits_to_unit, load_digits_uint8
-from rfc.files import file_digest
 from rfc.models.dit import DiT, DiTConfig
 from rfc.samplers.diffusion import GaussianDiffusion
+from rfc.utils.files import file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 

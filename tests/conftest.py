@@ -21,12 +21,12 @@ from omegaconf import DictConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rfc.config import register_resolvers  # noqa: E402
+from rfc.run.config import register_resolvers  # noqa: E402
 
 register_resolvers()
 
 torch.set_num_threads(2)
-# The suite's own device registry (rfc.devices): jobs outside the suite never count as sharing a
+# The suite's own device registry (rfc.utils.devices): jobs outside the suite never count as sharing a
 # test run's device, and the suite's jobs (subprocesses too) see each other.
 os.environ["RFC_DEVICE_REGISTRY"] = tempfile.mkdtemp(prefix="rfc-device-registry-")
 atexit.register(shutil.rmtree, os.environ["RFC_DEVICE_REGISTRY"], True)

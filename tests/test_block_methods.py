@@ -13,12 +13,12 @@ from test_cache import TINY, sample_with
 
 from baselines.fbcache import FBCache, FirstBlockResidualChange
 from baselines.teacache import AccumulatedInputChange, TeaCache
-from rfc.build import plan_run
 from rfc.cache import NoCache
 from rfc.cache.blocks import BlockCacheMethod, BlockSchedule, ResidualReuse, Signal
 from rfc.cache.registry import register_method
 from rfc.models.load import build_dit
-from rfc.runner import run
+from rfc.run.build import plan_run
+from rfc.run.runner import run
 from rfc.samplers.sampling import DDIMSampler, DDPMSampler, StepInfo
 
 ROOT = Path(__file__).resolve().parents[1]

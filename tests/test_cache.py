@@ -17,13 +17,13 @@ from baselines.fora import FORA
 from baselines.taylorseer import TaylorSeer
 from baselines.toca import ToCa, spatial_bonus
 from eval.flops import attention_flops, mlp_flops
-from rfc.build import plan_run
 from rfc.cache import CacheMethod, NoCache
 from rfc.cache.predictors import TaylorFactors
 from rfc.models.dit import DiT, DiTConfig, dit_config
 from rfc.models.load import build_dit
+from rfc.run.build import plan_run
 from rfc.samplers.sampling import CFGDenoiser, DDIMSampler, DDPMSampler, Sampler, StepInfo
-from rfc.seeding import SampleStreams
+from rfc.utils.seeding import SampleStreams
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=128, depth=6, num_heads=4, num_classes=10)

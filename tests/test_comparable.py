@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval.loggers import append_csv
-from rfc.devices import DeviceUse, concurrency
-from rfc.record import RunRecord
-from rfc.setting import SAMPLE_KEYS, TIMING_KEYS, setting_id
+from rfc.run.loggers import append_csv
+from rfc.run.row import RunRecord
+from rfc.run.setting import SAMPLE_KEYS, TIMING_KEYS, setting_id
+from rfc.utils.devices import DeviceUse, concurrency
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["eval.num_samples=8", "eval.batch_size=4", "sampler.num_steps=6"]
@@ -94,7 +94,7 @@ def test_concurrent_sweep_records_no_latency_and_draws_full_compute_once(tmp_pat
 def test_a_job_sharing_the_device_records_no_latency(make_cfg, tmp_path):
     """Another job registered on the device while the batches are timed: the row leaves latency
     empty and names that job; alone again, the next run records it."""
-    from rfc.runner import run
+    from rfc.run.runner import run
 
     cfg = make_cfg(*TINY, "eval.score=false")
     with DeviceUse(torch.device("cpu")):
@@ -117,7 +117,7 @@ def test_device_registry_sees_jobs_that_come_go_or_die(tmp_path):
         assert after.others == [] and DeviceUse.shared(before, after) == "a job that started and ended meanwhile"
         with DeviceUse("cuda-other", root):
             assert DeviceUse.shared(after, me.snapshot()) is None  # another device is not this one
-        code = ("import os; from rfc.devices import DeviceUse\n"
+        code = ("import os; from rfc.utils.devices import DeviceUse\n"
                 f"u = DeviceUse('cpu', {str(root)!r}).__enter__(); os.kill(os.getpid(), 9)")
         subprocess.run([sys.executable, "-c", code], timeout=60)
         dead = me.snapshot()
@@ -140,7 +140,7 @@ def test_pairing_never_crosses_precision_or_batch_size(make_cfg, tmp_path):
     """Full compute at fp32 and batches of 4 is in the store; a cached run at another batch size
     or precision does not pair with it (eval.paired=find: the store has nothing for its setting),
     the same setting does."""
-    from rfc.runner import run
+    from rfc.run.runner import run
 
     full = run(make_cfg(*TINY, "precision=fp32"), tmp_path / "full", progress=False)
     assert full.psnr == float("inf")  # its own pair, and published to the store
@@ -220,7 +220,7 @@ def test_second_scored_run_reuses_the_reference_features(make_cfg, tmp_path, mon
     """The reference's features are computed by the first scored run and cached in the store by
     the reference's digest and the extractor; the second run extracts only its own samples."""
     from eval import extractors
-    from rfc.runner import run
+    from rfc.run.runner import run
 
     sizes: list[int] = []
     spec = extractors.EXTRACTORS["digits"]
@@ -243,8 +243,8 @@ def test_a_killed_full_compute_draw_resumes_from_its_shards(make_cfg, tmp_path, 
     """The first cached job dies while drawing the full-compute set: its shards stay in the store
     entry and the lock is free; the next job draws only the missing batches and the set equals a
     full-compute run's."""
-    import rfc.generate as generation
-    import rfc.runner as runner
+    import rfc.run.generate as generation
+    import rfc.run.runner as runner
 
     drawn: list[int] = []
     real = generation.generate_batches
@@ -276,7 +276,7 @@ def test_a_killed_full_compute_draw_resumes_from_its_shards(make_cfg, tmp_path, 
     sys.path.insert(0, str(ROOT / "scripts"))
     import store as store_cli
 
-    from rfc.files import FolderLock
+    from rfc.utils.files import FolderLock
 
     root = str(tmp_path / "outputs" / "store")
     assert store_cli.main(["--store", root, "list"]) == 0

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from rfc.conformance import CASES, FIXTURE_ENV, RELATIVE_TOLERANCE, Fixture, fixture_dir, run_case
 from rfc.models.dit import DiT
+from rfc.tools.conformance import CASES, FIXTURE_ENV, RELATIVE_TOLERANCE, Fixture, fixture_dir, run_case
 
 FOLDER = fixture_dir()
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import pytest
 
 from eval.fid import feature_statistics, frechet_distance
 from eval.flops import block_flops, full_step_flops
-from eval.loggers import append_csv
-from rfc.record import RunRecord
+from rfc.run.loggers import append_csv
+from rfc.run.row import RunRecord
 
 
 def test_flops_match_the_papers_numbers():

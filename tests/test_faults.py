@@ -2,7 +2,7 @@
 code 2 (130 for Ctrl-C), no new row, and nothing already written damaged; a fault (torn CSV
 record, corrupt shard, full disk, a second process) never turns into a wrong result.
 
-Most cases run in-process through rfc.cli.run_job, the function run.py calls; the few that need a
+Most cases run in-process through rfc.run.cli.run_job, the function run.py calls; the few that need a
 real process (Ctrl-C, a concurrent run, resume= of a missing folder) run run.py itself."""
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from eval.loggers import append_csv, read_runs
-from rfc import files
-from rfc.cli import check_resume_argument, run_job
-from rfc.record import RunRecord, git_sha
+from rfc.run.cli import check_resume_argument, run_job
+from rfc.run.loggers import append_csv, read_runs
+from rfc.run.row import RunRecord, git_sha
+from rfc.utils import files
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "dit-tiny-digits.pt"
@@ -279,7 +279,7 @@ def test_unclosed_quote_never_swallows_later_rows(tmp_path):
 
 
 def test_failed_csv_append_leaves_the_file_as_it_was(tmp_path, monkeypatch):
-    import eval.loggers as loggers
+    import rfc.run.loggers as loggers
 
     csv_path = tmp_path / "runs.csv"
     append_csv(csv_path, RunRecord(method="none"))

@@ -2,7 +2,7 @@
 names, the same sample indices in every column, full compute first, titled with run id, NFC and
 speedup; rows without samples are skipped. Each quality-vs-speed plot shows one labelled point per
 row of its table, one line per method family in speed order, and refuses (or, asked to, marks) a
-table of too few samples. rfc.images.save_grid: torchvision's grid, small images enlarged."""
+table of too few samples. rfc.utils.images.save_grid: torchvision's grid, small images enlarged."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.loggers import append_csv
-from rfc.figures import (
+from rfc.reports.figures import (
     MIN_SAMPLES,
     SMALL,
     draw,
@@ -26,10 +25,11 @@ from rfc.figures import (
     plan_quality_speed,
     read_samples,
 )
-from rfc.files import atomic_savez
-from rfc.images import save_grid
-from rfc.record import RunRecord
-from rfc.tables import GROUP_KEYS, latest, load, with_latency
+from rfc.reports.tables import GROUP_KEYS, latest, load, with_latency
+from rfc.run.loggers import append_csv
+from rfc.run.row import RunRecord
+from rfc.utils.files import atomic_savez
+from rfc.utils.images import save_grid
 from scripts.make_figures import main
 
 

@@ -21,11 +21,11 @@ import torch
 from baselines.fora import FORA
 from baselines.taylorseer import TaylorSeer
 from baselines.toca import ToCa
-from rfc.build import plan_run
 from rfc.cache import NoCache
 from rfc.method import RFC
 from rfc.models.flux import FluxConfig, FluxModel, image_ids, pack, random_prompt_table, random_transformer, unpack
-from rfc.runner import run
+from rfc.run.build import plan_run
+from rfc.run.runner import run
 from rfc.samplers.flow import FlowMatchEulerSampler
 from rfc.samplers.sampling import CFGDenoiser
 

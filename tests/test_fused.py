@@ -16,13 +16,13 @@ from test_cache import ROOT, TINY, sample_with
 
 from baselines.fora import FORA
 from baselines.taylorseer import TaylorSeer
-from rfc.build import precision_mode
 from rfc.cache import CacheMethod
 from rfc.cache.fused import FactorBank
 from rfc.cache.predictors import taylor_expand
 from rfc.method import RFC
 from rfc.models.dit import DiTConfig
 from rfc.models.load import build_dit
+from rfc.run.build import precision_mode
 from rfc.samplers.sampling import DDIMSampler, DDPMSampler, StepInfo
 
 STEP_ATOL = 1e-5
@@ -167,7 +167,7 @@ def test_precision_modes_restore_settings_and_bf16_runs_on_cpu(tiny):
 
 
 def test_precision_key_is_validated_before_work(make_cfg, tmp_path):
-    from rfc.build import plan_run
+    from rfc.run.build import plan_run
 
     with pytest.raises(ValueError, match="precision"):
         plan_run(make_cfg("precision=fp16"), tmp_path / "out")
@@ -187,8 +187,8 @@ def test_compiled_weighted_sum_is_one_reduction_equal_to_the_eager_loop():
 def test_compile_option_compiles_the_right_parts(tiny, monkeypatch):
     from torch import nn
 
-    from rfc.build import compile_for
     from rfc.cache import NoCache
+    from rfc.run.build import compile_for
 
     compiled = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compiled.append(type(self).__name__))

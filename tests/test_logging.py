@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from rfc import progress
-from rfc.cli import run_job
-from rfc.runlog import BatchReport, Milestones
+from rfc.run.cli import run_job
+from rfc.run.runlog import BatchReport, Milestones
+from rfc.utils import progress
 
 FAST = ["eval.num_samples=8", "eval.batch_size=2", "sampler.num_steps=5", "eval.warmup_batches=0"]
 
 
 def job(make_cfg, tmp_path: Path, *overrides: str, out: str = "out") -> tuple[int, str]:
-    """run.py's job in-process (rfc.cli.run_job); returns the exit code and the run.log text."""
+    """run.py's job in-process (rfc.run.cli.run_job); returns the exit code and the run.log text."""
     code = run_job(make_cfg(*overrides), tmp_path / out, list(overrides))
     return code, (tmp_path / out / "run.log").read_text()
 
@@ -107,7 +107,7 @@ def test_python_warnings_reach_run_log_as_well_as_stderr(make_cfg, tmp_path, mon
     and still shown as Python shows it (pytest records it here instead of stderr)."""
     import warnings
 
-    import rfc.runner as runner
+    import rfc.run.runner as runner
 
     real = runner.build_vae
 
@@ -125,7 +125,7 @@ def test_python_warnings_reach_run_log_as_well_as_stderr(make_cfg, tmp_path, mon
 def test_interrupted_run_logs_milestones_then_the_resume_command(make_cfg, tmp_path, capsys, monkeypatch):
     """Ctrl-C after the second batch was stored: run.log holds the milestones so far, then the
     error line with the command that resumes, then exit code 130."""
-    from rfc.shards import ShardStore
+    from rfc.run.shards import ShardStore
 
     real, stored = ShardStore.write, []
 
@@ -187,7 +187,7 @@ def clean_env(monkeypatch):
 
 
 def test_bars_only_on_a_terminal_owned_by_one_process(clean_env, monkeypatch):
-    """The one decision (rfc.progress.show_bars): a terminal, rank 0, no submitit, a launcher
+    """The one decision (rfc.utils.progress.show_bars): a terminal, rank 0, no submitit, a launcher
     that runs one job at a time, and the caller not opting out."""
     tty = Terminal()
     assert progress.show_bars(tty) and not progress.show_bars(io.StringIO())

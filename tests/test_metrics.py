@@ -194,7 +194,7 @@ def test_multirun_none_taylorseer_gives_paired_metrics(tmp_path):
 
 
 def test_latency_warmup_runs_extra_pass_for_a_single_batch(make_cfg, tmp_path):
-    from rfc.runner import run
+    from rfc.run.runner import run
 
     rec = run(make_cfg("eval=latency", "eval.num_samples=8", "sampler.num_steps=5"), tmp_path / "out",
               progress=False)

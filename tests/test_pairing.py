@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from rfc.cache import NoCache
-from rfc.generate import generate
 from rfc.models.dit import DiTConfig
 from rfc.models.load import build_dit
+from rfc.run.generate import generate
 from rfc.samplers.sampling import CFGDenoiser, DDIMSampler, DDPMSampler
-from rfc.seeding import SampleStreams, sample_seed
+from rfc.utils.seeding import SampleStreams, sample_seed
 
 CFG = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 
@@ -57,7 +57,7 @@ def test_same_seed_gives_bit_identical_samples():
 def test_batches_of_8_and_32_agree(monkeypatch):
     """Same noise and label for sample i whatever the batch size; images within fp32 tolerance
     (batched matmuls may round differently), checked before the uint8 conversion."""
-    import rfc.generate as generation
+    import rfc.run.generate as generation
 
     captured = {}
 

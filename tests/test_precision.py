@@ -1,4 +1,4 @@
-"""Precision modes (rfc/build.py): ``bf16`` stores the weights in bfloat16 once (apply_precision),
+"""Precision modes (rfc/run/build.py): ``bf16`` stores the weights in bfloat16 once (apply_precision),
 ``bf16-autocast`` keeps fp32 weights and autocasts; what the bf16 mode costs in the samples."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from rfc.build import PRECISIONS, apply_precision, build_model, plan_run, precision_mode
-from rfc.generate import generate
-from rfc.runner import run
+from rfc.run.build import PRECISIONS, apply_precision, build_model, plan_run, precision_mode
+from rfc.run.generate import generate
+from rfc.run.runner import run
 
 CPU = torch.device("cpu")
 PSNR_SAMPLES = 8  # bf16 matmuls are slow on CPUs without bf16 instructions: 8 samples keep this file near 15 s
@@ -95,7 +95,7 @@ def test_bf16_weights_cost_in_psnr(make_cfg, tmp_path):
 
 
 def test_bf16_run_through_the_runner_records_its_mode(make_cfg, tmp_path):
-    """rfc.runner.run (what run.py calls) with precision=bf16: the row records the config string,
+    """rfc.run.runner.run (what run.py calls) with precision=bf16: the row records the config string,
     its numbers are finite (a non-finite sample would have stopped the run). Unscored, to stay cheap."""
     cfg = make_cfg("precision=bf16", "device=cpu", "eval=smoke", "eval.num_samples=2", "eval.batch_size=2",
                    "eval.warmup_batches=0", "eval.score=false", "sampler.num_steps=4")

@@ -10,14 +10,14 @@ import torch
 from test_cache import TINY, sample_with
 
 from baselines.taylorseer import TaylorSeer
-from rfc.build import plan_run
 from rfc.cache import NoCache
 from rfc.cache.predictors import TaylorFactors
-from rfc.calibration import bisect_tau, calibrate
 from rfc.method import RFC, RelationalState, relational_prediction
 from rfc.models.load import build_dit
-from rfc.runner import run
+from rfc.run.build import plan_run
+from rfc.run.runner import run
 from rfc.samplers.sampling import DDIMSampler, DDPMSampler
+from rfc.tools.calibration import bisect_tau, calibrate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rfc.build import plan_run
 from rfc.models.load import MissingAssetError
-from rfc.record import RunRecord
-from rfc.runner import run
+from rfc.run.build import plan_run
+from rfc.run.row import RunRecord
+from rfc.run.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

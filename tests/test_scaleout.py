@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rfc.runner import run
-from rfc.shards import ResumeError, batch_starts, config_differences, rank_starts
+from rfc.run.runner import run
+from rfc.run.shards import ResumeError, batch_starts, config_differences, rank_starts
 
 ROOT = Path(__file__).resolve().parents[1]
 

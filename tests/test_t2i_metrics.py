@@ -20,7 +20,7 @@ import torch
 
 from eval import t2i
 from eval.metrics import psnr_ssim
-from rfc.errors import ConfigError, RunError
+from rfc.utils.errors import ConfigError, RunError
 
 CPU = torch.device("cpu")
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
@@ -125,7 +125,7 @@ def test_names_and_missing_are_validated(tmp_path: Path):
 def test_columns_are_result_row_fields():
     from dataclasses import fields
 
-    from rfc.record import RunRecord
+    from rfc.run.row import RunRecord
 
     assert set(t2i.COLUMN.values()) <= {f.name for f in fields(RunRecord)}
 

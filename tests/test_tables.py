@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from eval.loggers import append_csv
-from rfc.record import RunRecord
-from rfc.tables import COLUMNS, T2I_COLUMNS, fmt
+from rfc.reports.tables import COLUMNS, T2I_COLUMNS, fmt
+from rfc.run.loggers import append_csv
+from rfc.run.row import RunRecord
 from scripts.make_tables import main as make_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,7 +232,7 @@ def test_rfc_table2_sweep_composes_every_variant():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from rfc.config import register_resolvers, tau_key
+    from rfc.run.config import register_resolvers, tau_key
 
     register_resolvers()
     expected = {

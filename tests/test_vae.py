@@ -10,9 +10,9 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from rfc.errors import RunError
 from rfc.models.load import MissingAssetError
 from rfc.models.vae import cached_vae_folder, check_vae_folder, legacy_vae_folder, load_vae, vae_folder
+from rfc.utils.errors import RunError
 
 SMALL_VAE = dict(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
                  up_block_types=("UpDecoderBlock2D",), layers_per_block=1, latent_channels=4, norm_num_groups=8)

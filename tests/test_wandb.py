@@ -154,8 +154,8 @@ def test_a_failed_job_finishes_its_run_with_the_exit_code(make_cfg, tmp_path, of
     """A job that fails after its W&B run opened (samples that turn non-finite; Ctrl-C after the
     first batch) finishes the run with the job's exit code, the error in its summary, and the
     batches it finished in its history."""
-    from rfc.cli import run_job
-    from rfc.shards import ShardStore
+    from rfc.run.cli import run_job
+    from rfc.run.shards import ShardStore
 
     overrides = [*FAST, "logger=wandb", "eval.score=false"]
     if fault == "non-finite":

@@ -6,17 +6,12 @@ from pathlib import Path
 
 import torch
 
-from rfc.errors import NonFiniteError, RunError, reason
 from rfc.models.dit import DiT, DiTConfig
+from rfc.utils.errors import MissingAssetError, NonFiniteError, RunError, reason
 
 
 class CheckpointError(RunError):
     """A checkpoint that cannot be read or does not fit the model, with every offending key named."""
-
-
-class MissingAssetError(FileNotFoundError):
-    """A file the run needs is not on disk. The runner never downloads: the message names the
-    file and the command that fetches it."""
 
 
 FETCH_HINT = "python scripts/fetch_assets.py"

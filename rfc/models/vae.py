@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from rfc.errors import RunError, reason
 from rfc.models.load import FETCH_HINT, MissingAssetError, check_finite
+from rfc.utils.errors import RunError, reason
 
 LATENT_SCALE = 0.18215  # DiT divides latents by this before decoding
 LATENT_DOWNSAMPLE = 8

@@ -2,7 +2,7 @@
 forward-order index (0 = noisiest) and true timestep, then calls the denoiser exactly once.
 
 Nothing here draws from the global RNG: the starting noise and any per-step noise come from a
-:class:`NoiseSource`, which the runner builds from per-sample generators (see rfc.seeding).
+:class:`NoiseSource`, which the runner builds from per-sample generators (see rfc.utils.seeding).
 """
 
 from __future__ import annotations

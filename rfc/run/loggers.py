@@ -27,12 +27,15 @@ from typing import TYPE_CHECKING
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from rfc.files import atomic_write_text
-from rfc.record import RunRecord, cell
+from rfc.run.row import RunRecord, cell
+from rfc.run.runlog import LOG_FILE, wandb_mode
+from rfc.run.setting import setting_id
+from rfc.utils.errors import exit_code, one_line
+from rfc.utils.files import atomic_write_text
 
 if TYPE_CHECKING:
-    from rfc.build import RunPlan
-    from rfc.runlog import BatchReport
+    from rfc.run.build import RunPlan
+    from rfc.run.runlog import BatchReport
 
 LOG = logging.getLogger("rfc")
 
@@ -238,17 +241,11 @@ def run_tags(plan: RunPlan) -> list[str]:
     return list(dict.fromkeys(t for t in tags if t))
 
 
-def wandb_mode(settings: dict) -> str:
-    """The mode a W&B run opens in: WANDB_MODE when set (how W&B users switch it), else
-    ``logger.wandb.mode``."""
-    return os.environ.get("WANDB_MODE") or str(settings.get("mode") or "offline")
-
-
 class WandbLogger(JobLogger):
     """One W&B run per job, open for the job's whole life: the resolved config, name, tags and
     group at the start; samples done and images/s after every batch while sampling; at the end
     the row's metrics as the summary, the sample grid as an image, the row as a table, and the
-    run's run.log among its files. It finishes with the job's exit code (rfc.cli.exit_code), so
+    run's run.log among its files. It finishes with the job's exit code (rfc.run.cli.exit_code), so
     a failed or interrupted job shows as failed. Offline mode writes a local run folder, no
     network; ``wandb sync`` uploads it later."""
 
@@ -268,8 +265,6 @@ class WandbLogger(JobLogger):
         self.progress_failed = False
 
     def start(self, plan: RunPlan, sweep: str | None) -> None:
-        from rfc.cli import LOG_FILE
-        from rfc.setting import setting_id
 
         wandb = self.wandb
         folder = Path(self.settings.get("dir") or plan.out_dir)
@@ -322,7 +317,6 @@ class WandbLogger(JobLogger):
         return f"wandb:   {self.mode} run {run.name!r} ({self._folder()})"
 
     def finish(self, error: BaseException | None) -> None:
-        from rfc.cli import exit_code, one_line
 
         if self.run is None:
             return

@@ -46,7 +46,7 @@ from rfc.models.load import build_dit
 from rfc.samplers.sampling import CFGDenoiser, DDIMSampler, DDPMSampler, Sampler, StepInfo
 
 FIXTURE_ENV = "RFC_CONFORMANCE"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RELATIVE_TOLERANCE = 1e-5  # of max |latent|: float reordering is < 1e-6, algorithmic differences >= 1e-3
 
 

@@ -1,7 +1,7 @@
 """The full-compute store: one full-compute sample set per sample setting, shared by every run.
 
 Paired metrics (FID2FC, sFID2FC, PSNR, SSIM) compare a cached run with full compute from the same
-noise. The full-compute set depends only on the sample setting (``rfc.setting.SAMPLE_KEYS``), not
+noise. The full-compute set depends only on the sample setting (``rfc.run.setting.SAMPLE_KEYS``), not
 on the method, so it is drawn once per setting and kept in ``<paths.store>/full_compute/<id>/``
 (``id`` = ``setting_id`` of the setting, also the ``setting_id`` column of every row of it)::
 
@@ -12,7 +12,7 @@ on the method, so it is drawn once per setting and kept in ``<paths.store>/full_
     .lock             held by the job drawing the set
 
 Beside ``full_compute/``, the store holds ``references/`` (resolved reference statistics,
-eval/extractors.py) and ``digests.json`` (file digests, rfc.files.memo_digest); the names of all
+eval/extractors.py) and ``digests.json`` (file digests, rfc.utils.files.memo_digest); the names of all
 three are defined here.
 
 Who draws: a method=none run publishes its own samples here when no set exists (holding the
@@ -34,25 +34,18 @@ from pathlib import Path
 
 import numpy as np
 
-from rfc.errors import FolderLockedError, NonFiniteError, RunError
-from rfc.files import FolderLock, atomic_write_text
-from rfc.setting import SAMPLE_KEYS, key, setting_id
-from rfc.shards import MANIFEST, SHARD_DIR
+from rfc.run.setting import SAMPLE_KEYS, key, setting_id
+from rfc.run.shards import MANIFEST, SHARD_DIR
+from rfc.utils.errors import FolderLockedError, NonFiniteError, RunError
+from rfc.utils.files import FolderLock, atomic_write_text
 
 FULL_COMPUTE = "full_compute"
-REFERENCES = "references"  # one resolved reference per (content, extractor)
-DIGESTS = "digests.json"  # file digests, remembered by file identity
 META = "setting.json"
 SAMPLES = "samples.npz"
 
 
 def store_root(paths: dict) -> Path:
     return Path(paths["store"]) / FULL_COMPUTE
-
-
-def digest_memo(paths: dict) -> Path | None:
-    """Where file digests are remembered (None without a store: then they are not)."""
-    return Path(paths["store"]) / DIGESTS if paths.get("store") else None
 
 
 def link_or_copy(source: Path, target: Path) -> None:

@@ -6,7 +6,7 @@ agree on everything that shaped the numbers compared, so the harness names those
 nowhere else: the runner builds its row's setting columns from :func:`sample_setting`, the
 full-compute store files its sets under :func:`setting_id`, the shard manifest refuses a resume
 whose setting changed, and ``scripts/make_tables.py`` groups rows and divides latencies with the
-same key tuples. Every key is its own column of the result row (``rfc/record.py``).
+same key tuples. Every key is its own column of the result row (``rfc/run/record.py``).
 
 - ``SAMPLE_KEYS``: what fixes every sample's numbers (for text-to-image models, also the prompt
   set). Two runs with equal sample keys draw sample *i* from the same noise through the same
@@ -32,7 +32,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 
-from rfc.record import cell
+from rfc.run.row import cell
 
 MODEL_KEYS = ("model", "arch", "image_size", "vae", "sampler", "sampler_params", "respacing", "num_steps",
               "cfg_scale", "guided_channels")

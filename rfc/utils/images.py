@@ -21,7 +21,7 @@ def save_grid(images: np.ndarray, path: Path, n: int = 64, min_side: int = 32, n
     (make_grid's convention). Written under a temporary name and renamed."""
     from torchvision.utils import make_grid, save_image
 
-    from rfc.files import atomic_path
+    from rfc.utils.files import atomic_path
 
     imgs = torch.from_numpy(np.ascontiguousarray(images[:n])).permute(0, 3, 1, 2)
     grid = make_grid(imgs.float() / 255.0, nrow=min(nrow, len(imgs)), padding=2, pad_value=1.0)

@@ -1,6 +1,6 @@
 """Generate: a run's samples, batch by batch, into shards. Sample i's label and noise come from
-stream (seed, i) (rfc.seeding), so a batch does not depend on which process draws it or when:
-under torchrun each rank draws its share (rfc.shards.rank_starts), and a rerun on the same folder
+stream (seed, i) (rfc.utils.seeding), so a batch does not depend on which process draws it or when:
+under torchrun each rank draws its share (rfc.run.shards.rank_starts), and a rerun on the same folder
 (resume) draws only the batches that are missing. Also here: the checks that stop a batch that
 came out non-finite, and the full-compute set a cached run is paired with (drawn once per
 setting into the store, under its lock).
@@ -17,21 +17,21 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from rfc import progress as bars
-from rfc.build import RunPlan, precision_mode
 from rfc.cache import CacheMethod, MethodStats
-from rfc.devices import DeviceUse
-from rfc.distributed import Group, barrier, broadcast
-from rfc.errors import NonFiniteError
-from rfc.files import atomic_savez
-from rfc.images import to_uint8_nhwc
 from rfc.models.dit import DiT, DiTConfig
 from rfc.models.vae import decode
-from rfc.runlog import BatchListener, BatchReport, Milestones
+from rfc.run.build import RunPlan, precision_mode
+from rfc.run.runlog import BatchListener, BatchReport, Milestones
+from rfc.run.shards import Batch, ShardStore, batch_starts, rank_starts
+from rfc.run.store import FullComputeEntry
 from rfc.samplers.sampling import CFGDenoiser, Sampler, StepInfo
-from rfc.seeding import SampleStreams
-from rfc.shards import Batch, ShardStore, batch_starts, rank_starts
-from rfc.store import FullComputeEntry
+from rfc.utils import progress as bars
+from rfc.utils.devices import DeviceUse
+from rfc.utils.distributed import Group, barrier, broadcast
+from rfc.utils.errors import NonFiniteError
+from rfc.utils.files import atomic_savez
+from rfc.utils.images import to_uint8_nhwc
+from rfc.utils.seeding import SampleStreams
 
 LOG = logging.getLogger("rfc")
 
@@ -104,7 +104,7 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
     With ``device_use``, a batch during which another job of the harness used the device is not
     timed either, and names that job in ``Batch.shared``.
 
-    Progress: a bar on the terminal when ``progress`` and rfc.progress.show_bars agree, and
+    Progress: a bar on the terminal when ``progress`` and rfc.utils.progress.show_bars agree, and
     ``on_batch`` (run.log's milestones, W&B) told of each batch once the caller has taken it,
     and of each warm-up pass."""
     cfg = model.config
@@ -265,7 +265,7 @@ def sample_into(store: ShardStore, draw: Callable[[list[int], bool], Iterator[Ba
 
 def manifest_config(plan: RunPlan) -> dict:
     """What a run folder's samples depend on, as its manifest records it: the sample setting
-    (rfc.setting) and the method's configuration. A resume that changes any of it is refused."""
+    (rfc.run.setting) and the method's configuration. A resume that changes any of it is refused."""
     return {**plan.setting, "method": OmegaConf.to_container(plan.cfg.method, resolve=True)}
 
 

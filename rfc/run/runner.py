@@ -6,18 +6,18 @@ first sample is drawn, so a mistake costs seconds, not a sampling job.
 
 The flow, one module per stage:
 
-1. build (rfc.build): plan_run validates the config and every input and output file, then
+1. build (rfc.run.build): plan_run validates the config and every input and output file, then
    build_model / build_vae make the model (unreadable or non-finite weights stop the run there).
-2. generate (rfc.generate): the samples go to shards in the run folder as they are drawn (every
+2. generate (rfc.run.generate): the samples go to shards in the run folder as they are drawn (every
    torchrun rank its share; a rerun on the folder draws only what is missing), and a cached run
    finds, or draws once under the store's lock, the full-compute set of its setting.
-3. score (rfc.score): quality metrics against the reference, paired metrics against full compute.
-4. record (rfc.record): rank 0 merges the shards into samples.npz, grid and schedules, makes the
+3. score (rfc.run.score): quality metrics against the reference, paired metrics against full compute.
+4. record (rfc.run.record): rank 0 merges the shards into samples.npz, grid and schedules, makes the
    row, writes record.json and hands the row to the loggers (CSV, W&B).
 
-Along the way rank 0 tells the story in run.log (rfc.runlog: the config summary, sampling
+Along the way rank 0 tells the story in run.log (rfc.run.runlog: the config summary, sampling
 milestones, each stage's time, the result) and to W&B, whose run is open from the moment the job
-holds its folder until it ends, however it ends (eval.loggers.logging_job).
+holds its folder until it ends, however it ends (rfc.run.loggers.logging_job).
 """
 
 from __future__ import annotations
@@ -29,20 +29,21 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from eval.loggers import JobLogger, build_loggers, logging_job
-from rfc.build import RunPlan, build_model, build_vae, compile_for, plan_run
 from rfc.cache import NoCache
-from rfc.devices import DeviceUse, concurrency
-from rfc.distributed import Group, broadcast, group
-from rfc.errors import FolderLockedError
-from rfc.files import FolderLock
-from rfc.generate import Drawer, claim_entry, full_compute_pair, manifest_config, open_store
-from rfc.progress import job_progress
-from rfc.record import RunRecord, make_record, merge_shards, publish_record
-from rfc.runlog import log_plan, timed
-from rfc.score import score
-from rfc.shards import ShardStore
-from rfc.store import FullComputeEntry, store_root
+from rfc.run.build import RunPlan, build_model, build_vae, compile_for, plan_run
+from rfc.run.generate import Drawer, claim_entry, full_compute_pair, manifest_config, open_store
+from rfc.run.loggers import JobLogger, build_loggers, logging_job
+from rfc.run.record import make_record, merge_shards, publish_record
+from rfc.run.row import RunRecord
+from rfc.run.runlog import log_plan, timed
+from rfc.run.score import score
+from rfc.run.shards import ShardStore
+from rfc.run.store import FullComputeEntry, store_root
+from rfc.utils.devices import DeviceUse, concurrency
+from rfc.utils.distributed import Group, broadcast, group
+from rfc.utils.errors import FolderLockedError
+from rfc.utils.files import FolderLock
+from rfc.utils.progress import job_progress
 
 LOG = logging.getLogger("rfc")
 
@@ -54,12 +55,12 @@ def run(cfg: DictConfig, out_dir: str | Path, progress: bool = True, sweep: str 
     Samples go to shards in ``out_dir`` as they are drawn: a rerun on the same folder draws only
     what is missing. Under torchrun every rank draws its share of the batches; rank 0 merges,
     scores and logs (other ranks return None). Latency is recorded only when the job had its
-    device to itself (rfc.devices): one process, a launcher that runs jobs one at a time
+    device to itself (rfc.utils.devices): one process, a launcher that runs jobs one at a time
     (``launcher``, Hydra's hydra/launcher choice, with joblib's ``n_jobs``), and no other job of
     the harness on the device during any timed batch.
 
     ``progress``: False turns every progress bar of the job off; True leaves the choice to
-    rfc.progress.show_bars (a terminal, a launcher that does not multiplex output)."""
+    rfc.utils.progress.show_bars (a terminal, a launcher that does not multiplex output)."""
     with job_progress(progress, launcher, n_jobs):
         return _run(cfg, out_dir, progress, sweep, launcher, n_jobs)
 

@@ -4,7 +4,7 @@ it was drawing, and a sharded (torchrun) run merges to the same set as a single 
 Layout inside a run folder::
 
     manifest.json                        what the samples depend on (the run's sample setting,
-                                         rfc/setting.py, and its method) + completed index ranges
+                                         rfc/run/setting.py, and its method) + completed index ranges
     shards/00000000-00000250.npz         one batch: images, labels, accounting, timing
 
 A shard is one sampling batch [start, stop) of the global index space. Batches are cut from
@@ -28,8 +28,8 @@ import numpy as np
 from filelock import FileLock
 
 from rfc.cache import MethodStats
-from rfc.errors import RunError, reason
-from rfc.files import atomic_savez, atomic_write_text, file_digest
+from rfc.utils.errors import RunError, reason
+from rfc.utils.files import atomic_savez, atomic_write_text, file_digest
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"

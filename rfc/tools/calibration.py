@@ -21,13 +21,13 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from rfc.build import build, build_model, plan_run
 from rfc.cache import CacheMethod
-from rfc.config import CALIBRATION_FILE, tau_key
-from rfc.devices import DeviceUse
-from rfc.files import atomic_write_text
-from rfc.generate import batch_sizes, generate
-from rfc.progress import bar
+from rfc.run.build import build, build_model, plan_run
+from rfc.run.config import CALIBRATION_FILE, tau_key
+from rfc.run.generate import batch_sizes, generate
+from rfc.utils.devices import DeviceUse
+from rfc.utils.files import atomic_write_text
+from rfc.utils.progress import bar
 
 LOG = logging.getLogger("rfc")
 

@@ -19,13 +19,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from rfc.errors import RunError
-from rfc.models.load import MissingAssetError
+from rfc.run.runlog import LOG_FILE
+from rfc.run.runner import run
+from rfc.utils.errors import EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXPECTED, exit_code, one_line
 
 LOG = logging.getLogger("rfc")
-LOG_FILE = "run.log"
-EXIT_OK, EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXPECTED = (ValueError, RunError, MissingAssetError)  # ConfigError and ResumeError are ValueErrors
+__all__ = ["EXIT_BUG", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "LOG_FILE", "exit_code", "one_line", "run_job"]
 
 
 class _LineFormatter(logging.Formatter):
@@ -132,27 +131,11 @@ def describe_os_error(err: OSError, out_dir: str | Path, overrides: Sequence[str
     return f"cannot use {where}: {err.strerror or err}; fix it, then resume with: {resume_command(out_dir, overrides)}"
 
 
-def one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def exit_code(err: BaseException) -> int:
-    """The exit code a failure ends the command with (see the module docstring). run_job ends
-    with it, and a W&B run of the job finishes with it (eval.loggers), so both say the same."""
-    if isinstance(err, KeyboardInterrupt):
-        return EXIT_INTERRUPTED
-    if isinstance(err, (*EXPECTED, OSError)):
-        return EXIT_ERROR
-    return EXIT_BUG
-
-
 def run_job(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), sweep: str | None = None,
             launcher: str = "basic", main: bool = True, n_jobs: int | None = None) -> int:
     """One job of the command line (a run, or one job of a multirun) with its failures mapped to
     the exit codes above; returns the exit code. ``launcher``: Hydra's launcher in effect (its
     hydra/launcher choice) and ``n_jobs`` its joblib workers: they decide whether jobs run at once."""
-    from rfc.runner import run
-
     handlers = attach_log(out_dir, main)
     t0 = time.perf_counter()
     code = EXIT_BUG

@@ -14,7 +14,7 @@ from typing import Any
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from rfc.errors import ConfigError
+from rfc.utils.errors import ConfigError
 
 
 def as_int(value: Any, key: str, minimum: int | None = None, maximum: int | None = None) -> int:

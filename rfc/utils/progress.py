@@ -7,7 +7,7 @@ other. So :func:`show_bars` draws them only on a terminal, only in the one proce
 every bar of the harness asks it. Bars go to stderr only (tqdm's default is kept explicit), so
 they never reach stdout, the CSV or any JSON the harness writes.
 
-A job declares what it runs under with :func:`job_progress` (rfc.runner does, with the launcher
+A job declares what it runs under with :func:`job_progress` (rfc.run.runner does, with the launcher
 Hydra reports); code deep inside a job (feature extractors, metrics) then needs no argument to
 know. :func:`task` names what a generic loop is working on ("features of the reference"), so an
 extractor's bar says which set it is featurising without a parameter in its interface.
@@ -32,7 +32,7 @@ DELAY_S = 2.0
 
 @dataclass(frozen=True)
 class _Job:
-    wanted: bool = True  # the caller's wish (rfc.runner.run(progress=False) in tests and scripts)
+    wanted: bool = True  # the caller's wish (rfc.run.runner.run(progress=False) in tests and scripts)
     launcher: str = "basic"  # Hydra's hydra/launcher choice
     n_jobs: int | None = None  # joblib's workers
 
@@ -55,7 +55,7 @@ def show_bars(stream: TextIO | None = None) -> bool:
     decides. No when the job asked for none, when the stream is not a terminal, on torchrun ranks
     other than 0, under submitit (each job's output goes to its own log file), or under a launcher
     that runs several jobs into one terminal at once (joblib with more than one worker)."""
-    from rfc.devices import concurrency
+    from rfc.utils.devices import concurrency
 
     job = _JOB.get() or _Job()
     if not job.wanted:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from rfc.distributed import STAMP_ENV
+from rfc.utils.distributed import STAMP_ENV
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CALIBRATION_FILE = "tau_calibration.json"
 
 

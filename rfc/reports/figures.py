@@ -1,6 +1,6 @@
 """The figures a researcher looks at first, from the rows of results/runs.csv (scripts/make_figures.py).
 
-Two figures per table of rfc.tables (same grouping, same rows: the first seed, the latest rerun of
+Two figures per table of rfc.reports.tables (same grouping, same rows: the first seed, the latest rerun of
 each method, latencies joined as the table joins them), so a figure never shows a row its table
 does not, nor two settings side by side:
 
@@ -42,10 +42,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rfc.files import atomic_path, atomic_write_text
-from rfc.tables import COLUMNS, JOINED, T2I_COLUMNS, T2I_PAIRED, fmt, is_t2i, table_name, table_rows
+from rfc.reports.tables import COLUMNS, JOINED, T2I_COLUMNS, T2I_PAIRED, fmt, is_t2i, table_name, table_rows
+from rfc.utils.files import atomic_path, atomic_write_text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 MIN_SAMPLES: dict[str, int] = {
     **dict.fromkeys(("fid", "sfid", "fid2fc", "sfid2fc", "inception_score"), 1000),

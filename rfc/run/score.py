@@ -14,13 +14,13 @@ import numpy as np
 from eval.extractors import extractor_id, get_extractor, resolve_reference
 from eval.metrics import psnr_ssim
 from eval.stats import check_features, distances, quality_metrics, save_stats, stats_of
-from rfc.build import RunPlan
-from rfc.errors import RunError
-from rfc.generate import SampleSet
-from rfc.progress import task
-from rfc.record import RunRecord
-from rfc.runlog import timed
-from rfc.store import FullComputeEntry, link_or_copy
+from rfc.run.build import RunPlan
+from rfc.run.generate import SampleSet
+from rfc.run.row import RunRecord
+from rfc.run.runlog import timed
+from rfc.run.store import FullComputeEntry, link_or_copy
+from rfc.utils.errors import RunError
+from rfc.utils.progress import task
 
 LOG = logging.getLogger("rfc")
 

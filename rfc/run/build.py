@@ -23,17 +23,16 @@ from omegaconf import DictConfig, OmegaConf
 from eval.extractors import check_reference, get_extractor
 from rfc.cache import CacheMethod, NoCache
 from rfc.cache.base import block_branches
-from rfc.distributed import group
-from rfc.errors import ConfigError
-from rfc.files import check_writable_file, memo_digest
 from rfc.models.dit import DiT, DiTConfig, dit_config
 from rfc.models.flux import FluxConfig
 from rfc.models.load import MissingAssetError, build_dit, require_file
+from rfc.models.prompts import PromptSet, load_prompts
 from rfc.models.vae import LATENT_DOWNSAMPLE, check_vae_folder, load_vae, random_vae, vae_folder
-from rfc.prompts import PromptSet, load_prompts
 from rfc.samplers.sampling import CFGDenoiser, Sampler
-from rfc.store import digest_memo
-from rfc.validate import as_bool, as_float, as_int, check_arguments
+from rfc.utils.distributed import group
+from rfc.utils.errors import ConfigError
+from rfc.utils.files import check_writable_file, digest_memo, memo_digest
+from rfc.utils.validate import as_bool, as_float, as_int, check_arguments
 
 LOG = logging.getLogger("rfc")
 VAE_CHOICES = ("ema", "mse", "none")
@@ -200,7 +199,7 @@ class RunPlan:
     method: CacheMethod
     sampler: Sampler
     paths: dict = field(default_factory=dict)
-    setting: dict = field(default_factory=dict)  # rfc.setting.SAMPLE_KEYS -> value: what fixes the samples
+    setting: dict = field(default_factory=dict)  # rfc.run.setting.SAMPLE_KEYS -> value: what fixes the samples
     prompts: PromptSet | None = None  # text-to-image models: sample i's prompt is prompts.for_samples(n)[i]
     skipped_metrics: dict = field(default_factory=dict)  # text-to-image metric -> why it is not computed
 
@@ -323,7 +322,7 @@ def vae_name(m: DictConfig) -> str | None:
 
 
 def sample_setting(plan: RunPlan) -> dict[str, object]:
-    """The run's values of rfc.setting.SAMPLE_KEYS: what every sample's numbers depend on. The row
+    """The run's values of rfc.run.setting.SAMPLE_KEYS: what every sample's numbers depend on. The row
     records them column by column, the shard manifest refuses a resume that changes one, and the
     full-compute store files this setting's set under their id. Weights are named by content (the
     checkpoint's sha256, memoized in the store), random weights by their init and architecture

@@ -1,8 +1,8 @@
 """What a run's ``run.log`` says, so that the log alone tells the run's story: what was asked
 (a config summary), how sampling went (milestones with throughput), where the time went (each
-stage's seconds), what it found (the row's key metrics), and, from rfc.cli, how it ended.
+stage's seconds), what it found (the row's key metrics), and, from rfc.run.cli, how it ended.
 
-Everything here logs at INFO on the ``rfc`` logger: rfc.cli sends INFO to the run folder's
+Everything here logs at INFO on the ``rfc`` logger: rfc.run.cli sends INFO to the run folder's
 ``run.log`` only and WARNING and above to the terminal too, so the terminal keeps its few lines
 (``samples:``, ``grid:``, ``row:``, errors) while the log keeps the detail. Torchrun ranks other
 than 0 have no log file: what they log goes nowhere.
@@ -14,17 +14,20 @@ import dataclasses
 import json
 import logging
 import math
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from rfc.utils.logs import timed
+
 if TYPE_CHECKING:
-    from rfc.build import RunPlan
-    from rfc.record import RunRecord
+    from rfc.run.build import RunPlan
+    from rfc.run.row import RunRecord
 
 LOG = logging.getLogger("rfc")
+LOG_FILE = "run.log"  # in the run folder (rfc.run.cli attaches it)
+__all__ = ["LOG_FILE", "timed", "wandb_mode"]
 MILESTONES = 10  # progress lines per sampling session: every ~10 % of its batches (each batch if fewer)
 
 
@@ -37,8 +40,6 @@ def plan_summary(plan: RunPlan, sweep: str | None = None) -> list[str]:
     """The run's settings as a few aligned lines: what a reader of the log needs to know what ran
     without opening the resolved config (``.hydra/config.yaml`` holds every key)."""
     import torch
-
-    from eval.loggers import wandb_mode
 
     cfg, s, method = plan.cfg, plan.setting, plan.method
     params = " ".join(f"{k}={v}" for k, v in method.params().items())
@@ -95,7 +96,7 @@ def log_plan(plan: RunPlan, sweep: str | None = None) -> None:
 
 @dataclass(frozen=True)
 class BatchReport:
-    """One batch of a sampling session, as it finished (rfc.generate.generate_batches makes one
+    """One batch of a sampling session, as it finished (rfc.run.generate.generate_batches makes one
     per batch kept, and one per untimed warm-up pass)."""
 
     desc: str  # the session: "sampling", "full compute (for pairing)"
@@ -177,17 +178,6 @@ class Milestones:
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def timed(what: str) -> Iterator[dict[str, str]]:
-    """Log ``<what>: <seconds> s`` when the block ends normally; the block may add a detail to
-    the line with ``info["detail"] = ...``."""
-    info: dict[str, str] = {}
-    t0 = time.perf_counter()
-    yield info
-    detail = f" ({info['detail']})" if info.get("detail") else ""
-    LOG.info("%s: %.2f s%s", what, time.perf_counter() - t0, detail)
-
-
 # (column, label, format) of the row's key metrics, in the order the result line shows them
 KEY_METRICS = (
     ("nfc", "NFC", "{:.4g}"), ("tflops", "TFLOPs/image", "{:.4g}"), ("latency_s", "latency", "{:.4g} s/batch"),
@@ -214,3 +204,9 @@ def log_result(record: RunRecord) -> None:
     LOG.info("%s", result_line(record))
     if record.notes:
         LOG.info("notes: %s", record.notes)
+
+
+def wandb_mode(settings: dict) -> str:
+    """The mode a W&B run opens in: WANDB_MODE when set (how W&B users switch it), else
+    ``logger.wandb.mode``."""
+    return os.environ.get("WANDB_MODE") or str(settings.get("mode") or "offline")

@@ -108,7 +108,7 @@ def check_writable_file(path: str | Path, what: str) -> None:
     """Fail now, naming ``path``, if a file could not be created or appended there later: the
     folder must exist or be creatable and accept a file, and the file itself must not be a folder.
     Creates missing parent folders (as writing would); leaves nothing else behind."""
-    from rfc.errors import ConfigError
+    from rfc.utils.errors import ConfigError
 
     p = Path(path)
     if p.is_dir():
@@ -148,7 +148,7 @@ class FolderLock:
         import socket
         import sys
 
-        from rfc.errors import FolderLockedError
+        from rfc.utils.errors import FolderLockedError
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -172,3 +172,13 @@ class FolderLock:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
+
+# The store's folder (``paths.store``) as every layer reads it: file digests and resolved references
+# live there beside the full-compute sets (rfc.run.store).
+REFERENCES = "references"  # one resolved reference per (content, extractor)
+DIGESTS = "digests.json"  # file digests, remembered by file identity
+
+
+def digest_memo(paths: dict) -> Path | None:
+    """Where file digests are remembered (None without a store: then they are not)."""
+    return Path(paths["store"]) / DIGESTS if paths.get("store") else None

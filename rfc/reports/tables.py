@@ -7,7 +7,7 @@ CSV through these functions instead of each keeping a copy. It lives in the pack
 scripts/, so that the scripts import it like any installed module (``pip install -e .``) and run
 from any working directory.
 
-One table per setting: the experiment and every key of rfc.setting.QUALITY_KEYS but the seed
+One table per setting: the experiment and every key of rfc.run.setting.QUALITY_KEYS but the seed
 (model, weights, sampler, steps, guidance, sample count, device, precision mode, compile, batch
 size, extractor, reference) and, for text-to-image rows, the prompt set, so rows of two settings
 are never mixed in one table. Latency is a row's own when the run had its device to itself;
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from eval.loggers import read_raw, split_csv
-from rfc.setting import (
+from rfc.run.loggers import read_raw, split_csv
+from rfc.run.setting import (
     METHOD_KEYS,
     QUALITY_KEYS,
     TIMING_KEYS,
@@ -76,7 +76,7 @@ def label_of(row: pd.Series) -> str:
 
 def load(csv_path: Path, experiment: str | None, model: str | None) -> pd.DataFrame:
     """The complete rows (torn records skipped), setting columns as their CSV text (so keys compare
-    exactly as rfc.setting writes them; columns older CSVs lack are empty) and metrics as floats."""
+    exactly as rfc.run.setting writes them; columns older CSVs lack are empty) and metrics as floats."""
     df = pd.read_csv(io.StringIO(split_csv(read_raw(csv_path)).clean), dtype=str, keep_default_na=False)
     for col in {*TEXT, *NUMERIC} - set(df.columns):
         df[col] = ""
