@@ -234,7 +234,7 @@ def test_a_terminal_sees_a_bar_for_every_long_loop_and_the_results_none(make_cfg
 def test_calibration_shows_a_bar_over_its_trials_and_logs_each(make_cfg, tmp_path, monkeypatch, clean_env):
     """Calibrating tau on a terminal: a bar counting the trials (how many is not known ahead),
     each trial's own sampling bar, and a log line per trial."""
-    from rfc import calibration
+    from rfc.tools import calibration
 
     monkeypatch.setattr(progress, "DELAY_S", 0.0)
     terminal = Terminal()
