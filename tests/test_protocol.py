@@ -45,7 +45,7 @@ def test_the_cache_package_does_not_know_the_model():
 
 
 def test_the_runner_is_the_four_parts_joined():
-    runner = ROOT / "rfc" / "runner.py"
+    runner = ROOT / "rfc" / "run" / "runner.py"
     assert len(runner.read_text().splitlines()) < 200
     assert {"rfc.run.build", "rfc.run.generate", "rfc.run.score", "rfc.run.record"} <= imported_modules(runner)
 
