@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -48,6 +49,7 @@ class FBCacheConfig:
     _target_: str = "baselines.fbcache.FBCache"
     threshold: float = 0.08
     warmup: int = 0
+    degenerate: ClassVar[tuple[str, ...]] = ("method.threshold=0",)  # threshold <= 0 never skips
 
 
 class FirstBlockResidualChange(BlockSchedule):

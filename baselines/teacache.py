@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -58,6 +59,7 @@ class TeaCacheConfig:
     _target_: str = "baselines.teacache.TeaCache"
     threshold: float = 0.045
     coefficients: list[float] = field(default_factory=lambda: list(IDENTITY))
+    degenerate: ClassVar[tuple[str, ...]] = ("method.threshold=0",)  # threshold <= 0 never skips
 
 
 class AccumulatedInputChange(BlockSchedule):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -416,6 +416,7 @@ def _model_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.
 @dataclass
 class NoCacheConfig:
     _target_: str = "rfc.cache.NoCache"
+    degenerate: ClassVar[tuple[str, ...]] = ()  # full compute already
 
 
 class NoCache(CacheMethod):
