@@ -16,18 +16,19 @@ independent parts, composed by ``BlockCacheMethod``:
 
 Full steps run each block through the block protocol, ``block.run(x, c, plain_branch)``: the
 very computation the model's own forward makes, so a schedule that always says "compute" gives
-samples bit-identical to ``method=none``, on any model whose blocks follow the protocol (DiT's
-blocks, FLUX's double-stream and single-stream blocks alike). Nothing here reads a model's class
-or parameter names: block 0's signal comes from ``block.modulation(c)`` and ``block.norms``, and
-the tokens it is measured on from ``image_slice(model)`` (rfc.cache.base's model protocol). On a
-text-to-image model the signals cover the image tokens only, as the official FLUX code measures
-them (ParaAttention: the image stream's residual of the first block; TeaCache4FLUX: the image
-stream's ``norm1``); the reused residual covers the whole stream (text and image tokens), as
-ParaAttention caches both streams' residuals.
+samples bit-identical to ``method=none``, on any model whose blocks follow the protocol
+(class-conditional transformer blocks, FLUX's double-stream and single-stream blocks alike).
+Nothing here reads a model's class or parameter names: block 0's signal comes from
+``block.modulation(c)`` and ``block.norms``, and the tokens it is measured on from
+``image_slice(model)`` (rfc.cache.base's model protocol). On a text-to-image model the signals
+cover the image tokens only, as the official FLUX code measures them (ParaAttention: the image
+stream's residual of the first block; TeaCache4FLUX: the image stream's ``norm1``); the reused
+residual covers the whole stream (text and image tokens), as ParaAttention caches both streams'
+residuals.
 
 Accounting (MethodStats) stays honest about what ran: a computed block is a full block (its
 modulation, each of its sites, one layer norm per site); a skipped block is its sites cached (two
-for a DiT or FLUX double-stream block, one for a FLUX single-stream block) and no modulation; the
+for an attention + MLP block, one for a FLUX single-stream block) and no modulation; the
 work a schedule does to decide (Signal.INPUT: one more modulation of block 0 and one more layer
 norm of its input's measured tokens, at every step) is counted in ``block_calls`` /
 ``norm_tokens``. The step's decision is made inside the forward, so the NFC (``full_steps``)
