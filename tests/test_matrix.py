@@ -10,16 +10,19 @@ the matrix without a test of its own:
   give samples equal to ``method=none`` bit for bit, with every step full and nothing cached.
 
 Kept fast with one sample per run, a few sampling steps, no scoring, no pairing and no warm-up
-pass; the ``method=none`` run each cell is compared with is drawn once per model.
+pass; the ``method=none`` run each cell is compared with is drawn once per model; and one
+intra-op thread: the tiny models' operations take microseconds, so a second thread only adds
+synchronisation, which on a shared CPU costs more than the whole computation (about 7x here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -67,6 +70,15 @@ def run_cell(tmp: Path, model: str, method: str, *overrides: str) -> tuple[RunRe
     assert rec is not None
     with np.load(tmp / "run" / "samples.npz") as z:
         return rec, z["arr_0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Every run of the module on one intra-op thread (see the module docstring); restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
