@@ -33,7 +33,7 @@ from rfc.run.runner import run
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODELS = ["dit-tiny", "flux-tiny"]  # to become the model-family registry's ``tiny`` configs
 METHODS = sorted(registered_methods())
-STEPS = 6  # enough for every method's default schedule to reach a cached step after its warm-up
+STEPS = 6  # the interval and RCS schedules (FORA, TaylorSeer, ToCa, RFC) reach cached steps at their defaults
 SETTINGS = ("default", "degenerate")
 FAST = (
     "eval=smoke",
