@@ -15,7 +15,11 @@ behave alike:
 - the first step computes (no r_ref yet), and so do the first ``warmup`` steps
   (ParaAttention's ``warmup_steps``, default 0);
 - the reused residual starts *after* block 0: at a full step it is (stream after the last block)
-  - (block 0's output), and a skipped step adds it to this step's block-0 output.
+  - (block 0's output), and a skipped step adds it to this step's block-0 output;
+- on FLUX, block 0 is the first double-stream block and its residual is measured on the image
+  tokens only (ParaAttention's ``hidden_states`` residual); the reused residual covers the text
+  and the image tokens (ParaAttention keeps both streams' residuals) through the remaining
+  double-stream and every single-stream block.
 
 Default threshold 0.08: the value ParaAttention's documentation gives for FLUX.1-dev (diffusers'
 config defaults to 0.05); on the tiny digits model (DDIM-50, guidance 1.5) it gives NFC 15 of 50
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -44,6 +49,7 @@ class FBCacheConfig:
     _target_: str = "baselines.fbcache.FBCache"
     threshold: float = 0.08
     warmup: int = 0
+    degenerate: ClassVar[tuple[str, ...]] = ("method.threshold=0",)  # threshold <= 0 never skips
 
 
 class FirstBlockResidualChange(BlockSchedule):

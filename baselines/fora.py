@@ -11,6 +11,7 @@ the stored outputs (rfc/cache/fused.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from rfc.cache.fused import TaylorBankMethod
 from rfc.cache.registry import method_config
@@ -24,6 +25,7 @@ class FORAConfig:
     _target_: str = "baselines.fora.FORA"
     interval: int = 3
     fused: bool = True
+    degenerate: ClassVar[tuple[str, ...]] = ("method.interval=1",)  # every step full
 
 
 class FORA(TaylorBankMethod):

@@ -12,6 +12,7 @@ buffer for all sites. With ``fused`` (default) a cached step is one weighted sum
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -33,6 +34,7 @@ class TaylorSeerConfig:
     warmup: int | None = None
     storage_dtype: str = "fp32"
     fused: bool = True
+    degenerate: ClassVar[tuple[str, ...]] = ("method.interval=1",)  # a full step every step after the warm-up too
 
 
 class TaylorSeer(TaylorBankMethod):

@@ -12,6 +12,9 @@ Followed: ali-vilab/TeaCache, TeaCache4FLUX/teacache_flux.py (``teacache_forward
   computes and the accumulator returns to 0;
 - the first and the last step always compute (and reset the accumulator);
 - ``prev_inp`` is replaced at **every** step, cached or not;
+- on FLUX the input is measured on the image tokens only (the official code's
+  ``transformer_blocks[0].norm1`` reads the image stream), and the reused residual covers the
+  whole stream;
 - the residual covers all blocks: at a full step (stream after the last block) - (stream entering
   block 0), added at a cached step to the stream entering block 0.
 
@@ -27,7 +30,9 @@ default threshold 0.045 (not FLUX's 0.25 - 0.8, which are in its rescaled units)
 there; 0.03 gives 19, 0.048 gives 14. The change is measured over the guided batch
 (both halves of classifier-free guidance), so one decision covers the batch, as the official code
 decides for the batch it is given. Checking the input costs one more modulation of block 0 and
-one more layer norm of its input at every step; the accounting counts both.
+one more layer norm of its input at every step; the accounting counts both. ``threshold`` 0
+computes every step whatever the coefficients (officially a polynomial that goes negative could
+still skip steps): it is the method's full-compute setting.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -53,6 +59,7 @@ class TeaCacheConfig:
     _target_: str = "baselines.teacache.TeaCache"
     threshold: float = 0.045
     coefficients: list[float] = field(default_factory=lambda: list(IDENTITY))
+    degenerate: ClassVar[tuple[str, ...]] = ("method.threshold=0",)  # threshold <= 0 never skips
 
 
 class AccumulatedInputChange(BlockSchedule):
@@ -74,7 +81,10 @@ class AccumulatedInputChange(BlockSchedule):
 
     def decide(self, step: StepInfo, signal: torch.Tensor | None) -> bool:
         assert signal is not None
-        if step.index == 0 or step.index == step.num_steps - 1 or self.previous is None:
+        # threshold <= 0 computes every step whatever the coefficients (a fitted polynomial can go
+        # negative; the official rule would then skip): the method's full-compute setting
+        forced = step.index == 0 or step.index == step.num_steps - 1 or self.previous is None
+        if forced or self.threshold <= 0.0:
             full = True
             self.accumulated = 0.0
         else:
@@ -98,7 +108,9 @@ class TeaCache(BlockCacheMethod):
     def __init__(self, threshold: float = 0.045, coefficients: list[float] | None = None) -> None:
         coefficients = list(IDENTITY) if coefficients is None else list(coefficients)
         require(float(threshold) >= 0.0, f"method.threshold must be >= 0, got {threshold}")
-        require(len(coefficients) > 0 and all(isinstance(a, (int, float)) and not isinstance(a, bool)
-                                              and math.isfinite(a) for a in coefficients),
-                f"method.coefficients must be a non-empty list of finite numbers, got {coefficients}")
+        require(
+            len(coefficients) > 0
+            and all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in coefficients),
+            f"method.coefficients must be a non-empty list of finite numbers, got {coefficients}",
+        )
         super().__init__(AccumulatedInputChange(threshold, coefficients), ResidualReuse(start=0))

@@ -92,6 +92,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +166,8 @@ class ToCaConfig:
     ratio_schedule: str = "ddim50"
     schedule: str = "official"
     layer_divisor: int | None = OFFICIAL_LAYER_DIVISOR
+    # every step full (N = 1) and no partial compute in between (R = 0), DiT and FLUX recipes alike
+    degenerate: ClassVar[tuple[str, ...]] = ("method.interval=1", "method.fresh_ratio=0")
 
 
 class ToCa(CacheMethod):

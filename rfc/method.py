@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -368,6 +369,8 @@ class RFCConfig:
     norm_reduction: str = "sample"
     storage_dtype: str = "fp32"
     fused: bool = True
+    # tau 0: RCS computes every step; interval 1: so does the fixed schedule (rcs=false ablations)
+    degenerate: ClassVar[tuple[str, ...]] = ("method.tau=0", "method.interval=1")
 
 
 class RFC(CacheMethod):

@@ -218,3 +218,114 @@ def test_a_method_defined_in_a_test_runs_end_to_end(make_cfg, tmp_path):
     assert rec3.nfc == 17  # steps 0, 3, ..., 48
     with pytest.raises(ValueError, match=r"method\.perido is not a setting of test_block_methods\.make_every_other"):
         plan_run(make_cfg("method=every_other", "+method.perido=3"), tmp_path / "bad")
+
+
+# ---- FLUX: double-stream blocks, then single-stream blocks ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux():
+    from test_flux import TINY as FLUX_TINY
+
+    from rfc.models.flux import FluxModel, random_prompt_table, random_transformer
+
+    table = random_prompt_table(
+        ["a red car", "a cat on a mat"], FLUX_TINY.text_tokens, FLUX_TINY.text_dim, FLUX_TINY.pooled_dim
+    )
+    model = FluxModel(random_transformer(FLUX_TINY, [4, 6, 6], seed=0), table, FLUX_TINY, guidance=3.5)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    return model, x, torch.tensor([0, 1])
+
+
+FLUX_IMG, FLUX_TXT, FLUX_SITES = 16, 8, 2 * 2 + 3  # flux-tiny: 2 double-stream (attn, mlp), 3 single (total)
+
+
+def flux_sample(flux, method, steps: int = 8) -> torch.Tensor:
+    from rfc.samplers.flow import FlowMatchEulerSampler
+    from rfc.samplers.sampling import CFGDenoiser
+
+    model, x, y = flux
+    method.attach(model)
+    try:
+        with torch.no_grad():
+            return FlowMatchEulerSampler(num_steps=steps).sample(
+                CFGDenoiser(model, 1.0, 0, 16), x.clone(), y, listener=method
+            )
+    finally:
+        method.detach()
+
+
+def test_flux_threshold_zero_is_full_compute_bit_for_bit(flux):
+    """The blocks run through their own ``run`` with the plain branch: the model's forward, bit for bit."""
+    none = NoCache()
+    reference = flux_sample(flux, none)
+    for method in (FBCache(threshold=0.0), TeaCache(threshold=0.0), TeaCache(threshold=0.0, coefficients=[3.0, 0.5])):
+        assert torch.equal(flux_sample(flux, method), reference), method.params()
+        s, r = method.stats(), none.stats()
+        assert s.full_steps == 8 and s.cached_steps == 0 and s.cached_sites == 0
+        assert (s.full_attn, s.full_mlp, s.full_total) == (r.full_attn, r.full_mlp, r.full_total) == (16, 16, 24)
+
+
+def test_teacache_threshold_zero_computes_even_where_the_polynomial_is_negative():
+    schedule = AccumulatedInputChange(threshold=0.0, coefficients=[-1.0, -0.5])
+    same = torch.ones(2, 3, 4)
+    assert all(schedule.decide(s, same) for s in steps(5))
+
+
+def signal_shapes(method: BlockCacheMethod) -> list[tuple[int, ...]]:
+    """The shape of every signal the method's schedule decides on (recorded as it decides)."""
+    shapes: list[tuple[int, ...]] = []
+    decide = method.schedule.decide
+
+    def recording(step: StepInfo, signal: torch.Tensor | None) -> bool:
+        shapes.append(tuple(signal.shape))
+        return decide(step, signal)
+
+    method.schedule.decide = recording
+    return shapes
+
+
+def test_flux_signals_cover_the_image_tokens_and_sites_are_counted_per_block_kind(flux):
+    """Block 0's residual (First-Block Cache) and modulated input (TeaCache) are measured on the
+    16 image tokens, as the official FLUX code measures the image stream; a skipped single-stream
+    block is one cached site, a double-stream block two."""
+    fb = FBCache(threshold=1e6)  # every step after the first reuses the residual
+    shapes = signal_shapes(fb)
+    flux_sample(flux, fb)
+    s = fb.stats()
+    assert s.full_indices == [0] and s.cached_steps == 7
+    assert shapes == [(2, FLUX_IMG, 32)] * 8  # rows (CFG off), image tokens, hidden
+    assert s.cached_sites == 7 * (FLUX_SITES - 2)  # all but block 0 (a double-stream block)
+    assert (s.full_attn, s.full_mlp, s.full_total) == (8 + 1, 8 + 1, 3)  # block 0 at every step
+    assert s.full_blocks == s.block_calls == 8 + 4 and s.full_sites == 8 * 2 + 5
+    tea = TeaCache(threshold=1e6)  # first and last steps computed
+    shapes = signal_shapes(tea)
+    flux_sample(flux, tea)
+    s = tea.stats()
+    assert s.full_indices == [0, 7] and s.cached_sites == 6 * FLUX_SITES
+    assert shapes == [(2, FLUX_IMG, 32)] * 8
+    assert s.full_total == 2 * 3 and s.block_calls == 2 * 5 + 8  # block 0's extra modulation at every step
+    tokens = FLUX_TXT + FLUX_IMG
+    assert s.norm_tokens == 2 * FLUX_SITES * tokens + 8 * FLUX_IMG  # its extra norm: the image tokens only
+
+
+def test_flux_cached_step_at_unchanged_inputs_reproduces_the_full_output(flux):
+    """The reused residual covers text and image tokens: the text tokens that blocks after block 0
+    read are those of the full step, so a cached step at the same x and t gives the full output."""
+    model, x, y = flux
+    t = torch.full((2,), 0.5)
+    with torch.no_grad():
+        full = model(x, t, y)
+        for method in (FBCache(threshold=0.01), TeaCache(threshold=0.01)):
+            method.attach(model)
+            try:
+                outs = []
+                for step in steps(3)[:2]:
+                    method.begin_step(step)
+                    outs.append(model(x, t, y))
+                    method.end_step(step)
+            finally:
+                method.detach()
+            assert method.stats().full_indices == [0] and method.stats().cached_steps == 1
+            assert torch.equal(outs[0], full)
+            torch.testing.assert_close(outs[1], full, rtol=1e-5, atol=1e-5)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -39,7 +39,9 @@ Branch = Literal["attn", "mlp", "total"]
 
 MODEL_PROTOCOL = ("embed", "blocks", "head", "token_shape", "weight_dtype", "stacked_modulation")
 """What a model exposes to caching methods (each model class documents them): nothing here
-reads a model's parameter names or the order of its modulation chunks."""
+reads a model's parameter names or the order of its modulation chunks. Optional: ``image_slice``,
+the positions of the image tokens in the residual stream after ``embed`` (a text-to-image model's
+stream also holds text tokens); a model without it has image tokens only."""
 
 
 class GuidedModel(Protocol):
@@ -375,6 +377,23 @@ class CacheMethod:
         return self._stats
 
 
+def plain_branch(
+    b: int, x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor, module: nn.Module
+) -> torch.Tensor:
+    """A branch computed on every token, module(modulate(norm(x), shift, scale)): what a model's
+    own forward passes to each block's ``run``, so ``block.run(x, c, plain_branch)`` is the
+    block's plain computation, bit for bit, without the method knowing the model's class."""
+    return module(modulate(norm(x), shift, scale))
+
+
+def image_slice(model: nn.Module) -> slice:
+    """The positions of the image tokens in ``model``'s residual stream (set by its last
+    ``embed``): signals that the official code measures on the image stream (First-Block Cache's
+    residual, TeaCache's modulated input) read these tokens only. Every token when the model does
+    not say (class-conditional models have image tokens only)."""
+    return getattr(model, "image_slice", slice(None))
+
+
 def branch_input(block: nn.Module, b: int, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """modulate(norm(x), shift, scale) of branch ``b`` of ``block`` from its own modulation of c:
     what that branch would read, computed ahead of the block (RFC's probe, TeaCache's signal)."""
@@ -397,6 +416,7 @@ def _model_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.
 @dataclass
 class NoCacheConfig:
     _target_: str = "rfc.cache.NoCache"
+    degenerate: ClassVar[tuple[str, ...]] = ()  # full compute already
 
 
 class NoCache(CacheMethod):

@@ -14,17 +14,25 @@ independent parts, composed by ``BlockCacheMethod``:
 - a **predictor** (``ResidualReuse``): *what* to use instead. It names the first block it
   replaces (``start``); blocks before it are computed at every step.
 
-Full steps run each block through its plain forward ``block(x, c)``, the very call the model's
-own forward makes, so a schedule that always says "compute" gives samples bit-identical to
-``method=none``. Nothing here reads a model's parameter names: block 0's signal comes from
-``block.modulation(c)`` and ``block.norms`` (rfc.cache.base's model protocol).
+Full steps run each block through the block protocol, ``block.run(x, c, plain_branch)``: the
+very computation the model's own forward makes, so a schedule that always says "compute" gives
+samples bit-identical to ``method=none``, on any model whose blocks follow the protocol
+(class-conditional transformer blocks, FLUX's double-stream and single-stream blocks alike).
+Nothing here reads a model's class or parameter names: block 0's signal comes from
+``block.modulation(c)`` and ``block.norms``, and the tokens it is measured on from
+``image_slice(model)`` (rfc.cache.base's model protocol). On a text-to-image model the signals
+cover the image tokens only, as the official FLUX code measures them (ParaAttention: the image
+stream's residual of the first block; TeaCache4FLUX: the image stream's ``norm1``); the reused
+residual covers the whole stream (text and image tokens), as ParaAttention caches both streams'
+residuals.
 
 Accounting (MethodStats) stays honest about what ran: a computed block is a full block (its
-modulation, both branches, two layer norms); a skipped block is two cached sites and no
-modulation; the work a schedule does to decide (Signal.INPUT: one more modulation of block 0 and
-one more layer norm of its input, at every step) is counted in ``block_calls`` / ``norm_tokens``.
-The step's decision is made inside the forward, so the NFC (``full_steps``) counts the steps at
-which the replaced blocks ran.
+modulation, each of its sites, one layer norm per site); a skipped block is its sites cached (two
+for an attention + MLP block, one for a FLUX single-stream block) and no modulation; the
+work a schedule does to decide (Signal.INPUT: one more modulation of block 0 and one more layer
+norm of its input's measured tokens, at every step) is counted in ``block_calls`` /
+``norm_tokens``. The step's decision is made inside the forward, so the NFC (``full_steps``)
+counts the steps at which the replaced blocks ran.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from enum import StrEnum
 import torch
 from torch import nn
 
-from rfc.cache.base import CacheMethod, branch_input
+from rfc.cache.base import CacheMethod, branch_input, image_slice, modulate, plain_branch
 from rfc.samplers.sampling import StepInfo
 
 
@@ -130,11 +138,14 @@ class BlockCacheMethod(CacheMethod):
         try:
             self.signal = Signal(schedule.signal)
         except ValueError:
-            raise ValueError(f"a block schedule's signal must be one of {[s.value for s in Signal]}, "
-                             f"got {schedule.signal!r}") from None
+            raise ValueError(
+                f"a block schedule's signal must be one of {[s.value for s in Signal]}, got {schedule.signal!r}"
+            ) from None
         if self.signal is Signal.RESIDUAL and predictor.start < 1:
-            raise ValueError("a schedule that reads block 0's residual decides after block 0 ran: "
-                             "its predictor must start at block 1 or later")
+            raise ValueError(
+                "a schedule that reads block 0's residual decides after block 0 ran: "
+                "its predictor must start at block 1 or later"
+            )
         self.schedule = schedule
         self.predictor = predictor
         if name is not None:
@@ -142,8 +153,10 @@ class BlockCacheMethod(CacheMethod):
 
     def attach(self, model: nn.Module) -> None:
         if self.predictor.start >= len(model.blocks):
-            raise ValueError(f"{self.name}: the predictor starts at block {self.predictor.start} but the model "
-                             f"has {len(model.blocks)} blocks: nothing would be cached")
+            raise ValueError(
+                f"{self.name}: the predictor starts at block {self.predictor.start} but the model "
+                f"has {len(model.blocks)} blocks: nothing would be cached"
+            )
         super().attach(model)
 
     def reset(self) -> None:
@@ -158,46 +171,69 @@ class BlockCacheMethod(CacheMethod):
 
     def run_blocks(self, model: nn.Module, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         blocks = model.blocks
+        T = tokens.shape[1]
         if self.step is None:  # a forward outside a sampler: plain compute, no schedule state touched
             for block in blocks:
-                tokens = block(tokens, c)
-            self._stats.count_full_forward(len(blocks), tokens.shape[1])
+                tokens = block.run(tokens, c, plain_branch)
+            self._stats.count_full_forward(len(blocks), T, kinds=self.site_kinds)
             return tokens
-        kind, start, T = self.signal, self.predictor.start, tokens.shape[1]
-        signal = self._block0_input(blocks[0], tokens, c) if kind is Signal.INPUT else None
+        kind, start, where = self.signal, self.predictor.start, image_slice(model)
+        signal = self._block0_input(blocks[0], tokens, c, where) if kind is Signal.INPUT else None
         x = tokens
         for i in range(start):
             entering = x
-            x = blocks[i](x, c)
+            x = blocks[i].run(x, c, plain_branch)
             if i == 0 and kind is Signal.RESIDUAL:
-                signal = x - entering
-        self._stats.count_full_forward(start, T)
+                signal = _tokens(x, where) - _tokens(entering, where)
+        self._stats.count_full_forward(start, T, kinds=self._kinds(0, start))
         full = bool(self.schedule.decide(self.step, signal))
         if not full and not self.predictor.ready:
-            raise RuntimeError(f"{self.name}: the schedule chose a cached step (index {self.step.index}) before any "
-                               "full step; a block schedule must compute first")
+            raise RuntimeError(
+                f"{self.name}: the schedule chose a cached step (index {self.step.index}) before any "
+                "full step; a block schedule must compute first"
+            )
         self.full = full
         self.count_step(self.step, full)
+        replaced = self._kinds(start, len(blocks))
         if full:
             entering = x
             for block in blocks[start:]:
-                x = block(x, c)
+                x = block.run(x, c, plain_branch)
             self.predictor.store(entering, x)
-            self._stats.count_full_forward(len(blocks) - start, T)
+            self._stats.count_full_forward(len(blocks) - start, T, kinds=replaced)
         else:
             x = self.predictor.apply(x)
-            self._stats.cached_sites += 2 * (len(blocks) - start)
+            self._stats.cached_sites += len(replaced)
         return x
 
-    def _block0_input(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """modulate(norm(x), shift, scale) of block 0's attention branch, computed for the schedule
-        only (block 0 recomputes it when it runs): one more modulation and one more layer norm."""
+    def _kinds(self, first: int, stop: int) -> tuple[str, ...]:
+        """The sites of blocks first .. stop-1, in execution order (what counting them needs)."""
+        bounds = [*self.site_base, self.num_sites]
+        return self.site_kinds[bounds[first] : bounds[stop]]
+
+    def _block0_input(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor, where: slice) -> torch.Tensor:
+        """modulate(norm(x), shift, scale) of block 0's attention branch on the measured tokens,
+        computed for the schedule only (block 0 recomputes it when it runs): one more modulation
+        and one more layer norm of those tokens."""
         self._stats.block_calls += 1
+        if where == slice(None):
+            self._stats.norm_tokens += x.shape[1]
+            return branch_input(block, 0, x, c)
+        mod = block.modulation(c)[0]
+        shift, scale = mod.shift, mod.scale
+        if shift.dim() == 3:  # per-token modulation (a FLUX double-stream block): the measured tokens' own
+            shift, scale = shift[:, where], scale[:, where]
+        x = x[:, where]
         self._stats.norm_tokens += x.shape[1]
-        return branch_input(block, 0, x, c)
+        return modulate(block.norms[0](x), shift, scale)
 
     def cache_tensors(self) -> Iterable[torch.Tensor]:
         return (*self.predictor.tensors(), *self.schedule.tensors())
 
     def params(self) -> dict[str, object]:
         return {**self.schedule.params(), **self.predictor.params()}
+
+
+def _tokens(x: torch.Tensor, where: slice) -> torch.Tensor:
+    """x (B, T, C) restricted to the token positions ``where`` (x itself for every token)."""
+    return x if where == slice(None) else x[:, where]

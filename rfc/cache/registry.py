@@ -12,6 +12,12 @@ composes it directly.
 
 ``register_builtin()`` imports every module of the packages that hold methods (``baselines``
 and ``rfc.method``), so a new method is one file plus one YAML file: nothing else is edited.
+
+Every method config also says how to switch its caching off: a ``degenerate`` ClassVar, the
+Hydra overrides (``("method.interval=1",)``) under which the method computes every step, so its
+samples must equal ``method=none`` bit for bit. ``registered_methods()`` lists every method with
+its config, which is how tests/test_matrix.py runs each method on each model, at its default and
+at its degenerate setting, without a test per method.
 """
 
 from __future__ import annotations
@@ -28,11 +34,14 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "method"
 METHOD_PACKAGES = ("baselines",)
 METHOD_MODULES = ("rfc.cache.base", "rfc.method")
 
+_METHODS: dict[str, type] = {}
+
 
 def register_method(name: str, config: type) -> None:
     """Store ``config`` (a dataclass with ``_target_``) as the schema of method ``name``."""
     if not is_dataclass(config) or not hasattr(config, "_target_"):
         raise TypeError(f"the config of method {name!r} must be a dataclass with a _target_ field")
+    _METHODS[name] = config
     store = ConfigStore.instance()
     store.store(group="method", name=f"{name}_schema", node=config)
     if not (CONFIG_DIR / f"{name}.yaml").is_file():
@@ -57,3 +66,26 @@ def register_builtin() -> None:
             importlib.import_module(f"{package}.{info.name}")
     for module in METHOD_MODULES:
         importlib.import_module(module)
+
+
+def registered_methods() -> dict[str, type]:
+    """Every registered method's name and config class, built-in ones included (imported here
+    first), in name order."""
+    register_builtin()
+    return dict(sorted(_METHODS.items()))
+
+
+def degenerate_overrides(name: str) -> tuple[str, ...]:
+    """The Hydra overrides under which method ``name`` computes every step (its config's
+    ``degenerate``). Raises a TypeError naming the method when its config does not declare them:
+    without them nobody can check the method against full compute."""
+    config = registered_methods().get(name)
+    if config is None:
+        raise KeyError(f"no method {name!r} is registered")
+    overrides = getattr(config, "degenerate", None)
+    if not isinstance(overrides, tuple) or not all(isinstance(o, str) for o in overrides):
+        raise TypeError(
+            f"the config of method {name!r} ({config.__name__}) must declare its full-compute setting: "
+            'degenerate: ClassVar[tuple[str, ...]] = ("method.<key>=<value>", ...)'
+        )
+    return overrides

@@ -375,6 +375,13 @@ class FluxModel(nn.Module):
         return unpack(img, *self._hw).float()
 
     @property
+    def image_slice(self) -> slice:
+        """The image tokens' positions in the stream (after the text tokens), for methods that
+        measure the image stream as the official FLUX caching code does (First-Block Cache,
+        TeaCache)."""
+        return slice(self.ctx.n_txt, None)
+
+    @property
     def token_shape(self) -> tuple[int, int]:
         return self.config.num_tokens, self.config.hidden_size
 
