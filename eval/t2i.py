@@ -76,18 +76,30 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rfc.utils.errors import ConfigError, RunError, reason
-from rfc.utils.logs import timed
+from eval import registry
+from eval.registry import MISSING_CHOICES as MISSING_CHOICES  # re-exported: eval.missing_metrics' choices
+from eval.registry import T2I, MetricInputs
+from rfc.utils.errors import RunError, reason
 from rfc.utils.progress import bar
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-T2I_METRICS = ("psnr", "ssim", "lpips", "image_reward", "clip")
-COLUMN = {"psnr": "psnr", "ssim": "ssim", "lpips": "lpips", "image_reward": "image_reward", "clip": "clip_score"}
-PAIRED = ("psnr", "ssim", "lpips")  # measured against the full-compute image of the same noise
-MISSING_CHOICES = ("error", "skip")
+KEY = "eval.t2i_metrics"  # the config key that lists a text-to-image row's metrics
+
+
+def __getattr__(name: str) -> object:
+    """The text-to-image metrics as the registry (eval.registry) has them now: ``T2I_METRICS``
+    their names, ``COLUMN`` name -> row column, ``PAIRED`` those measured against full compute."""
+    if name == "T2I_METRICS":
+        return tuple(m.name for m in registry.metrics(T2I))
+    if name == "COLUMN":
+        return {m.name: m.column for m in registry.metrics(T2I)}
+    if name == "PAIRED":
+        return tuple(m.name for m in registry.metrics(T2I) if m.paired)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 FETCH = "python scripts/fetch_assets.py"
 FETCH_NAME = {"lpips": "lpips", "clip": "clip-vit-large-patch14", "image_reward": "image-reward"}
@@ -163,8 +175,9 @@ def _clip_weights() -> Path | None:
     return next((p for p in (hub_file(CLIP_REPO, w) for w in CLIP_WEIGHTS) if p is not None), None)
 
 
-def _unavailable(metric: str) -> tuple[str, str] | None:
-    """(what is missing, the command that fixes it) for a metric that cannot be scored here, else None."""
+def weights_missing(metric: str) -> tuple[str, str] | None:
+    """(what is missing, the command that fixes it) for a metric whose weights are not on this
+    machine, else None: the registry's ``check`` of lpips, clip and image_reward."""
     if metric in ("psnr", "ssim"):
         return None
     fetch = f"{FETCH} {FETCH_NAME[metric]}"
@@ -196,21 +209,6 @@ def _unavailable(metric: str) -> tuple[str, str] | None:
     raise ValueError(f"unknown text-to-image metric {metric!r}")
 
 
-def _check_names(names: Sequence[str]) -> list[str]:
-    """The metric names as a list, or a ConfigError naming eval.t2i_metrics and the choices."""
-    choices = ", ".join(T2I_METRICS)
-    if isinstance(names, str) or not isinstance(names, Sequence):
-        raise ConfigError(f"eval.t2i_metrics must be a list of metric names (choices: {choices}), got {names!r}")
-    out: list[str] = []
-    for n in names:
-        if not isinstance(n, str) or n not in T2I_METRICS:
-            raise ConfigError(f"eval.t2i_metrics: unknown metric {n!r}; choices: {choices}")
-        if n in out:
-            raise ConfigError(f"eval.t2i_metrics lists {n!r} twice")
-        out.append(n)
-    return out
-
-
 def check_metrics(names: Sequence[str], missing: str, assets: Path) -> dict[str, str]:
     """Validate ``eval.t2i_metrics`` and find, before any sampling, the metrics that cannot be
     scored on this machine: weights (or the image-reward package) not available offline.
@@ -221,21 +219,10 @@ def check_metrics(names: Sequence[str], missing: str, assets: Path) -> dict[str,
     note lines). File checks only, no model is loaded (image_reward tries to import its package,
     since an installed package that cannot import is as unusable as a missing one). ``assets`` is
     the run's assets folder: none of these weights live there (each sits where its own library's
-    loader looks, see the module docstring); it is taken so that every checker is called alike."""
+    loader looks, see the module docstring); it is taken so that every checker is called alike.
+    The names and checks are the registry's (eval.registry), so a registered metric is checked too."""
     del assets
-    if not isinstance(missing, str) or missing not in MISSING_CHOICES:
-        raise ConfigError(f"eval.missing_metrics must be one of {', '.join(MISSING_CHOICES)}, got {missing!r}")
-    skipped: dict[str, str] = {}
-    for metric in _check_names(names):
-        problem = _unavailable(metric)
-        if problem is None:
-            continue
-        why, fix = problem
-        if missing == "error":
-            raise ConfigError(f"eval.t2i_metrics: cannot score {metric}: {why}; fix: `{fix}` "
-                              "(or eval.missing_metrics=skip to record the row without it)")
-        skipped[metric] = f"{metric} not scored: {why} (`{fix}`)"
-    return skipped
+    return registry.check_metrics(names, missing, T2I, KEY)
 
 
 def flux_weights_missing(repo_id: str) -> str | None:
@@ -340,13 +327,13 @@ def clip_score(images: np.ndarray, prompts: Sequence[str], model: Any, tokenizer
     return max(total / len(images), 0.0)
 
 
-def _load_clip(device: torch.device) -> tuple[Any, Any]:
+def load_clip(device: torch.device) -> tuple[Any, Any]:
     """CLIPModel and tokenizer from the cached openai/clip-vit-large-patch14 snapshot (a local
     folder, so nothing is downloaded); a RunError if it vanished since check_metrics."""
     import torch
     from transformers import CLIPModel, CLIPTokenizer
 
-    problem = _unavailable("clip")
+    problem = weights_missing("clip")
     if problem is not None:
         raise RunError(f"cannot score clip: {problem[0]}; fetch it with `{problem[1]}`")
     folder = hub_file(CLIP_REPO, "config.json").parent  # type: ignore[union-attr]
@@ -363,7 +350,7 @@ def lpips_score(images: np.ndarray, reference: np.ndarray, device: torch.device)
 
     if images.shape != reference.shape:
         raise ValueError(f"paired images differ in shape: {images.shape} vs {reference.shape}")
-    problem = _unavailable("lpips")
+    problem = weights_missing("lpips")
     if problem is not None:
         raise RunError(f"cannot score lpips: {problem[0]}; fetch it with `{problem[1]}`")
     metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="mean", normalize=True).to(device)
@@ -381,7 +368,7 @@ def image_reward_score(images: np.ndarray, prompts: Sequence[str], device: torch
     per image."""
     from PIL import Image
 
-    problem = _unavailable("image_reward")
+    problem = weights_missing("image_reward")
     if problem is not None:
         raise RunError(f"cannot score image_reward: {problem[0]}; fix: `{problem[1]}`")
     image_reward = importlib.import_module(IMAGE_REWARD_MODULE)
@@ -414,7 +401,7 @@ def score_t2i(images: np.ndarray, prompts: Sequence[str], reference: np.ndarray 
     import numpy as np
 
     del assets
-    metrics = _check_names(names)
+    chosen = registry.check_names(names, T2I, KEY)
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"text-to-image metrics need uint8 (N, H, W, 3) images, got "
                          f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}")
@@ -424,28 +411,5 @@ def score_t2i(images: np.ndarray, prompts: Sequence[str], reference: np.ndarray 
     if reference is not None and (reference.shape != images.shape or reference.dtype != np.uint8):
         raise ValueError(f"the full-compute images ({reference.dtype} {reference.shape}) do not pair with "
                          f"the samples ({images.dtype} {images.shape})")
-    values: dict[str, float | None] = {COLUMN[m]: None for m in metrics}
-    notes = [skipped[m] for m in metrics if m in skipped]
-    todo = [m for m in metrics if m not in skipped]
-    unpaired = [m for m in todo if m in PAIRED and reference is None]
-    if unpaired:
-        notes.append(f"{', '.join(unpaired)} not scored: no full-compute images of the same noise to compare with")
-        todo = [m for m in todo if m not in unpaired]
-    if "psnr" in todo or "ssim" in todo:
-        with timed(f"PSNR/SSIM of {len(images)} images against full compute"):
-            psnr, ssim = psnr_ssim_on(images, reference, device)  # type: ignore[arg-type]
-        for m, v in (("psnr", psnr), ("ssim", ssim)):
-            if m in todo:
-                values[COLUMN[m]] = v
-    if "lpips" in todo:
-        with timed("LPIPS"):
-            values[COLUMN["lpips"]] = lpips_score(images, reference, device)  # type: ignore[arg-type]
-    if "image_reward" in todo:
-        with timed("ImageReward"):
-            values[COLUMN["image_reward"]] = image_reward_score(images, prompts, device)
-    if "clip" in todo:
-        with timed("CLIP score"):
-            model, tokenizer = _load_clip(device)
-            values[COLUMN["clip"]] = clip_score(images, prompts, model, tokenizer, device)
-            del model
-    return values, notes
+    inputs = MetricInputs(T2I, images, device=device, prompts=prompts, pair=reference)
+    return registry.compute(chosen, inputs, skipped)

@@ -33,8 +33,10 @@ full-compute row, their reference); a value the row does not have reads "missing
 so an unmeasured metric is not mistaken for a reference or a result, and the caption names the
 prompt set and quotes the rows' notes on why. Same grouping, latency joining and speedup rules.
 
-The grouping, joining and rendering live in rfc/reports/tables.py (the installed package), which
-scripts/make_figures.py reads the CSV through as well, so a figure shows exactly its table's rows.
+The metric columns are eval.registry's (a metric registered for a kind of table is a column of
+it, after the built-in ones). The grouping, joining and rendering live in rfc/reports/tables.py
+(the installed package), which scripts/make_figures.py reads the CSV through as well, so a figure
+shows exactly its table's rows.
 """
 
 from __future__ import annotations
@@ -43,16 +45,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from eval.registry import T2I
 from rfc.reports.tables import (
     MISSING,
-    T2I_COLUMNS,
-    T2I_PAIRED,
     caption_of,
-    is_t2i,
+    paired_columns,
     read_table,
     render_latex,
     render_markdown,
     t2i_caption,
+    table_columns,
+    table_kind,
     table_name,
     table_rows,
     tables,
@@ -90,18 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for group in tables(table, args.aggregate):
         name = table_name(group.iloc[0])
-        if is_t2i(group):
-            rows = table_rows(group, args.aggregate, T2I_COLUMNS, T2I_PAIRED)
+        kind = table_kind(group)
+        columns = table_columns(kind)  # the costs, then the registered metrics of this kind of table
+        rows = table_rows(group, args.aggregate, columns, paired_columns(kind))
+        if kind == T2I:
             caption, marks = t2i_caption(group, rows, args.aggregate)
-            atomic_write_text(args.out / f"{name}.md", render_markdown(rows, caption, marks, T2I_COLUMNS, MISSING))
-            atomic_write_text(args.out / f"{name}.tex", render_latex(rows, caption, marks, T2I_COLUMNS, MISSING))
-            print(f"wrote {args.out / name}.md, .tex ({len(rows)} methods, text-to-image)")
+            missing, what = MISSING, ", text-to-image"
         else:
-            rows = table_rows(group, args.aggregate)
             caption, marks = caption_of(group, rows, args.aggregate)
-            atomic_write_text(args.out / f"{name}.md", render_markdown(rows, caption, marks))
-            atomic_write_text(args.out / f"{name}.tex", render_latex(rows, caption, marks))
-            print(f"wrote {args.out / name}.md, .tex ({len(rows)} methods)")
+            missing, what = "-", ""
+        atomic_write_text(args.out / f"{name}.md", render_markdown(rows, caption, marks, columns, missing))
+        atomic_write_text(args.out / f"{name}.tex", render_latex(rows, caption, marks, columns, missing))
+        print(f"wrote {args.out / name}.md, .tex ({len(rows)} methods{what})")
         remove_stale_pareto(args.out, name)
     return 0
 

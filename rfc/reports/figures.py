@@ -42,26 +42,61 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rfc.reports.tables import COLUMNS, JOINED, T2I_COLUMNS, T2I_PAIRED, fmt, is_t2i, table_name, table_rows
+from eval import registry
+from rfc.reports.tables import (
+    JOINED,
+    fmt,
+    is_t2i,
+    paired_columns,
+    table_columns,
+    table_kind,
+    table_name,
+    table_rows,
+)
 from rfc.utils.files import atomic_path, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
-MIN_SAMPLES: dict[str, int] = {
-    **dict.fromkeys(("fid", "sfid", "fid2fc", "sfid2fc", "inception_score"), 1000),
-    **dict.fromkeys(("psnr", "ssim", "lpips", "image_reward", "clip_score"), 100),
-}
-# the y axes of a quality-vs-speed plot, in order: the first is the table's headline metric
-DIT_METRICS = ("fid", "fid2fc", "sfid", "inception_score")
-T2I_METRICS = ("psnr", "image_reward", "clip_score", "lpips")
 MAX_PANELS = 2
-METRIC_NAME = {"fid": "FID", "sfid": "sFID", "fid2fc": "FID to full compute (FID2FC)", "sfid2fc": "sFID2FC",
-               "inception_score": "Inception Score", "psnr": "PSNR vs full compute (dB)",
-               "ssim": "SSIM vs full compute", "lpips": "LPIPS vs full compute", "image_reward": "ImageReward",
-               "clip_score": "CLIP score"}
-BETTER = {col: better for _, col, better in [*COLUMNS, *T2I_COLUMNS]}
-HEADER = {col: header for header, col, _ in [*COLUMNS, *T2I_COLUMNS]}
-PAIRED_METRICS = ("fid2fc", "sfid2fc", *T2I_PAIRED)
+
+
+def min_samples() -> dict[str, int]:
+    """Each registered metric's sample floor (its column -> the count under which it is refused)."""
+    return {m.column: m.min_samples for m in registry.metrics()}
+
+
+def figure_metrics(kind: str) -> tuple[str, ...]:
+    """The columns a quality-vs-speed plot of ``kind`` may put on its y axes, in order: the first
+    is the table's headline metric (class-conditional: FID, FID2FC, sFID, IS; text-to-image: PSNR,
+    ImageReward, CLIP, LPIPS)."""
+    return tuple(m.column for m in registry.figure_metrics(kind))
+
+
+def metric_name(column: str) -> str:
+    """A metric's axis label (its column for one the registry does not know)."""
+    metric = registry.by_column(column)
+    return metric.axis if metric is not None else column
+
+
+def better(column: str) -> int:
+    """+1 when higher is better, -1 when lower is (or unknown), as the registry says."""
+    metric = registry.by_column(column)
+    return metric.better if metric is not None and metric.better else -1
+
+
+def header(column: str) -> str:
+    """A metric's table header."""
+    metric = registry.by_column(column)
+    return metric.label if metric is not None else column
+
+
+def __getattr__(name: str) -> object:
+    """``MIN_SAMPLES`` (column -> sample floor), as the registry has it now."""
+    if name == "MIN_SAMPLES":
+        return min_samples()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 FAMILY = {"fora": "FORA", "toca": "ToCa", "taylorseer": "TaylorSeer", "rfc": "RFC", "fbcache": "FBCache",
           "teacache": "TeaCache"}
 # hyperparameters that trade quality for speed within a family (what varies along its line)
@@ -156,7 +191,8 @@ def _caption(group: pd.DataFrame) -> str:
 
 def _rows(group: pd.DataFrame) -> list[dict]:
     """The table's rows (one seed), full compute first, then the table's order."""
-    rows = table_rows(group, False, T2I_COLUMNS, T2I_PAIRED) if is_t2i(group) else table_rows(group, False)
+    kind = table_kind(group)
+    rows = table_rows(group, False, table_columns(kind), paired_columns(kind))
     return sorted(rows, key=lambda r: not r["is_full"])  # stable
 
 
@@ -254,14 +290,14 @@ class SpeedPlan:
     @property
     def warning(self) -> str:
         """One line naming every metric below its floor, for the title and the command's output."""
-        return "; ".join(f"{HEADER[m]} from {self.num_samples} samples (< {floor:,})"
+        return "; ".join(f"{header(m)} from {self.num_samples} samples (< {floor:,})"
                          for m, floor in self.small.items())
 
     def manifest(self) -> dict:
         """The rows and values the plot shows, for the JSON written beside it."""
         return {"figure": f"{self.name}_quality_speed.png", "table": self.name, "title": self.title,
                 "num_samples": self.num_samples, "x": self.x_kind, "x_label": self.x_label, "metrics": self.metrics,
-                "min_samples": {m: MIN_SAMPLES[m] for m in self.metrics},
+                "min_samples": {m: min_samples()[m] for m in self.metrics},
                 "not_meaningful": {m: f"{self.num_samples} < {floor}" for m, floor in self.small.items()},
                 "points": [{**{k: v for k, v in asdict(p).items() if k != "values"}, "x": _num(p.x),
                             **{m: _num(v) for m, v in p.values.items()}} for p in self.points]}
@@ -324,7 +360,6 @@ def plan_quality_speed(group: pd.DataFrame) -> SpeedPlan:
     table's dagger), else TFLOPs of full compute / the row's, else NFC of full compute / the row's; one kind for every
     point, never a mix. The y axes are the first MAX_PANELS of the table's quality metrics that a
     cached row has a value of. Metrics whose sample count is under MIN_SAMPLES go to ``small``."""
-    t2i = is_t2i(group)
     first = group.iloc[0]
     n = int(float(first["num_samples"] or 0))
     plan = SpeedPlan(name=table_name(first), title=_caption(group), num_samples=n)
@@ -334,12 +369,13 @@ def plan_quality_speed(group: pd.DataFrame) -> SpeedPlan:
         plan.why_not = "no full-compute row: no speedup to plot against"
         return plan
     cached = [r for r in rows if not r["is_full"]]
-    plan.metrics = [m for m in (T2I_METRICS if t2i else DIT_METRICS)
-                    if any(_finite(r[m][0]) for r in cached)][:MAX_PANELS]
+    plan.metrics = [m for m in figure_metrics(table_kind(group))
+                    if m in rows[0] and any(_finite(r[m][0]) for r in cached)][:MAX_PANELS]
     if not cached or not plan.metrics:
         plan.why_not = "no cached row with a quality value"
         return plan
-    plan.small = {m: MIN_SAMPLES[m] for m in plan.metrics if n < MIN_SAMPLES[m]}
+    floors = min_samples()
+    plan.small = {m: floors[m] for m in plan.metrics if n < floors[m]}
     for kind, col in (("speedup", "speedup"), ("flops", "tflops"), ("nfc", "nfc")):
         if all(_finite(r[col][0]) and r[col][0] > 0 for r in rows):
             plan.x_kind = kind
@@ -399,8 +435,8 @@ def draw_quality_speed(plan: SpeedPlan, path: Path) -> str:
                     label="Full compute")
         else:
             ax.axvline(full.x, color="black", ls=":", lw=0.9, label="Full compute (the reference of this metric)")
-        better = "lower" if BETTER.get(metric, -1) < 0 else "higher"
-        ax.set(xlabel=textwrap.fill(plan.x_label, 70), ylabel=f"{METRIC_NAME[metric]} ({better} is better)")
+        direction = "lower" if better(metric) < 0 else "higher"
+        ax.set(xlabel=textwrap.fill(plan.x_label, 70), ylabel=f"{metric_name(metric)} ({direction} is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # off the points
         if metric in plan.small:

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from eval import registry
+from eval.registry import CLASS, KINDS, T2I
 from rfc.run.loggers import read_raw, split_csv
 from rfc.run.setting import (
     METHOD_KEYS,
@@ -37,21 +39,47 @@ from rfc.run.setting import (
 )
 
 TABLE_KEYS = ["experiment", *(k for k in QUALITY_KEYS if k != "seed")]
-# (header, CSV column, better: -1 lower, +1 higher, 0 not ranked)
-COLUMNS = [("NFC", "nfc", 0), ("TFLOPs", "tflops", 0), ("Latency (s)", "latency_s", -1), ("Speedup", "speedup", 1),
-           ("FID", "fid", -1), ("sFID", "sfid", -1), ("FID2FC", "fid2fc", -1), ("sFID2FC", "sfid2fc", -1),
-           ("IS", "inception_score", 1)]
-# text-to-image rows (non-empty prompts): RFC's Table 2
-T2I_COLUMNS = [("NFC", "nfc", 0), ("FLOPs (T)", "tflops", 0), ("Latency (s)", "latency_s", -1),
-               ("Speedup", "speedup", 1), ("PSNR", "psnr", 1), ("SSIM", "ssim", 1), ("LPIPS", "lpips", -1),
-               ("ImageReward", "image_reward", 1), ("CLIP", "clip_score", 1)]
-NUMERIC = list(dict.fromkeys(c for _, c, _ in [*COLUMNS, *T2I_COLUMNS] if c != "speedup"))
+Column = tuple[str, str, int]  # (header, CSV column, better: -1 lower, +1 higher, 0 not ranked)
+# the cost columns every table starts with; the metric columns after them are eval.registry's
+COST_COLUMNS = {
+    CLASS: [("NFC", "nfc", 0), ("TFLOPs", "tflops", 0), ("Latency (s)", "latency_s", -1), ("Speedup", "speedup", 1)],
+    T2I: [("NFC", "nfc", 0), ("FLOPs (T)", "tflops", 0), ("Latency (s)", "latency_s", -1), ("Speedup", "speedup", 1)],
+}
 # a table is one setting and, for text-to-image rows, one prompt set ("" for class-conditional rows)
 GROUP_KEYS = [*TABLE_KEYS, *(["prompts"] if "prompts" not in TABLE_KEYS else [])]
 TEXT = sorted({*GROUP_KEYS, *TIMING_KEYS, *METHOD_KEYS, "seed", "variant", "sweep", "time", "run_id", "notes",
                "output_dir"})
-PAIRED = ("fid2fc", "sfid2fc")
-T2I_PAIRED = ("psnr", "ssim", "lpips")
+
+
+def table_columns(kind: str) -> list[Column]:
+    """The columns of a table of ``kind`` (eval.registry.CLASS or T2I): the costs, then the
+    registry's metrics of that table in their table order (class-conditional: RFC's Table 1,
+    FID, sFID, FID2FC, sFID2FC, IS; text-to-image: its Table 2, PSNR, SSIM, LPIPS, ImageReward,
+    CLIP), read when asked so that a metric registered since is a column too."""
+    return [*COST_COLUMNS[kind], *((m.label, m.column, m.better) for m in registry.table_metrics(kind))]
+
+
+def paired_columns(kind: str) -> tuple[str, ...]:
+    """The metric columns of a ``kind`` table measured against full compute: '-' on its own row."""
+    return tuple(m.column for m in registry.table_metrics(kind) if m.paired)
+
+
+def numeric_columns() -> list[str]:
+    """The columns a table reads as numbers (speedup is computed, not read)."""
+    return list(dict.fromkeys(c for kind in KINDS for _, c, _ in table_columns(kind) if c != "speedup"))
+
+
+def __getattr__(name: str) -> object:
+    """The class-conditional (``COLUMNS``, ``PAIRED``) and text-to-image (``T2I_COLUMNS``,
+    ``T2I_PAIRED``) layouts and ``NUMERIC``, as the registry has them now."""
+    layouts = {"COLUMNS": lambda: table_columns(CLASS), "T2I_COLUMNS": lambda: table_columns(T2I),
+               "PAIRED": lambda: paired_columns(CLASS), "T2I_PAIRED": lambda: paired_columns(T2I),
+               "NUMERIC": numeric_columns}
+    if name in layouts:
+        return layouts[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 MISSING = "missing"  # a text-to-image cell the row has no value for
 JOINED = "\u2020"  # dagger: latency from a separate timing run of the same timing setting
 
@@ -78,7 +106,8 @@ def load(csv_path: Path, experiment: str | None, model: str | None) -> pd.DataFr
     """The complete rows (torn records skipped), setting columns as their CSV text (so keys compare
     exactly as rfc.run.setting writes them; columns older CSVs lack are empty) and metrics as floats."""
     df = pd.read_csv(io.StringIO(split_csv(read_raw(csv_path)).clean), dtype=str, keep_default_na=False)
-    for col in {*TEXT, *NUMERIC} - set(df.columns):
+    numeric = numeric_columns()
+    for col in {*TEXT, *numeric} - set(df.columns):
         df[col] = ""
     df["experiment"] = df["experiment"].where(df["experiment"] != "", "runs")
     if experiment:
@@ -86,7 +115,7 @@ def load(csv_path: Path, experiment: str | None, model: str | None) -> pd.DataFr
     if model:
         df = df[df["model"] == model]
     df = df.copy()
-    for col in NUMERIC:
+    for col in numeric:
         df[col] = pd.to_numeric(df[col], errors="coerce")
     df["label"] = df.apply(label_of, axis=1)
     df["is_full"] = df["method"] == "none"
@@ -156,13 +185,20 @@ def is_t2i(group: pd.DataFrame) -> bool:
     return bool(group["prompts"].iloc[0])
 
 
-def table_rows(group: pd.DataFrame, aggregate: bool, columns: list[tuple[str, str, int]] = COLUMNS,
-               paired: tuple[str, ...] = PAIRED) -> list[dict]:
+def table_kind(group: pd.DataFrame) -> str:
+    """The kind of a table's rows (eval.registry.T2I or CLASS), which picks its columns."""
+    return T2I if is_t2i(group) else CLASS
+
+
+def table_rows(group: pd.DataFrame, aggregate: bool, columns: list[Column] | None = None,
+               paired: tuple[str, ...] | None = None) -> list[dict]:
     """One dict per method: label, is_full, per column (mean, std or None; (None, None) for a
     paired column on the full-compute row, its reference), whether its latency was joined from a
     timing run, the timing setting of its latency, its notes, run id and output folder (the latest
     rerun's: what scripts/make_figures.py shows), and its method, method_params, code path and
     sample count (what the quality-vs-speed plot groups into families and checks)."""
+    columns = table_columns(CLASS) if columns is None else columns
+    paired = paired_columns(CLASS) if paired is None else paired
     rows = []
     variants = group.groupby("label", sort=False)["fused"].nunique()
     for (label, fused), g in group.groupby(["label", "fused"], sort=False):
@@ -187,9 +223,10 @@ def table_rows(group: pd.DataFrame, aggregate: bool, columns: list[tuple[str, st
     return rows
 
 
-def ranks(rows: list[dict], columns: list[tuple[str, str, int]] = COLUMNS) -> dict[tuple[int, str], int]:
+def ranks(rows: list[dict], columns: list[Column] | None = None) -> dict[tuple[int, str], int]:
     """(row index, column) -> 1 for best, 2 for second, among the non-full rows."""
     out = {}
+    columns = table_columns(CLASS) if columns is None else columns
     for _, col, better in columns:
         if better == 0:
             continue
@@ -224,7 +261,7 @@ def cell_text(value: tuple[float | None, float | None], col: str, rank: int | No
     return text
 
 
-def _cells(rows: list[dict], columns: list[tuple[str, str, int]], latex: bool, marks: dict[str, str] | None,
+def _cells(rows: list[dict], columns: list[Column], latex: bool, marks: dict[str, str] | None,
            missing: str, rk: dict[tuple[int, str], int]) -> list[list[str]]:
     """The table's cells as text, a list per row: label, then one per column (latency with its
     dagger when joined and its timing letter when the table mixes timing settings)."""
@@ -242,8 +279,9 @@ def _cells(rows: list[dict], columns: list[tuple[str, str, int]], latex: bool, m
 
 
 def render_markdown(rows: list[dict], caption: list[str], marks: dict[str, str] | None = None,
-                    columns: list[tuple[str, str, int]] = COLUMNS, missing: str = "-") -> str:
+                    columns: list[Column] | None = None, missing: str = "-") -> str:
     """The table as Markdown: the caption's first line bold above it, the others as lines."""
+    columns = table_columns(CLASS) if columns is None else columns
     rk = ranks(rows, columns)
     headers = ["Method", *[h for h, _, _ in columns]]
     lines = [f"**{caption[0]}**", "", *(f"{line}  " for line in caption[1:]), "",
@@ -253,11 +291,12 @@ def render_markdown(rows: list[dict], caption: list[str], marks: dict[str, str] 
 
 
 def render_latex(rows: list[dict], caption: list[str], marks: dict[str, str] | None = None,
-                 columns: list[tuple[str, str, int]] = COLUMNS, missing: str = "-") -> str:
+                 columns: list[Column] | None = None, missing: str = "-") -> str:
     """The table as a LaTeX float through pandas' ``Styler.to_latex`` (booktabs rules, best bold
     and second underlined as Styler ``--rwrap`` commands, labels and headers escaped by the
     Styler), the first caption line as its \\caption and every caption line above it as a comment,
     so the provenance stays with the file when the float is pasted into a paper."""
+    columns = table_columns(CLASS) if columns is None else columns
     rk = ranks(rows, columns)
     headers = ["Method", *[h for h, _, _ in columns]]
     frame = pd.DataFrame(_cells(rows, columns, True, marks, missing, rk), columns=headers)
@@ -275,7 +314,7 @@ def render_latex(rows: list[dict], caption: list[str], marks: dict[str, str] | N
 
 
 def render(rows: list[dict], caption: list[str], latex: bool, marks: dict[str, str] | None = None,
-           columns: list[tuple[str, str, int]] = COLUMNS, missing: str = "-") -> str:
+           columns: list[Column] | None = None, missing: str = "-") -> str:
     """The table in one format (``latex`` or Markdown). ``marks``: a letter per timing setting
     when the table's latencies come from more than one; ``missing``: what a cell without a value
     reads."""
@@ -293,8 +332,9 @@ def caption_of(group: pd.DataFrame, rows: list[dict], aggregate: bool) -> tuple[
              + ("." if aggregate or not first["setting_id"] else f"; setting {first['setting_id']} (its full-compute "
                 f"set: <paths.store>/full_compute/{first['setting_id']}).")]
     if first["extractor"]:
-        lines.append(f"Quality in the {first['extractor']} feature space against {first['reference']}; FID2FC / "
-                     "sFID2FC against full compute of this setting (same noise).")
+        paired = " / ".join(m.label for m in registry.table_metrics(CLASS) if m.paired)
+        lines.append(f"Quality in the {first['extractor']} feature space against {first['reference']}"
+                     + (f"; {paired} against full compute of this setting (same noise)." if paired else "."))
     timing_lines, marks = _timing_caption(group, rows)
     return lines + timing_lines, marks
 
@@ -327,13 +367,12 @@ def t2i_caption(group: pd.DataFrame, rows: list[dict], aggregate: bool) -> tuple
              f"Samples drawn on {describe_sampling(first)}; weights {first['checkpoint'] or 'unrecorded'}"
              + ("." if aggregate or not first["setting_id"] else f"; setting {first['setting_id']} (its full-compute "
                 f"set: <paths.store>/full_compute/{first['setting_id']})."),
-             "PSNR / SSIM / LPIPS against full compute of this setting (same noise and prompt; '-' on the "
-             "full-compute row, their reference); ImageReward and CLIP score of each image with its prompt."]
+             _t2i_metrics_line()]
     timing_lines, marks = _timing_caption(group, rows)
     lines += timing_lines
     reasons: dict[str, list[str]] = {}
     for r in rows:
-        gaps = {col for _, col, _ in T2I_COLUMNS if r[col][0] is not None and math.isnan(r[col][0])}
+        gaps = {col for _, col, _ in table_columns(T2I) if r[col][0] is not None and math.isnan(r[col][0])}
         if gaps == {"speedup"}:  # the row was timed, its table's full compute was not
             reasons.setdefault("speedup: no full-compute latency of the same timing setting", []).append(r["label"])
         elif gaps:
@@ -344,6 +383,18 @@ def t2i_caption(group: pd.DataFrame, rows: list[dict], aggregate: bool) -> tuple
     for clause, labels in reasons.items():
         lines.append(f"{MISSING.capitalize()} ({', '.join(labels)}): {clause}.")
     return lines, marks
+
+
+def _t2i_metrics_line() -> str:
+    """What a text-to-image table's metric columns compare: the paired ones with full compute,
+    the others each image with its prompt (their axis names)."""
+    shown = registry.table_metrics(T2I)
+    paired = " / ".join(m.label for m in shown if m.paired)
+    own = [m.axis for m in shown if not m.paired]
+    own_text = ", ".join(own[:-1]) + f" and {own[-1]}" if len(own) > 1 else "".join(own)
+    parts = ([f"{paired} against full compute of this setting (same noise and prompt; '-' on the full-compute row, "
+              "their reference)"] if paired else []) + ([f"{own_text} of each image with its prompt"] if own else [])
+    return "; ".join(parts) + "."
 
 
 def table_name(first: pd.Series) -> str:

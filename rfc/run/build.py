@@ -303,10 +303,11 @@ def plan_flux_run(cfg: DictConfig, out_dir: str | Path, flux: FluxConfig, num_sa
     paths = OmegaConf.to_container(cfg.paths, resolve=True)
     skipped = {}
     if score:
-        from eval.t2i import T2I_METRICS, check_metrics
+        from eval.registry import T2I, names
+        from eval.t2i import check_metrics
 
-        names = list(cfg.eval.get("t2i_metrics") or T2I_METRICS)
-        skipped = check_metrics(names, str(cfg.eval.missing_metrics), Path(paths["assets"]))
+        chosen = list(cfg.eval.get("t2i_metrics") or names(T2I))
+        skipped = check_metrics(chosen, str(cfg.eval.missing_metrics), Path(paths["assets"]))
     out = prepare_outputs(cfg, out_dir, paths)
     if not m.pretrained:
         _note("model.pretrained=false: random FLUX weights, VAE and prompt embeddings (timing is real, images "

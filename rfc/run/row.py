@@ -1,6 +1,7 @@
-"""One result row. Every table, CSV file and log reads its columns from this dataclass, so a
-column means the same thing everywhere. Unknown values stay None (an empty cell), never a guess.
-The row imports nothing of the harness: the setting, the loggers and the reports read it."""
+"""One result row. Every table, CSV file and log reads its columns from this class, so a column
+means the same thing everywhere. Unknown values stay None (an empty cell), never a guess. The row
+imports nothing of the harness but the metric registry (eval.registry), whose columns it carries:
+the setting, the loggers and the reports read it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import subprocess
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from eval import registry
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,9 +53,13 @@ def git_sha(repo: str | Path) -> str | None:
     return sha + ("-dirty" if dirty else "") if sha else None
 
 
-@dataclass
+@dataclass(init=False, eq=False)
 class RunRecord:
-    """Columns of results/runs.csv, in order."""
+    """Columns of results/runs.csv, in order: the fields below, with the metric columns of
+    eval.registry after ``processes`` (the registry's order). A metric column is read and written
+    as an attribute like any field (``record.fid``) and taken as a keyword; the record keeps the
+    values of metric columns in ``metrics``, so that a metric registered after this class was
+    made (by a test, a plug-in) is a column of its rows all the same."""
 
     run_id: str = field(default_factory=new_run_id)
     time: str = field(default_factory=_now)
@@ -91,19 +99,7 @@ class RunRecord:
     vae_latency_s: float | None = None  # median seconds decoding one batch (not in latency_s)
     peak_memory_gb: float | None = None  # peak GPU memory allocated while sampling (rank 0)
     processes: int | None = None  # processes that drew the samples (torchrun world size)
-    fid: float | None = None
-    sfid: float | None = None
-    inception_score: float | None = None
-    precision: float | None = None
-    recall: float | None = None
-    fid2fc: float | None = None
-    sfid2fc: float | None = None
-    psnr: float | None = None  # mean per-image PSNR (dB) against full compute, same noise
-    ssim: float | None = None  # mean per-image SSIM against full compute
-    lpips: float | None = None  # mean per-image LPIPS (AlexNet) against full compute (text-to-image rows)
-    image_reward: float | None = None  # mean ImageReward of image and prompt (text-to-image rows)
-    clip_score: float | None = None  # mean CLIP score of image and prompt, the papers' scale (eval/t2i.py)
-    class_acc: float | None = None  # domain classifier's agreement with the conditioning labels
+    # here: one column per registered metric (eval.registry), in registration order
     extractor: str | None = None  # feature space of fid / sfid
     reference: str | None = None  # what fid is measured against
     vae: str | None = None
@@ -116,9 +112,54 @@ class RunRecord:
     output_dir: str | None = None
     notes: str | None = None  # why a metric is missing, what the paired metrics compare with
 
+    def __init__(self, **values: Any) -> None:
+        object.__setattr__(self, "metrics", {})
+        for f in dataclasses.fields(self):
+            if f.name in values:
+                setattr(self, f.name, values.pop(f.name))
+            elif f.default_factory is not dataclasses.MISSING:
+                setattr(self, f.name, f.default_factory())
+            else:
+                setattr(self, f.name, f.default)
+        metric_columns = set(registry.columns())
+        unknown = [k for k in values if k not in metric_columns]
+        if unknown:
+            raise TypeError(f"RunRecord has no column {', '.join(map(repr, unknown))}")
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    def __getattr__(self, name: str) -> Any:
+        """A metric column's value (None until scored); called only for names that are not fields."""
+        if name != "metrics" and name in registry.columns():
+            return self.metrics.get(name)
+        raise AttributeError(f"RunRecord has no column {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in FIELD_NAMES:
+            object.__setattr__(self, name, value)
+        elif name in registry.columns():
+            self.metrics[name] = value
+        else:
+            raise AttributeError(f"RunRecord has no column {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunRecord) and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items() if v is not None)
+        return f"RunRecord({shown})"
+
     @classmethod
     def columns(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        """Every column in order: the fields up to ``processes``, the registered metrics, the rest."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        cut = names.index(METRICS_AFTER) + 1
+        return [*names[:cut], *registry.columns(), *names[cut:]]
 
     def as_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        """{column: value} in column order (what the CSV, record.json and W&B get)."""
+        return {c: getattr(self, c) for c in self.columns()}
+
+
+METRICS_AFTER = "processes"  # the metric columns follow this field
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RunRecord))

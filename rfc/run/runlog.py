@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from eval import registry
 from rfc.utils.logs import timed
 
 if TYPE_CHECKING:
@@ -178,22 +179,24 @@ class Milestones:
 # --------------------------------------------------------------------------------------------
 
 
-# (column, label, format) of the row's key metrics, in the order the result line shows them
-KEY_METRICS = (
+# (column, label, format) of the row's cost columns, shown before its metrics (eval.registry's)
+KEY_COSTS = (
     ("nfc", "NFC", "{:.4g}"), ("tflops", "TFLOPs/image", "{:.4g}"), ("latency_s", "latency", "{:.4g} s/batch"),
-    ("images_per_s", "throughput", "{:.4g} img/s"), ("fid", "FID", "{:.4g}"), ("sfid", "sFID", "{:.4g}"),
-    ("inception_score", "IS", "{:.4g}"), ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
-    ("class_acc", "class_acc", "{:.3f}"), ("fid2fc", "FID2FC", "{:.4g}"), ("sfid2fc", "sFID2FC", "{:.4g}"),
-    ("psnr", "PSNR", "{:.4g} dB"), ("ssim", "SSIM", "{:.4f}"), ("lpips", "LPIPS", "{:.4f}"),
-    ("image_reward", "ImageReward", "{:.4f}"), ("clip_score", "CLIP", "{:.4g}"),
+    ("images_per_s", "throughput", "{:.4g} img/s"),
 )
+
+
+def key_metrics() -> list[tuple[str, str, str]]:
+    """(column, label, format) of the row's key numbers in the result line's order: the costs,
+    then every registered metric in the row's order."""
+    return [*KEY_COSTS, *((m.column, m.log_label or m.label, m.log_format) for m in registry.metrics())]
 
 
 def result_line(record: RunRecord) -> str:
     """The row's key metrics that were measured, in one line (a missing one is left out; the
     row's notes say why)."""
     parts = []
-    for column, name, fmt in KEY_METRICS:
+    for column, name, fmt in key_metrics():
         value = getattr(record, column)
         if value is not None:
             parts.append(f"{name} {fmt.format(value)}")

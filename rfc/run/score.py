@@ -1,7 +1,10 @@
-"""Score: a run's quality metrics against the reference (FID, sFID, IS, precision, recall, class
-agreement), and its paired metrics against full compute with the same noise (FID and sFID to
-full compute, PSNR, SSIM). Feature statistics are computed once per sample set and extractor: the
-run's go to its stats.npz, a full-compute set's are cached in the store entry beside its samples.
+"""Score: a run's metrics, those eval.registry lists for its kind of row. Class-conditional rows:
+quality against the reference (FID, sFID, IS, precision, recall, class agreement) and paired
+metrics against full compute with the same noise (FID and sFID to full compute, PSNR, SSIM).
+Feature statistics are computed once per sample set and extractor: the run's go to its
+stats.npz, a full-compute set's are cached in the store entry beside its samples. This module
+gathers what the metrics need (features, reference, the full-compute pair); the registry's
+entries compute them, so a registered metric is scored without a change here.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from eval import registry
 from eval.extractors import extractor_id, get_extractor, resolve_reference
-from eval.metrics import psnr_ssim
-from eval.stats import check_features, distances, quality_metrics, save_stats, stats_of
+from eval.registry import CLASS, T2I, MetricInputs
+from eval.stats import check_features, save_stats, stats_of
 from rfc.run.build import RunPlan
 from rfc.run.generate import SampleSet
 from rfc.run.row import RunRecord
@@ -42,16 +46,8 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComput
     with timed("reference") as info, task("features of the reference"):
         ref = resolve_reference(str(plan.cfg.eval.reference), spec, extract, plan.paths)
         info["detail"] = ref.name
-    reason = "the Inception weights have no logits layer" if spec.name.startswith("inception") else None
-    with timed("quality metrics (FID, sFID, IS, precision/recall)"), task("precision/recall"):
-        own = stats_of(feats)  # computed once: metrics, stats.npz and the paired distances share it
-        q = quality_metrics(feats, ref, reason, own)
+    own = stats_of(feats)  # computed once: metrics, stats.npz and the paired distances share it
     record.extractor, record.reference = spec.name, ref.name
-    record.fid, record.sfid, record.inception_score = q["fid"], q["sfid"], q["inception_score"]
-    record.precision, record.recall = q["precision"], q["recall"]
-    notes = list(notes or []) + ([q["notes"]] if q["notes"] else [])
-    if "predictions" in feats:
-        record.class_acc = float((feats["predictions"] == samples.labels).mean())
     save_stats(plan.out_dir / "stats.npz", feats, spec.name, own)
     eid = extractor_id(spec, plan.paths)
     if publish is not None:  # the set's statistics are this run's: the same file, linked
@@ -72,11 +68,13 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComput
                 save_stats(pair.stats_path(eid), pair_feats, spec.name, pair_stats)
         else:
             LOG.info("features of the full-compute set %s: statistics from the store", pair.id)
-    if pair_stats is not None:
-        with timed("paired metrics (FID2FC, sFID2FC, PSNR, SSIM)"), task("PSNR/SSIM"):
-            record.fid2fc, record.sfid2fc = distances(own, pair_stats)
-            record.psnr, record.ssim = psnr_ssim(samples.images, pair_images)
-    record.notes = "; ".join(notes) or None
+    inputs = MetricInputs(CLASS, samples.images, samples.labels, plan.device, Path(plan.paths["assets"]),
+                          pair=pair_images, features=feats, stats=own, reference=ref, pair_stats=pair_stats,
+                          extractor=spec.name)
+    values, lines = registry.compute(registry.metrics(CLASS), inputs, say_unpaired=False)
+    for column, value in values.items():
+        setattr(record, column, value)
+    record.notes = "; ".join(list(notes or []) + lines) or None
     return record
 
 
@@ -96,7 +94,7 @@ def score_text_to_image(record: RunRecord, samples: SampleSet, plan: RunPlan, pa
     images of the same prompts and noise (the run itself for method=none, else the store's set),
     ImageReward and CLIP score of each image with its prompt. A metric whose weights are missing
     was refused or marked skipped while planning; its reason goes to the row's notes."""
-    from eval.t2i import COLUMN, T2I_METRICS, score_t2i
+    from eval.t2i import score_t2i
 
     reference = None
     if record.method == "none":
@@ -105,10 +103,10 @@ def score_text_to_image(record: RunRecord, samples: SampleSet, plan: RunPlan, pa
         reference = load_pair(pair, samples, "prompt indices")
     prompts = plan.prompts.prompts
     texts = [prompts[int(i) % len(prompts)] for i in samples.labels]
-    names = list(plan.cfg.eval.get("t2i_metrics") or T2I_METRICS)
+    names = list(plan.cfg.eval.get("t2i_metrics") or registry.names(T2I))
     values, lines = score_t2i(samples.images, texts, reference, names, plan.skipped_metrics, plan.device,
                               Path(plan.paths["assets"]))
-    for name in names:
-        setattr(record, COLUMN[name], values.get(COLUMN[name]))
+    for column, value in values.items():
+        setattr(record, column, value)
     record.notes = "; ".join(list(notes or []) + lines) or None
     return record
