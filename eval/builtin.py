@@ -179,6 +179,7 @@ BUILTIN = (
         table_order=3,
         min_samples=FLOOR_FID,
     ),
+    # mean per-image PSNR (dB) against full compute, same noise
     Metric(
         name="psnr",
         column="psnr",
@@ -195,6 +196,7 @@ BUILTIN = (
         figure_order=0,
         min_samples=FLOOR_MEAN,
     ),
+    # mean per-image SSIM against full compute
     Metric(
         name="ssim",
         column="ssim",
@@ -209,6 +211,7 @@ BUILTIN = (
         table_order=1,
         min_samples=FLOOR_MEAN,
     ),
+    # mean per-image LPIPS (AlexNet) against full compute (text-to-image rows)
     Metric(
         name="lpips",
         column="lpips",
@@ -226,6 +229,7 @@ BUILTIN = (
         min_samples=FLOOR_MEAN,
         check=lambda: t2i.weights_missing("lpips"),
     ),
+    # mean ImageReward of image and prompt (text-to-image rows)
     Metric(
         name="image_reward",
         column="image_reward",
@@ -243,6 +247,7 @@ BUILTIN = (
         min_samples=FLOOR_MEAN,
         check=lambda: t2i.weights_missing("image_reward"),
     ),
+    # mean CLIP score of image and prompt, the papers' scale (eval/t2i.py)
     Metric(
         name="clip",
         column="clip_score",
@@ -259,6 +264,7 @@ BUILTIN = (
         min_samples=FLOOR_MEAN,
         check=lambda: t2i.weights_missing("clip"),
     ),
+    # the domain classifier's agreement with the conditioning labels
     Metric(
         name="class_acc",
         column="class_acc",
