@@ -20,7 +20,7 @@ own forward makes, so a schedule that always says "compute" gives samples bit-id
 ``block.modulation(c)`` and ``block.norms`` (rfc.cache.base's model protocol).
 
 Accounting (MethodStats) stays honest about what ran: a computed block is a full block (its
-modulation, both branches, two layer norms); a skipped block is two cached sites and no
+modulation, every site of its kind, a layer norm per site); a skipped block is its sites cached and no
 modulation; the work a schedule does to decide (Signal.INPUT: one more modulation of block 0 and
 one more layer norm of its input, at every step) is counted in ``block_calls`` / ``norm_tokens``.
 The step's decision is made inside the forward, so the NFC (``full_steps``) counts the steps at
@@ -35,8 +35,15 @@ from enum import StrEnum
 import torch
 from torch import nn
 
-from rfc.cache.base import CacheMethod, branch_input
+from rfc.cache.base import CacheMethod, branch_input, modulate
 from rfc.samplers.sampling import StepInfo
+
+
+def computed(b: int, x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor,
+             module: nn.Module) -> torch.Tensor:
+    """A branch computed on every token: a whole block run by its own ``run`` (the model
+    protocol, so any family's blocks, those with two sites and those with one, alike)."""
+    return module(modulate(norm(x), shift, scale))
 
 
 class Signal(StrEnum):
@@ -160,18 +167,18 @@ class BlockCacheMethod(CacheMethod):
         blocks = model.blocks
         if self.step is None:  # a forward outside a sampler: plain compute, no schedule state touched
             for block in blocks:
-                tokens = block(tokens, c)
-            self._stats.count_full_forward(len(blocks), tokens.shape[1])
+                tokens = block.run(tokens, c, computed)
+            self._stats.count_full_forward(len(blocks), tokens.shape[1], kinds=self.kinds_of(0, len(blocks)))
             return tokens
         kind, start, T = self.signal, self.predictor.start, tokens.shape[1]
         signal = self._block0_input(blocks[0], tokens, c) if kind is Signal.INPUT else None
         x = tokens
         for i in range(start):
             entering = x
-            x = blocks[i](x, c)
+            x = blocks[i].run(x, c, computed)
             if i == 0 and kind is Signal.RESIDUAL:
                 signal = x - entering
-        self._stats.count_full_forward(start, T)
+        self._stats.count_full_forward(start, T, kinds=self.kinds_of(0, start))
         full = bool(self.schedule.decide(self.step, signal))
         if not full and not self.predictor.ready:
             raise RuntimeError(f"{self.name}: the schedule chose a cached step (index {self.step.index}) before any "
@@ -181,12 +188,12 @@ class BlockCacheMethod(CacheMethod):
         if full:
             entering = x
             for block in blocks[start:]:
-                x = block(x, c)
+                x = block.run(x, c, computed)
             self.predictor.store(entering, x)
-            self._stats.count_full_forward(len(blocks) - start, T)
+            self._stats.count_full_forward(len(blocks) - start, T, kinds=self.kinds_of(start, len(blocks)))
         else:
             x = self.predictor.apply(x)
-            self._stats.cached_sites += 2 * (len(blocks) - start)
+            self._stats.cached_sites += len(self.kinds_of(start, len(blocks)))
         return x
 
     def _block0_input(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

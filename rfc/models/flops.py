@@ -200,10 +200,6 @@ class SiteCost:
     partial: Callable[[float, int], float]
 
 
-WORK_COUNTS = ("block_calls", "norm_tokens")
-"""The counters besides the per-kind ones (``full_<kind>``, ``partial_<kind>_tokens``)."""
-
-
 @dataclass(frozen=True)
 class CostModel:
     """A model's FLOPs per unit of work, from its family (``ModelFamily.cost``). ``sites``: each
@@ -257,9 +253,11 @@ def flux_cost(n_img: int, n_txt: int, hidden: int, heads: int, n_double: int, n_
     return CostModel(
         sites={"attn": SiteCost(lambda B: flux_joint_attention_flops(B, N, C, heads, softmax=softmax),
                                 lambda B, k: flux_joint_attention_flops(B, N, C, heads, queries=k, softmax=softmax)),
-               "mlp": SiteCost(lambda B: flux_mlp_flops(B, N, C, mlp_ratio), lambda B, k: flux_mlp_flops(B, k, C, mlp_ratio)),
+               "mlp": SiteCost(lambda B: flux_mlp_flops(B, N, C, mlp_ratio),
+                               lambda B, k: flux_mlp_flops(B, k, C, mlp_ratio)),
                "total": SiteCost(lambda B: flux_single_block_flops(B, N, C, heads, mlp_ratio, softmax=softmax),
                                  lambda B, k: flux_single_partial_flops(B, k, C, mlp_ratio))},
         blocks=n_double + n_single,
-        step_modulation=lambda B: n_double * flux_double_modulation_flops(B, C) + n_single * flux_single_modulation_flops(B, C),
+        step_modulation=lambda B: (n_double * flux_double_modulation_flops(B, C)
+                                   + n_single * flux_single_modulation_flops(B, C)),
         norm=lambda B, n: flux_norm_flops(B, n, C))
