@@ -33,26 +33,36 @@ def dit_arch(m: DictConfig) -> DiTConfig:
     latent = m.vae != "none"
     image_size = as_int(m.image_size, "model.image_size", 1)
     if latent and image_size % LATENT_DOWNSAMPLE:
-        raise ConfigError(f"model.image_size {image_size} is not a multiple of {LATENT_DOWNSAMPLE} (the VAE's "
-                          "downsampling)")
+        raise ConfigError(
+            f"model.image_size {image_size} is not a multiple of {LATENT_DOWNSAMPLE} (the VAE's downsampling)"
+        )
     input_size = image_size // LATENT_DOWNSAMPLE if latent else image_size
-    common = dict(input_size=input_size, in_channels=as_int(m.in_channels, "model.in_channels", 1),
-                  num_classes=as_int(m.num_classes, "model.num_classes", 1),
-                  learn_sigma=as_bool(m.learn_sigma, "model.learn_sigma"),
-                  class_dropout_prob=as_float(m.class_dropout_prob, "model.class_dropout_prob", 0.0, 1.0))
+    common = dict(
+        input_size=input_size,
+        in_channels=as_int(m.in_channels, "model.in_channels", 1),
+        num_classes=as_int(m.num_classes, "model.num_classes", 1),
+        learn_sigma=as_bool(m.learn_sigma, "model.learn_sigma"),
+        class_dropout_prob=as_float(m.class_dropout_prob, "model.class_dropout_prob", 0.0, 1.0),
+    )
     if m.get("arch"):
         config = dit_config(m.arch, **common)
     else:
-        config = DiTConfig(patch_size=as_int(m.patch_size, "model.patch_size", 1),
-                           hidden_size=as_int(m.hidden_size, "model.hidden_size", 1),
-                           depth=as_int(m.depth, "model.depth", 1), num_heads=as_int(m.num_heads, "model.num_heads", 1),
-                           **common)
+        config = DiTConfig(
+            patch_size=as_int(m.patch_size, "model.patch_size", 1),
+            hidden_size=as_int(m.hidden_size, "model.hidden_size", 1),
+            depth=as_int(m.depth, "model.depth", 1),
+            num_heads=as_int(m.num_heads, "model.num_heads", 1),
+            **common,
+        )
     if config.input_size % config.patch_size:
-        raise ConfigError(f"model.image_size {image_size} gives a {config.input_size}-pixel input, which patch size "
-                          f"{config.patch_size} does not divide")
+        raise ConfigError(
+            f"model.image_size {image_size} gives a {config.input_size}-pixel input, which patch size "
+            f"{config.patch_size} does not divide"
+        )
     if config.hidden_size % config.num_heads:
-        raise ConfigError(f"model.hidden_size {config.hidden_size} is not divisible by model.num_heads "
-                          f"{config.num_heads}")
+        raise ConfigError(
+            f"model.hidden_size {config.hidden_size} is not divisible by model.num_heads {config.num_heads}"
+        )
     return config
 
 
@@ -95,9 +105,15 @@ class DiTFamily(ModelFamily):
         else:
             body = json.dumps(dataclasses.asdict(arch), sort_keys=True)
             weights = f"random:{m.init}:{hashlib.sha256(body.encode()).hexdigest()[:8]}"
-        return dict(model=str(m.name), arch=str(m.get("arch") or "custom"), image_size=int(m.image_size),
-                    vae=vae_name(m), cfg_scale=float(cfg.cfg_scale), guided_channels=int(m.guided_channels),
-                    checkpoint=weights)
+        return dict(
+            model=str(m.name),
+            arch=str(m.get("arch") or "custom"),
+            image_size=int(m.image_size),
+            vae=vae_name(m),
+            cfg_scale=float(cfg.cfg_scale),
+            guided_channels=int(m.guided_channels),
+            checkpoint=weights,
+        )
 
     def build(self, cfg: DictConfig, arch: DiTConfig, device: torch.device, prompts: list[str] | None) -> DiT:
         m = cfg.model

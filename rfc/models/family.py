@@ -79,8 +79,11 @@ class ModelFamily:
     def guidance_line(self, setting: Mapping[str, object]) -> str:
         """How this family guides, in words (run.log's config summary)."""
         scale = float(setting["cfg_scale"])
-        return (f"cfg_scale {scale:g} on {setting['guided_channels']} channel(s)" if scale > 1
-                else f"none (cfg_scale {scale:g})")
+        return (
+            f"cfg_scale {scale:g} on {setting['guided_channels']} channel(s)"
+            if scale > 1
+            else f"none (cfg_scale {scale:g})"
+        )
 
     # ---- building ------------------------------------------------------------------------------
     def build(self, cfg: DictConfig, arch: Any, device: torch.device, prompts: list[str] | None) -> nn.Module:
@@ -94,8 +97,9 @@ class ModelFamily:
         """The guidance wrapper's arguments (rfc.samplers.sampling.CFGDenoiser: ``scale``,
         ``null_class``, ``guided_channels``): classifier-free guidance by default; a family whose
         guidance is distilled into the model's input returns scale 1 (no second half)."""
-        return dict(scale=float(cfg.cfg_scale), null_class=arch.num_classes,
-                    guided_channels=int(cfg.model.guided_channels))
+        return dict(
+            scale=float(cfg.cfg_scale), null_class=arch.num_classes, guided_channels=int(cfg.model.guided_channels)
+        )
 
     def build_vae(self, cfg: DictConfig, paths: Mapping[str, Any], device: torch.device) -> nn.Module | None:
         """The decoder from latents to images on ``device``, or None for a pixel-space model."""

@@ -40,25 +40,34 @@ def flux_arch(m: DictConfig) -> FluxConfig:
     """FluxConfig from configs/model/flux-*.yaml, every size checked."""
     image_size = as_int(m.image_size, "model.image_size", 16)
     if image_size % 16:
-        raise ConfigError(f"model.image_size {image_size} is not a multiple of 16 (the VAE's 8x downsampling, then "
-                          "2x2 packing)")
-    config = FluxConfig(image_size=image_size, hidden_size=as_int(m.hidden_size, "model.hidden_size", 1),
-                        num_heads=as_int(m.num_heads, "model.num_heads", 1),
-                        depth_double=as_int(m.depth_double, "model.depth_double", 0),
-                        depth_single=as_int(m.depth_single, "model.depth_single", 0),
-                        text_tokens=as_int(m.text_tokens, "model.text_tokens", 1),
-                        text_dim=as_int(m.text_dim, "model.text_dim", 1),
-                        pooled_dim=as_int(m.pooled_dim, "model.pooled_dim", 1),
-                        guidance_embeds=as_bool(m.guidance_embeds, "model.guidance_embeds"))
+        raise ConfigError(
+            f"model.image_size {image_size} is not a multiple of 16 (the VAE's 8x downsampling, then 2x2 packing)"
+        )
+    config = FluxConfig(
+        image_size=image_size,
+        hidden_size=as_int(m.hidden_size, "model.hidden_size", 1),
+        num_heads=as_int(m.num_heads, "model.num_heads", 1),
+        depth_double=as_int(m.depth_double, "model.depth_double", 0),
+        depth_single=as_int(m.depth_single, "model.depth_single", 0),
+        text_tokens=as_int(m.text_tokens, "model.text_tokens", 1),
+        text_dim=as_int(m.text_dim, "model.text_dim", 1),
+        pooled_dim=as_int(m.pooled_dim, "model.pooled_dim", 1),
+        guidance_embeds=as_bool(m.guidance_embeds, "model.guidance_embeds"),
+    )
     if config.depth_double < 1:
-        raise ConfigError("model.depth_double must be >= 1: RFC's schedule and TeaCache read block 0's input, which is "
-                          "a double-stream block's")
+        raise ConfigError(
+            "model.depth_double must be >= 1: RFC's schedule and TeaCache read block 0's input, which is "
+            "a double-stream block's"
+        )
     if config.hidden_size % config.num_heads:
-        raise ConfigError(f"model.hidden_size {config.hidden_size} is not divisible by model.num_heads "
-                          f"{config.num_heads}")
+        raise ConfigError(
+            f"model.hidden_size {config.hidden_size} is not divisible by model.num_heads {config.num_heads}"
+        )
     if sum(int(a) for a in m.axes_dims_rope) != config.hidden_size // config.num_heads:
-        raise ConfigError(f"model.axes_dims_rope {list(m.axes_dims_rope)} must sum to the head size "
-                          f"{config.hidden_size // config.num_heads}")
+        raise ConfigError(
+            f"model.axes_dims_rope {list(m.axes_dims_rope)} must sum to the head size "
+            f"{config.hidden_size // config.num_heads}"
+        )
     if config.guidance_embeds:
         as_float(m.guidance, "model.guidance", 0.0)
     return config
@@ -101,10 +110,16 @@ class FluxFamily(ModelFamily):
         else:
             body = json.dumps({**dataclasses.asdict(arch), "axes_dims_rope": list(m.axes_dims_rope)}, sort_keys=True)
             weights = f"random:{m.init}:{hashlib.sha256(body.encode()).hexdigest()[:8]}"
-        return dict(model=str(m.name), arch=str(m.arch), image_size=int(m.image_size),
-                    vae=f"{m.repo}/vae" if m.vae_pretrained else "flux-vae (random)",
-                    cfg_scale=float(m.guidance) if arch.guidance_embeds else None, guided_channels=None,
-                    checkpoint=weights, prompts=self.prompts(cfg).id)
+        return dict(
+            model=str(m.name),
+            arch=str(m.arch),
+            image_size=int(m.image_size),
+            vae=f"{m.repo}/vae" if m.vae_pretrained else "flux-vae (random)",
+            cfg_scale=float(m.guidance) if arch.guidance_embeds else None,
+            guided_channels=None,
+            checkpoint=weights,
+            prompts=self.prompts(cfg).id,
+        )
 
     def guidance_line(self, setting: Mapping[str, object]) -> str:
         guidance = setting.get("cfg_scale")
@@ -146,5 +161,6 @@ class FluxFamily(ModelFamily):
         return ("attn", "mlp") * arch.depth_double + ("total",) * arch.depth_single
 
     def cost(self, arch: FluxConfig) -> CostModel:
-        return flux_cost(arch.image_tokens, arch.text_tokens, arch.hidden_size, arch.num_heads, arch.depth_double,
-                         arch.depth_single)
+        return flux_cost(
+            arch.image_tokens, arch.text_tokens, arch.hidden_size, arch.num_heads, arch.depth_double, arch.depth_single
+        )

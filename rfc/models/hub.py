@@ -16,10 +16,19 @@ FETCH = "python scripts/fetch_assets.py"
 
 FLUX_FETCH_NAME = {"black-forest-labs/FLUX.1-dev": "flux-dev", "black-forest-labs/FLUX.1-schnell": "flux-schnell"}
 # diffusers folder of a FLUX repo: component -> stem of its weights file(s)
-FLUX_WEIGHTS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                "text_encoder": "model", "text_encoder_2": "model"}
-FLUX_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-              "tokenizer_2/tokenizer_config.json")
+FLUX_WEIGHTS = {
+    "transformer": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
+FLUX_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer_2/tokenizer_config.json",
+)
 
 
 def hub_file(repo_id: str, filename: str) -> Path | None:
@@ -69,5 +78,7 @@ def flux_weights_missing(repo_id: str) -> str | None:
     name = FLUX_FETCH_NAME.get(repo_id)
     fix = f"{FETCH} {name}" if name else f"hf download {repo_id}"
     more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-    return (f"{repo_id} is not complete in the Hugging Face cache {hub_cache()}: {missing[0]} missing{more}; "
-            f"fetch it with `{fix}`")
+    return (
+        f"{repo_id} is not complete in the Hugging Face cache {hub_cache()}: {missing[0]} missing{more}; "
+        f"fetch it with `{fix}`"
+    )
