@@ -50,7 +50,6 @@ class ModelFamily:
     name: ClassVar[str]
     tiny: ClassVar[str]
     model_class: ClassVar[type[nn.Module]]
-    text_conditioned: ClassVar[bool] = False  # prompts (text-to-image metrics) rather than class labels
 
     # ---- the model config ----------------------------------------------------------------------
     def arch(self, m: DictConfig) -> Any:

@@ -80,7 +80,6 @@ class FluxFamily(ModelFamily):
     name: ClassVar[str] = "flux"
     tiny: ClassVar[str] = "flux-tiny"
     model_class: ClassVar[type[nn.Module]] = FluxModel
-    text_conditioned: ClassVar[bool] = True
 
     def arch(self, m: DictConfig) -> FluxConfig:
         return flux_arch(m)
