@@ -71,7 +71,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +78,11 @@ from typing import TYPE_CHECKING, Any
 from eval import registry
 from eval.registry import MISSING_CHOICES as MISSING_CHOICES  # re-exported: eval.missing_metrics' choices
 from eval.registry import T2I, MetricInputs
+from rfc.models.hub import FLUX_FETCH_NAME as FLUX_FETCH_NAME  # re-exported: fetch_assets and tests read them here
+from rfc.models.hub import FLUX_FILES as FLUX_FILES
+from rfc.models.hub import FLUX_WEIGHTS as FLUX_WEIGHTS
+from rfc.models.hub import flux_weights_missing as flux_weights_missing
+from rfc.models.hub import hub_cache, hub_file, hub_missing
 from rfc.utils.errors import RunError, reason
 from rfc.utils.progress import bar
 
@@ -121,39 +125,11 @@ IMAGE_REWARD_MODULE = "ImageReward"  # what the image-reward package installs
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet_Weights.IMAGENET1K_V1 (= DEFAULT)
 ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"
 
-FLUX_FETCH_NAME = {"black-forest-labs/FLUX.1-dev": "flux-dev", "black-forest-labs/FLUX.1-schnell": "flux-schnell"}
-# diffusers folder of a FLUX repo: component -> stem of its weights file(s)
-FLUX_WEIGHTS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                "text_encoder": "model", "text_encoder_2": "model"}
-FLUX_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-              "tokenizer_2/tokenizer_config.json")
-
 _CHUNK = 4  # images per LPIPS update
 
 
 # ---------------------------------------------------------------------------------------------------
 # Offline lookups (file checks only: they run before sampling)
-
-
-def hub_file(repo_id: str, filename: str) -> Path | None:
-    """The cached file of ``repo_id``'s main revision in the Hugging Face cache, or None. Never
-    touches the network: the runner must not download, and an answer is needed in milliseconds."""
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, filename)
-    return Path(found) if isinstance(found, str) else None  # None, or a sentinel for "known absent"
-
-
-def hub_missing(repo_id: str, filenames: Sequence[str]) -> list[str]:
-    """The files of ``filenames`` not in the Hugging Face cache for ``repo_id``."""
-    return [f for f in filenames if hub_file(repo_id, f) is None]
-
-
-def hub_cache() -> Path:
-    """The Hugging Face hub cache folder, for messages (HF_HUB_CACHE, else HF_HOME/hub)."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
 
 
 def alexnet_checkpoint() -> Path:
@@ -223,36 +199,6 @@ def check_metrics(names: Sequence[str], missing: str, assets: Path) -> dict[str,
     The names and checks are the registry's (eval.registry), so a registered metric is checked too."""
     del assets
     return registry.check_metrics(names, missing, T2I, KEY)
-
-
-def flux_weights_missing(repo_id: str) -> str | None:
-    """None when the diffusers folder of ``repo_id`` is complete in the Hugging Face cache
-    (model_index.json, the scheduler and both tokenizers, and config plus every weights shard of
-    the transformer, the VAE and both text encoders), else one line naming what is missing and the
-    fetch command. File checks only: the FLUX loader calls it before loading anything, so that an
-    interrupted download is named instead of failing minutes into loading (or downloading)."""
-    missing = hub_missing(repo_id, FLUX_FILES)
-    if all(hub_file(repo_id, f"tokenizer_2/{f}") is None for f in ("spiece.model", "tokenizer.json")):
-        missing.append("tokenizer_2/spiece.model")
-    for component, stem in FLUX_WEIGHTS.items():
-        missing += hub_missing(repo_id, [f"{component}/config.json"])
-        index = hub_file(repo_id, f"{component}/{stem}.safetensors.index.json")
-        if index is None:
-            missing += hub_missing(repo_id, [f"{component}/{stem}.safetensors"])
-            continue
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as err:
-            missing.append(f"{component}/{index.name} (unreadable: {reason(err)})")
-            continue
-        missing += hub_missing(repo_id, [f"{component}/{s}" for s in shards])
-    if not missing:
-        return None
-    name = FLUX_FETCH_NAME.get(repo_id)
-    fix = f"{FETCH} {name}" if name else f"hf download {repo_id}"
-    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-    return (f"{repo_id} is not complete in the Hugging Face cache {hub_cache()}: {missing[0]} missing{more}; "
-            f"fetch it with `{fix}`")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def _diagnose(cfg: DictConfig, plan, work: Path, target: float) -> None:  # noqa
         print(f"{label}: NFC {probe.record.nfc:g}", flush=True)
 
     out_dir = Path(d.out_dir)
-    summary = write_outputs(records, out_dir, plan.dit.depth)
+    summary = write_outputs(records, out_dir, plan.arch.depth)
     summary.update(model=str(cfg.model.name), sampler=plan.sampler.name, num_steps=steps, target_nfc=target,
                    num_samples=int(d.num_samples), seed=int(d.seed), tau=cal.tau, device=str(plan.device),
                    torch_version=torch.__version__)

@@ -16,10 +16,10 @@ import torch
 from baselines.fora import FORA
 from baselines.taylorseer import TaylorSeer
 from baselines.toca import ToCa, spatial_bonus
-from eval.flops import attention_flops, mlp_flops
 from rfc.cache import CacheMethod, NoCache
 from rfc.cache.predictors import TaylorFactors
 from rfc.models.dit import DiT, DiTConfig, dit_config
+from rfc.models.flops import attention_flops, dit_cost, mlp_flops
 from rfc.models.load import build_dit
 from rfc.run.build import plan_run
 from rfc.samplers.sampling import CFGDenoiser, DDIMSampler, DDPMSampler, Sampler, StepInfo
@@ -191,7 +191,7 @@ def test_toca_fixed_interval_and_whole_step_options():
 
 def _tflops_per_image(method: CacheMethod, model: DiT, rows: int = 2) -> float:
     sample_with(model, method, DDIMSampler(num_steps=50), n=1, guided=model.config.in_channels)
-    return method.stats().flops(rows, 256, 1152, 16) / 1e12
+    return dit_cost(256, 1152, 16).flops(method.stats(), rows) / 1e12
 
 
 def test_dit_xl2_tflops_match_the_papers():

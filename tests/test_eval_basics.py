@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from eval.fid import feature_statistics, frechet_distance
-from eval.flops import block_flops, full_step_flops
+from rfc.models.flops import block_flops, full_step_flops
 from rfc.run.loggers import append_csv
 from rfc.run.row import RunRecord
 

@@ -1,4 +1,4 @@
-"""FLUX.1's analytic FLOPs (eval/flops.py): the papers' full-compute figure, the accounting of
+"""FLUX.1's analytic FLOPs (rfc/models/flops.py): the papers' full-compute figure, the accounting of
 cached and partial steps from MethodStats-like counters, and the DiT numbers left as they were."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from eval.flops import (
+from rfc.models.flops import (
     block_flops,
     flux_double_modulation_flops,
     flux_flops,

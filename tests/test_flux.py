@@ -173,7 +173,7 @@ def test_toca_with_its_default_settings_runs_on_flux_tiny(make_cfg, tmp_path):
     """python run.py model=flux-tiny method=toca: token-wise recompute as the official FLUX code
     (N = 3, R = 0.07: full at steps 0, 1, 2 and every 3rd after, NFC 18; single-stream blocks
     recompute some tokens at every partial step), a row with fewer FLOPs than full compute."""
-    from eval.flops import flux_full_step_flops
+    from rfc.models.flops import flux_full_step_flops
 
     cfg = make_cfg("model=flux-tiny", "method=toca", "eval.num_samples=2", "eval.batch_size=2", "eval.score=false")
     plan_run(cfg, tmp_path / "plan")  # planned without a refusal

@@ -40,7 +40,7 @@ def test_tiny_model_draws_recognisable_digits(make_cfg, tmp_path):
     assert row["run_id"] == rec.run_id and row["method"] == "none" and row["model"] == "dit-tiny"
     assert float(row["class_acc"]) == rec.class_acc and row["sfid"] == "" and row["inception_score"] == ""
     # analytic FLOPs: 6 blocks, 16 tokens, hidden 128, 4 heads, B = 2 (guidance), 50 full steps
-    from eval.flops import full_step_flops
+    from rfc.models.flops import full_step_flops
 
     assert float(row["tflops"]) == pytest.approx(50 * full_step_flops(2, 16, 128, 4, 6) / 1e12)
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from baselines.toca import ToCa, flux_fresh_tokens, flux_full_steps
-from eval.flops import flux_flops
 from rfc.cache import NoCache
+from rfc.models.flops import flux_flops
 from rfc.models.flux import (
     FluxConfig,
     FluxModel,

@@ -18,20 +18,23 @@ and reads ``stats()`` after it; it never branches on which method it holds.
 
 Accounting is done here, not in the methods' math: a branch input records the layer-norm work it
 really did, ``run_full`` / ``count_partial`` record the module work, and the analytic FLOPs follow
-from those counts (eval.flops, the papers' formula).
+from those counts (rfc.models.flops, the papers' formula, each site kind at the cost its model
+family declares: ``ModelFamily.cost``). A forward that computes fewer rows than the guided
+forward asks for (guidance-level reuse: the conditional rows alone) notes its work in
+``MethodStats.reduced_rows``, so the FLOPs charge the rows that ran, not both halves of guidance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
 
-from eval.flops import adaln_flops, attention_flops, mlp_flops
 from rfc.cache.registry import method_config
 from rfc.samplers.sampling import StepInfo
 
@@ -48,6 +51,7 @@ class GuidedModel(Protocol):
     """The guidance wrapper as the guidance hook sees it (rfc.samplers.sampling.CFGDenoiser)."""
 
     model: Callable[..., torch.Tensor]
+    batch_multiplier: int
 
     def guided(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
@@ -134,6 +138,31 @@ class MethodStats:
     partial_total_tokens: list[int] = field(default_factory=list)
     norm_tokens: int = 0  # tokens pushed through a layer norm + modulate
     cache_bytes_peak: int = 0
+    # work done by forwards that computed only a fraction of the guided forward's rows: fraction ->
+    # that work (a MethodStats of work counters), which the FLOPs charge at that fraction of the rows
+    reduced_rows: dict[float, MethodStats] = field(default_factory=dict)
+
+    WORK_COUNTS = ("block_calls", "norm_tokens", "full_attn", "full_mlp", "full_total")  # what FLOPs are priced on
+    WORK_LISTS = ("partial_attn_tokens", "partial_mlp_tokens", "partial_total_tokens")
+
+    def __post_init__(self) -> None:
+        # read back from a shard's JSON (rfc.run.shards): float keys arrive as strings, work as dicts
+        self.reduced_rows = {float(f): w if isinstance(w, MethodStats) else MethodStats(**w)
+                             for f, w in self.reduced_rows.items()}
+
+    def work_mark(self) -> tuple[int, ...]:
+        """Where the work counters stand now (``note_rows`` takes what was added since)."""
+        return (*(getattr(self, k) for k in self.WORK_COUNTS), *(len(getattr(self, k)) for k in self.WORK_LISTS))
+
+    def note_rows(self, fraction: float, mark: tuple[int, ...]) -> None:
+        """The work counted since ``mark`` ran on ``fraction`` of the guided forward's rows: keep it
+        under that fraction, so the FLOPs charge it only for the rows that ran."""
+        work = self.reduced_rows.setdefault(fraction, MethodStats())
+        counts, lengths = mark[:len(self.WORK_COUNTS)], mark[len(self.WORK_COUNTS):]
+        for name, before in zip(self.WORK_COUNTS, counts, strict=True):
+            setattr(work, name, getattr(work, name) + getattr(self, name) - before)
+        for name, before in zip(self.WORK_LISTS, lengths, strict=True):
+            getattr(work, name).extend(getattr(self, name)[before:])
 
     @property
     def total_steps(self) -> int:
@@ -163,15 +192,6 @@ class MethodStats:
         self.full_sites += len(kinds)
         self.norm_tokens += len(kinds) * tokens - probed_tokens
 
-    def flops(self, rows: int, tokens: int, hidden: int, heads: int) -> float:
-        """Analytic FLOPs per sample of what ran; rows = 2 with guidance (the papers' B)."""
-        B, N, C, h = rows, tokens, hidden, heads
-        total = self.block_calls * adaln_flops(B, C)
-        total += self.full_attn * attention_flops(B, N, C, h) + self.full_mlp * mlp_flops(B, N, C)
-        total += sum(attention_flops(B, k, C, h) for k in self.partial_attn_tokens)
-        total += sum(mlp_flops(B, k, C) for k in self.partial_mlp_tokens)
-        return total + B * self.norm_tokens * C  # one layer norm over N tokens: B*N*C (two per block)
-
 
 class CacheMethod:
     """Base class. Subclasses set ``name``, implement ``decide`` (the step-level schedule) and
@@ -179,6 +199,10 @@ class CacheMethod:
     The default branch: on full steps compute and ``store``; on cached steps ``predict``."""
 
     name = "base"
+    computes_everything = False
+    """True for the full-compute reference (``method=none``): the plain model computes every step,
+    so its samples are the ones every cached run is paired with. The runner reads this instead of
+    asking which method it holds."""
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None
@@ -191,6 +215,7 @@ class CacheMethod:
         self.programs = False  # attached with step programs (fused and this configuration has them)
         self.compile = False  # torch.compile the step programs
         self.compile_backend = "inductor"  # tests trace with "aot_eager"
+        self.guided_rows: int | None = None  # rows of the guided forward of the step being computed
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -256,8 +281,15 @@ class CacheMethod:
     def count_fused_cached(self, norm_tokens: int = 0) -> None:
         """Accounting of a fused cached step: every block's adaLN ran, every site was predicted."""
         self._stats.block_calls += self.depth
-        self._stats.cached_sites += 2 * self.depth
+        self._stats.cached_sites += self.num_sites
         self._stats.norm_tokens += norm_tokens
+
+    def kinds_of(self, start: int, stop: int) -> tuple[str, ...]:
+        """The site kinds of blocks [start, stop) in execution order: what a method that computes
+        or skips whole blocks counts (a FLUX single-stream block is one ``total`` site, not an
+        attention and an MLP)."""
+        end = self.site_base[stop] if stop < len(self.site_base) else self.num_sites
+        return self.site_kinds[self.site_base[start]:end] if start < stop else ()
 
     def _release(self) -> None:
         """Drop cached tensors but keep the last batch's accounting readable."""
@@ -290,6 +322,28 @@ class CacheMethod:
         self._stats.cache_bytes_peak = max(self._stats.cache_bytes_peak, live)
 
     # ---- the hooks, outermost first -----------------------------------------------------------
+    def guided_step(self, denoiser: GuidedModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What the guidance wrapper calls: notes how many rows the guided forward computes (its
+        accounting charges a forward that computes fewer only for those), then the guidance hook."""
+        self.guided_rows = x.shape[0] * denoiser.batch_multiplier
+        try:
+            return self.guidance(denoiser, x, t, y)
+        finally:
+            self.guided_rows = None
+
+    @contextlib.contextmanager
+    def counting_rows(self, rows: int) -> Iterator[None]:
+        """Around one model forward of ``rows`` rows: when that is fewer than the guided forward's,
+        the work it counts is noted as done on that fraction of the rows (MethodStats.note_rows)."""
+        expected = self.guided_rows
+        if expected is None or rows == expected:
+            yield
+            return
+        stats = self._stats
+        mark = stats.work_mark()
+        yield
+        stats.note_rows(rows / expected, mark)
+
     def guidance(self, denoiser: GuidedModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Guidance level: the denoiser's output for (x, t, y). The default is the denoiser's own
         guided forward; a method that reuses one half of classifier-free guidance computes fewer
@@ -405,11 +459,12 @@ def _model_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.
                    method: CacheMethod) -> torch.Tensor:
     """The attached model's forward: the method's step program when it has one for this step,
     else the model's own computation (embed, blocks, head) with the blocks run by ``run_blocks``."""
-    out = method.fast_forward(model, x, t, y) if method.programs else None
-    if out is not None:
-        return out
-    tokens, c = model.embed(x, t, y)
-    return model.head(method.run_blocks(model, tokens, c), c)
+    with method.counting_rows(x.shape[0]):
+        out = method.fast_forward(model, x, t, y) if method.programs else None
+        if out is not None:
+            return out
+        tokens, c = model.embed(x, t, y)
+        return model.head(method.run_blocks(model, tokens, c), c)
 
 
 @method_config("none")
@@ -426,6 +481,7 @@ class NoCache(CacheMethod):
     model; it only counts the full steps for the accounting."""
 
     name = "none"
+    computes_everything = True
 
     def attach(self, model: nn.Module) -> None:
         if self.model is not None:
@@ -461,7 +517,7 @@ class WarmedUp:
     def end_step(self, step: StepInfo) -> None:
         self.method.end_step(step)
         self.seen.add(self.method.full)
-        ready = self.seen == {True, False} or (isinstance(self.method, NoCache) and step.index >= 1)
+        ready = self.seen == {True, False} or (self.method.computes_everything and step.index >= 1)
         if ready and not self.done:
             self.done = True
             self.then()

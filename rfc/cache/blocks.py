@@ -185,7 +185,7 @@ class BlockCacheMethod(CacheMethod):
             x = blocks[i].run(x, c, plain_branch)
             if i == 0 and kind is Signal.RESIDUAL:
                 signal = _tokens(x, where) - _tokens(entering, where)
-        self._stats.count_full_forward(start, T, kinds=self._kinds(0, start))
+        self._stats.count_full_forward(start, T, kinds=self.kinds_of(0, start))
         full = bool(self.schedule.decide(self.step, signal))
         if not full and not self.predictor.ready:
             raise RuntimeError(
@@ -194,7 +194,7 @@ class BlockCacheMethod(CacheMethod):
             )
         self.full = full
         self.count_step(self.step, full)
-        replaced = self._kinds(start, len(blocks))
+        replaced = self.kinds_of(start, len(blocks))
         if full:
             entering = x
             for block in blocks[start:]:
@@ -205,11 +205,6 @@ class BlockCacheMethod(CacheMethod):
             x = self.predictor.apply(x)
             self._stats.cached_sites += len(replaced)
         return x
-
-    def _kinds(self, first: int, stop: int) -> tuple[str, ...]:
-        """The sites of blocks first .. stop-1, in execution order (what counting them needs)."""
-        bounds = [*self.site_base, self.num_sites]
-        return self.site_kinds[bounds[first] : bounds[stop]]
 
     def _block0_input(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor, where: slice) -> torch.Tensor:
         """modulate(norm(x), shift, scale) of block 0's attention branch on the measured tokens,

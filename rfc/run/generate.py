@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from rfc.cache import CacheMethod, MethodStats
-from rfc.models.dit import DiT, DiTConfig
-from rfc.models.vae import decode
+from rfc.models.family import ModelFamily, family_of_model
 from rfc.run.build import RunPlan, precision_mode
 from rfc.run.runlog import BatchListener, BatchReport, Milestones
 from rfc.run.shards import Batch, ShardStore, batch_starts, rank_starts
@@ -38,7 +38,7 @@ LOG = logging.getLogger("rfc")
 
 @dataclass
 class SampleSet:
-    images: np.ndarray  # uint8 (N, H, W, C)
+    images: np.ndarray  # uint8, channels last: (N, H, W, C) images (a video family: (N, T, H, W, C))
     labels: np.ndarray  # int64 (N,)
     batches: list[Batch]  # in index order, images dropped (they live in ``images``)
 
@@ -86,12 +86,12 @@ class Clock:
 
 
 @torch.no_grad()
-def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
+def generate_batches(model: nn.Module, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
                      num_samples: int, batch_size: int, starts: list[int], device: torch.device,
                      vae: torch.nn.Module | None = None, progress: bool = True, warmup_batches: int = 0,
                      timed: bool = True, precision: str = "fp32", device_use: DeviceUse | None = None,
                      desc: str = "sampling", on_batch: BatchListener | None = None,
-                     leave: bool = True) -> Iterator[Batch]:
+                     leave: bool = True, family: ModelFamily | None = None) -> Iterator[Batch]:
     """Draw the batches [start, start + batch_size) for each of ``starts``, one at a time, so the
     caller can store each before the next begins; sample i's label and noise come from stream
     (seed, i), so a batch does not depend on which process draws it or when.
@@ -106,9 +106,12 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
 
     Progress: a bar on the terminal when ``progress`` and rfc.utils.progress.show_bars agree, and
     ``on_batch`` (run.log's milestones, W&B) told of each batch once the caller has taken it,
-    and of each warm-up pass."""
-    cfg = model.config
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    and of each warm-up pass.
+
+    The model's family (``family``, else the registered family of the model's class) gives a
+    sample's latent shape (any rank), its conditioning and how latents are decoded."""
+    family = family or family_of_model(model)
+    shape = family.latent_shape(model.config)
     extra = warmup_batches if timed and len(starts) <= warmup_batches else 0  # untimed: nothing to warm up for
     total = sum(_batch_len(s, batch_size, num_samples) for s in starts)
     bar = bars.bar(enabled=progress, total=total, unit="img", desc=desc, leave=leave)
@@ -117,7 +120,7 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
         for i, start in enumerate(starts[:1] * extra + starts):
             batch = range(start, min(start + batch_size, num_samples))
             streams = SampleStreams(seed, batch, device)
-            y = conditioning(model, streams, batch)
+            y = family.conditioning(model, streams, batch)
             x = streams.randn(shape)
             method.reset()
             before = device_use.snapshot() if device_use is not None else None
@@ -129,7 +132,7 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
             if bad is not None:
                 with precision_mode(precision, device):
                     raise non_finite_batch_error(batch, bad, sampler, denoiser, method,
-                                                 SampleStreams(seed, batch, device), shape, cfg)
+                                                 SampleStreams(seed, batch, device), shape, family)
             if i < extra:  # an untimed warm-up pass: nothing kept
                 if on_batch is not None:
                     on_batch(BatchReport(desc, start, len(batch), 0, total, 0, len(starts), clock.seconds, None, 0.0,
@@ -139,15 +142,15 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
             vae_seconds = None
             if vae is not None:
                 with Clock(device) as vae_clock:
-                    x = decode(vae, x)
+                    x = family.decode(vae, x)
                 vae_seconds = vae_clock.seconds
                 bad = non_finite_rows(x)
                 if bad is not None:
                     raise NonFiniteError(f"sample {start + bad} is finite in latent space but the VAE decoded it to "
                                          "NaN or inf: the VAE weights are damaged (fetch them again)")
             measured = timed and (extra > 0 or i - extra >= warmup_batches)
-            yield Batch(start, to_uint8_nhwc(x), y.cpu().numpy().astype(np.int64), method.stats(), clock.seconds,
-                        vae_seconds, measured and shared is None, shared if measured else None)
+            yield Batch(start, to_uint8_nhwc(x), y.cpu().numpy().astype(np.int64), method.stats(),
+                        clock.seconds, vae_seconds, measured and shared is None, shared if measured else None)
             bar.update(len(batch))
             done += len(batch)
             if on_batch is not None:
@@ -155,16 +158,6 @@ def generate_batches(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method
                                      vae_seconds, time.perf_counter() - t0))
     finally:
         bar.close()  # before any error line reaches the terminal
-
-
-def conditioning(model: torch.nn.Module, streams: SampleStreams, batch: range) -> torch.Tensor:
-    """Each sample's conditioning (B,): a class label drawn first from its stream (DiT), or, for a
-    text-to-image model, its prompt index (sample i is drawn for prompt i, modulo the table's size;
-    its stream then gives only its noise)."""
-    count = getattr(model, "prompt_count", None)
-    if count is None:
-        return streams.labels(model.config.num_classes)
-    return torch.tensor([i % count for i in batch], dtype=torch.long, device=streams.device)
 
 
 def non_finite_rows(x: torch.Tensor) -> int | None:
@@ -201,12 +194,12 @@ class StepWatch:
 
 
 def non_finite_batch_error(batch: range, bad: int, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod,
-                           streams: SampleStreams, shape: tuple[int, ...], cfg: DiTConfig) -> NonFiniteError:
+                           streams: SampleStreams, shape: tuple[int, ...], family: ModelFamily) -> NonFiniteError:
     """The error for a batch that came out non-finite. To say at which step, the batch is drawn
     again (same noise, same method) watching every step: one extra batch, paid only on failure."""
     watch = StepWatch(method, denoiser)
     method.reset()
-    y = conditioning(denoiser.model, streams, batch)
+    y = family.conditioning(denoiser.model, streams, batch)
     sampler.sample(watch, streams.randn(shape), y, noise=streams.noise_source(shape), listener=watch)
     found = watch.found or f"in the last sampler update (step {sampler.num_steps - 1})"
     return NonFiniteError(
@@ -216,7 +209,7 @@ def non_finite_batch_error(batch: range, bad: int, sampler: Sampler, denoiser: C
         "bf16 overflow)")
 
 
-def generate(model: DiT, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
+def generate(model: nn.Module, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
              indices: range, batch_size: int, device: torch.device, vae: torch.nn.Module | None = None,
              progress: bool = True, warmup_batches: int = 0, precision: str = "fp32", desc: str = "sampling",
              leave: bool = True) -> SampleSet:
@@ -275,7 +268,7 @@ class Drawer:
     method's batches into a shard store (the run's own samples, or a full-compute set for
     pairing), with the method attached to the model while it draws."""
 
-    model: DiT
+    model: nn.Module
     sampler: Sampler
     denoiser: CFGDenoiser
     vae: torch.nn.Module | None

@@ -274,7 +274,7 @@ class WandbLogger(JobLogger):
         self.run = wandb.init(
             project=self.settings.get("project"), entity=self.settings.get("entity"), mode=self.mode,
             dir=str(folder), name=run_name(plan.cfg, plan.method.name, plan.method.params()),
-            group=run_group(plan.cfg, sweep), job_type="full-compute" if plan.method.name == "none" else "cached",
+            group=run_group(plan.cfg, sweep), job_type="full-compute" if plan.method.computes_everything else "cached",
             tags=run_tags(plan), config={**self.config, "harness": harness}, reinit="finish_previous",
             settings=wandb.Settings(console=str(self.settings.get("console") or "off")))
         for stage in ("sampling", "pairing"):

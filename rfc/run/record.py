@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from eval.extractors import get_extractor
-from eval.flops import flux_flops
 from rfc.run.build import RunPlan
 from rfc.run.generate import SampleSet, Session, batch_sizes
 from rfc.run.row import REPO_ROOT, RunRecord, git_sha
@@ -58,12 +57,8 @@ def make_record(plan: RunPlan, samples: SampleSet, denoiser: CFGDenoiser, proces
     def mean(values: list[float]) -> float:
         return float(np.average(values, weights=weights))
 
-    d = plan.dit
-    if plan.text_to_image:
-        flops = [flux_flops(s, denoiser.batch_multiplier, d.image_tokens, d.text_tokens, d.hidden_size, d.num_heads,
-                            d.depth_double, d.depth_single) for s in samples.stats]
-    else:
-        flops = [s.flops(denoiser.batch_multiplier, d.num_tokens, d.hidden_size, d.num_heads) for s in samples.stats]
+    cost = plan.family.cost(plan.arch)  # each site kind at its own cost, the rows that ran
+    flops = [cost.flops(s, denoiser.batch_multiplier) for s in samples.stats]
     notes = []
     # Latency: batches timed while the job had the device to itself (a resumed run may combine
     # several such sessions); none at all when this session shared it.
@@ -103,7 +98,7 @@ def make_record(plan: RunPlan, samples: SampleSet, denoiser: CFGDenoiser, proces
         peak_memory_gb=peak_gb, processes=processes,
         extractor=get_extractor(plan.extractor).name if plan.score and plan.extractor else None,
         cpu_threads=torch.get_num_threads() if plan.device.type == "cpu" else None,
-        fused=None if method.name == "none" else bool(method.programs),
+        fused=None if method.computes_everything else bool(method.programs),
         torch_version=torch.__version__, output_dir=str(plan.out_dir), notes="; ".join(notes) or None,
     )
 

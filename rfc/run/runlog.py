@@ -46,19 +46,12 @@ def plan_summary(plan: RunPlan, sweep: str | None = None) -> list[str]:
     params = " ".join(f"{k}={v}" for k, v in method.params().items())
     lines = [f"model     {s['model']} ({s['arch']}, {s['image_size']} px, "
              f"{'VAE ' + str(s['vae']) if s.get('vae') else 'pixel space'}; weights {s['checkpoint']})"]
-    fused = f" (fused={cfg.method.fused})" if method.name != "none" and "fused" in cfg.method else ""
+    fused = f" (fused={cfg.method.fused})" if not method.computes_everything and "fused" in cfg.method else ""
     lines.append(f"method    {method.name}{' ' + params if params else ''}{fused}")
     respacing = f" (respacing {s['respacing']})" if s.get("respacing") else ""
     sampler_params = "".join(f", {k}={v}" for k, v in json.loads(s["sampler_params"] or "{}").items())
     lines.append(f"sampler   {s['sampler']}, {s['num_steps']} steps{respacing}{sampler_params}")
-    if plan.text_to_image:
-        guidance = (f"distilled guidance {s['cfg_scale']} (a model input, no CFG)" if s.get("cfg_scale") is not None
-                    else "none")
-        lines.append(f"guidance  {guidance}; prompts {s['prompts']}")
-    else:
-        scale = float(s["cfg_scale"])
-        lines.append(f"guidance  cfg_scale {scale:g} on {s['guided_channels']} channel(s)" if scale > 1
-                     else f"guidance  none (cfg_scale {scale:g})")
+    lines.append(f"guidance  {plan.family.guidance_line(s)}")
     batches = math.ceil(plan.num_samples / plan.batch_size)
     lines.append(f"samples   {plan.num_samples} in {batches} batch(es) of {plan.batch_size}, seed {s['seed']}, "
                  f"{int(cfg.eval.warmup_batches)} warm-up batch(es)")

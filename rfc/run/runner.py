@@ -111,7 +111,7 @@ def _run_locked(plan: RunPlan, store: ShardStore, loggers: list[JobLogger], grp:
     entry = FullComputeEntry(store_root(plan.paths), plan.setting)
     # Full compute with no set in the store yet: this run's samples become the set. Its lock, held
     # while it samples, makes cached jobs of the setting wait for it rather than draw the set again.
-    publish = grp.is_main and method.name == "none" and claim_entry(entry)
+    publish = grp.is_main and method.computes_everything and claim_entry(entry)
     drawer = Drawer(model, sampler, denoiser, vae, device, seed=int(cfg.seed),
                     warmup_batches=int(cfg.eval.warmup_batches), precision=str(cfg.precision),
                     progress=progress and grp.is_main, grp=grp, use=use, listeners=[lg.progress for lg in loggers])
@@ -128,7 +128,7 @@ def _run_locked(plan: RunPlan, store: ShardStore, loggers: list[JobLogger], grp:
                 entry.publish(npz_path, source=f"method=none run {plan.out_dir}")
                 LOG.info("published as the full-compute set %s (%s)", entry.id, entry.folder)
         pair, drawn_pair = None, False
-        if plan.score and method.name != "none" and str(cfg.eval.paired) != "off":
+        if plan.score and not method.computes_everything and str(cfg.eval.paired) != "off":
             t0 = time.perf_counter()
             pair, drawn_pair = full_compute_pair(
                 entry, str(cfg.eval.paired), grp,
@@ -144,7 +144,7 @@ def _run_locked(plan: RunPlan, store: ShardStore, loggers: list[JobLogger], grp:
             if pair is not None:
                 notes.append(f"paired with full-compute set {pair.id} ({pair.folder}"
                              + (", drawn by this run)" if drawn_pair else ")"))
-            elif method.name != "none" and str(cfg.eval.paired) == "find":
+            elif not method.computes_everything and str(cfg.eval.paired) == "find":
                 notes.append(f"paired metrics missing: no full-compute set of this setting in {entry.folder.parent} "
                              "(eval.paired=find)")
             with timed("scoring"):

@@ -54,7 +54,7 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComput
         link_or_copy(plan.out_dir / "stats.npz", publish.stats_path(eid))
 
     pair_images = pair_stats = None
-    if record.method == "none":
+    if plan.method.computes_everything:
         pair_images, pair_stats = samples.images, own  # full compute is its own pair
     elif pair is not None:
         pair_images = load_pair(pair, samples, "class labels")
@@ -97,7 +97,7 @@ def score_text_to_image(record: RunRecord, samples: SampleSet, plan: RunPlan, pa
     from eval.t2i import score_t2i
 
     reference = None
-    if record.method == "none":
+    if plan.method.computes_everything:
         reference = samples.images
     elif pair is not None:
         reference = load_pair(pair, samples, "prompt indices")

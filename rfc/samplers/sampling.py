@@ -175,7 +175,7 @@ class CFGDenoiser:
         """The guided output; a caching method attached to the model (its ``cache_method``) gets
         the guidance-level hook first, whose default is ``guided``."""
         method = getattr(self.model, "cache_method", None)
-        return self.guided(x, t, y) if method is None else method.guidance(self, x, t, y)
+        return self.guided(x, t, y) if method is None else method.guided_step(self, x, t, y)
 
     def rows(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The model's input rows: [x, x] with labels [y, null] under guidance, else (x, t, y)."""

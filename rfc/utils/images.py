@@ -9,8 +9,11 @@ import torch
 
 
 def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] images (B, C, H, W) -> uint8 (B, H, W, C), DiT's conversion clamp(127.5 x + 128)."""
-    return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
+    """[-1, 1] samples (B, C, *spatial) -> uint8 channels last, DiT's conversion clamp(127.5 x + 128):
+    images (B, C, H, W) -> (B, H, W, C) (the ADM layout), and a sample of any other rank likewise
+    (video (B, C, T, H, W) -> (B, T, H, W, C)), so sampling never assumes 2-D images."""
+    order = (0, *range(2, x.dim()), 1)
+    return torch.clamp(127.5 * x + 128.0, 0, 255).permute(*order).to("cpu", torch.uint8).numpy()
 
 
 def save_grid(images: np.ndarray, path: Path, n: int = 64, min_side: int = 32, nrow: int = 8) -> Path:

@@ -1,8 +1,18 @@
 """The papers' analytic FLOPs: transformer blocks only (no embedders, final layer or VAE),
 a multiply-add counted as 2 FLOPs, B rows per sample step (2 with guidance). DiT first; FLUX.1's
-double- and single-stream blocks below, with the conventions that reproduce the papers' FLUX row."""
+double- and single-stream blocks below, with the conventions that reproduce the papers' FLUX row.
+
+A model family prices its sites here (``CostModel``: one ``SiteCost`` per site kind, the
+modulation of a step and the layer norms), so the accounting of what a method ran (the counters
+of rfc.cache.base.MethodStats, read by name) turns into FLOPs the same way for every family: a
+site is charged what its own kind costs, and a forward that ran fewer rows than guidance asks for
+is charged only the rows it ran.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 
 def attention_flops(B: int, N: int, C: int, h: int) -> float:
@@ -173,14 +183,81 @@ def flux_flops(stats: object, rows: int, n_img: int, n_txt: int, hidden: int, he
 
     Like the DiT count, it follows the computation that ran, so a cached step costs its modulations
     (and whatever norms and partial sites it ran), not zero."""
-    B, N, C = rows, n_img + n_txt, hidden
-    steps = stats.block_calls / (n_double + n_single)
-    total = steps * (n_double * flux_double_modulation_flops(B, C) + n_single * flux_single_modulation_flops(B, C))
-    total += stats.full_attn * flux_joint_attention_flops(B, N, C, heads, softmax=softmax)
-    total += stats.full_mlp * flux_mlp_flops(B, N, C, mlp_ratio)
-    total += getattr(stats, "full_total", 0) * flux_single_block_flops(B, N, C, heads, mlp_ratio, softmax=softmax)
-    total += sum(flux_joint_attention_flops(B, N, C, heads, queries=k, softmax=softmax)
-                 for k in stats.partial_attn_tokens)
-    total += sum(flux_mlp_flops(B, k, C, mlp_ratio) for k in stats.partial_mlp_tokens)
-    total += sum(flux_single_partial_flops(B, k, C, mlp_ratio) for k in getattr(stats, "partial_total_tokens", ()))
-    return total + flux_norm_flops(B, stats.norm_tokens, C)
+    return flux_cost(n_img, n_txt, hidden, heads, n_double, n_single, mlp_ratio, softmax).flops(stats, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Cost per site kind: what a model family declares, and the one count of what ran
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteCost:
+    """FLOPs of one site kind for B rows: computed on every token (``full(B)``) and recomputed for
+    k tokens (``partial(B, k)``, token-wise methods such as ToCa)."""
+
+    full: Callable[[float], float]
+    partial: Callable[[float, int], float]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """A model's FLOPs per unit of work, from its family (``ModelFamily.cost``). ``sites``: each
+    site kind's cost, in the order the count adds them; ``blocks``: blocks per forward;
+    ``step_modulation(B)``: every block's modulation in one forward (a block computes it whenever
+    it is called, cached or not); ``norm(B, tokens)``: layer norm + modulate of that many tokens."""
+
+    sites: Mapping[str, SiteCost]
+    blocks: int
+    step_modulation: Callable[[float], float]
+    norm: Callable[[float, int], float]
+
+    def work_flops(self, work: object, rows: float) -> float:
+        """FLOPs of the counters of ``work`` (read by name; a missing one counts 0) for ``rows``
+        rows: block calls pay the modulation, each site kind its own full and partial cost."""
+        B = rows
+        total = getattr(work, "block_calls", 0) / self.blocks * self.step_modulation(B)
+        for kind, cost in self.sites.items():
+            total += getattr(work, f"full_{kind}", 0) * cost.full(B)
+        for kind, cost in self.sites.items():
+            total += sum(cost.partial(B, k) for k in getattr(work, f"partial_{kind}_tokens", ()))
+        return total + self.norm(B, getattr(work, "norm_tokens", 0))
+
+    def flops(self, stats: object, rows: float) -> float:
+        """Analytic FLOPs per sample of what ran (``rows``: model rows per sample a guided forward
+        computes, 2 with classifier-free guidance). Work done in forwards that computed only a
+        fraction f of those rows (guidance-level reuse: the conditional rows alone) is in
+        ``stats.reduced_rows`` {f: work} and is charged f of the rows, not all of them."""
+        total = self.work_flops(stats, rows)
+        for fraction, work in getattr(stats, "reduced_rows", {}).items():
+            total -= self.work_flops(work, rows * (1 - fraction))
+        return total
+
+
+def dit_cost(tokens: int, hidden: int, heads: int, depth: int = 1) -> CostModel:
+    """DiT's blocks: attention and MLP sites (partial sites: the k recomputed tokens among
+    themselves, as the papers' ToCa count does), adaLN per block call, one norm term per token."""
+    N, C, h = tokens, hidden, heads
+    return CostModel(
+        sites={"attn": SiteCost(lambda B: attention_flops(B, N, C, h), lambda B, k: attention_flops(B, k, C, h)),
+               "mlp": SiteCost(lambda B: mlp_flops(B, N, C), lambda B, k: mlp_flops(B, k, C))},
+        blocks=depth, step_modulation=lambda B: depth * adaln_flops(B, C), norm=lambda B, n: B * n * C)
+
+
+def flux_cost(n_img: int, n_txt: int, hidden: int, heads: int, n_double: int, n_single: int,
+              mlp_ratio: float = 4.0, softmax: bool = False) -> CostModel:
+    """FLUX.1's blocks: a double-stream block's joint attention (``attn``) and its two MLPs
+    (``mlp``), a single-stream block's one site (``total``), each kind at its own cost, and the
+    modulations of both block types every step."""
+    N, C = n_img + n_txt, hidden
+    return CostModel(
+        sites={"attn": SiteCost(lambda B: flux_joint_attention_flops(B, N, C, heads, softmax=softmax),
+                                lambda B, k: flux_joint_attention_flops(B, N, C, heads, queries=k, softmax=softmax)),
+               "mlp": SiteCost(lambda B: flux_mlp_flops(B, N, C, mlp_ratio),
+                               lambda B, k: flux_mlp_flops(B, k, C, mlp_ratio)),
+               "total": SiteCost(lambda B: flux_single_block_flops(B, N, C, heads, mlp_ratio, softmax=softmax),
+                                 lambda B, k: flux_single_partial_flops(B, k, C, mlp_ratio))},
+        blocks=n_double + n_single,
+        step_modulation=lambda B: (n_double * flux_double_modulation_flops(B, C)
+                                   + n_single * flux_single_modulation_flops(B, C)),
+        norm=lambda B, n: flux_norm_flops(B, n, C))

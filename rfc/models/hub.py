@@ -1,0 +1,84 @@
+"""Offline lookups in the Hugging Face cache (file checks only: they run while a run is planned,
+before anything is loaded or sampled, and never touch the network), and the completeness check of
+FLUX.1's diffusers folder. Here, below eval and the run layer, because a model family checks its
+own weights (rfc.models.flux_family) and the metrics check theirs (eval.t2i) with the same lookups.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from rfc.utils.errors import reason
+
+FETCH = "python scripts/fetch_assets.py"
+
+FLUX_FETCH_NAME = {"black-forest-labs/FLUX.1-dev": "flux-dev", "black-forest-labs/FLUX.1-schnell": "flux-schnell"}
+# diffusers folder of a FLUX repo: component -> stem of its weights file(s)
+FLUX_WEIGHTS = {
+    "transformer": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
+FLUX_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer_2/tokenizer_config.json",
+)
+
+
+def hub_file(repo_id: str, filename: str) -> Path | None:
+    """The cached file of ``repo_id``'s main revision in the Hugging Face cache, or None. Never
+    touches the network: the runner must not download, and an answer is needed in milliseconds."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename)
+    return Path(found) if isinstance(found, str) else None  # None, or a sentinel for "known absent"
+
+
+def hub_missing(repo_id: str, filenames: Sequence[str]) -> list[str]:
+    """The files of ``filenames`` not in the Hugging Face cache for ``repo_id``."""
+    return [f for f in filenames if hub_file(repo_id, f) is None]
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache folder, for messages (HF_HUB_CACHE, else HF_HOME/hub)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def flux_weights_missing(repo_id: str) -> str | None:
+    """None when the diffusers folder of ``repo_id`` is complete in the Hugging Face cache
+    (model_index.json, the scheduler and both tokenizers, and config plus every weights shard of
+    the transformer, the VAE and both text encoders), else one line naming what is missing and the
+    fetch command. File checks only: the FLUX loader calls it before loading anything, so that an
+    interrupted download is named instead of failing minutes into loading (or downloading)."""
+    missing = hub_missing(repo_id, FLUX_FILES)
+    if all(hub_file(repo_id, f"tokenizer_2/{f}") is None for f in ("spiece.model", "tokenizer.json")):
+        missing.append("tokenizer_2/spiece.model")
+    for component, stem in FLUX_WEIGHTS.items():
+        missing += hub_missing(repo_id, [f"{component}/config.json"])
+        index = hub_file(repo_id, f"{component}/{stem}.safetensors.index.json")
+        if index is None:
+            missing += hub_missing(repo_id, [f"{component}/{stem}.safetensors"])
+            continue
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            missing.append(f"{component}/{index.name} (unreadable: {reason(err)})")
+            continue
+        missing += hub_missing(repo_id, [f"{component}/{s}" for s in shards])
+    if not missing:
+        return None
+    name = FLUX_FETCH_NAME.get(repo_id)
+    fix = f"{FETCH} {name}" if name else f"hf download {repo_id}"
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    return (
+        f"{repo_id} is not complete in the Hugging Face cache {hub_cache()}: {missing[0]} missing{more}; "
+        f"fetch it with `{fix}`"
+    )
