@@ -1,7 +1,8 @@
 """Every registered method on every tiny model, end to end through the runner.
 
 One cell per (model, method, setting), generated from the method registry
-(rfc.cache.registry.registered_methods) and the model list below, so a new method or model joins
+(rfc.cache.registry.registered_methods) and the model-family registry (each family's ``tiny``
+config, rfc.models.family.families), so a new method or model joins
 the matrix without a test of its own:
 
 - ``default``: the method at its config's defaults finishes (the runner refuses a non-finite
@@ -27,11 +28,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from rfc.cache.registry import degenerate_overrides, registered_methods
+from rfc.models.family import families
 from rfc.run.row import RunRecord
 from rfc.run.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODELS = ["dit-tiny", "flux-tiny"]  # to become the model-family registry's ``tiny`` configs
+TINY_MODELS = sorted(family.tiny for family in families().values())  # each registered family's tiny config
 METHODS = sorted(registered_methods())
 STEPS = 6  # the interval and RCS schedules (FORA, TaylorSeer, ToCa, RFC) reach cached steps at their defaults
 SETTINGS = ("default", "degenerate")
