@@ -1,27 +1,33 @@
-"""Latency of the plain full step and of each method's full and cached steps, and end-to-end speedups.
+"""Latency of the plain full step and of each method's full and cached steps, and end-to-end speedups,
+for any registered model family and any registered method, by name.
 
     python scripts/bench_latency.py model=dit-s                       # CPU: DiT-S/2 fp32, eager + compiled
+    python scripts/bench_latency.py model=flux-tiny image_size=512    # CPU: 1,024 image tokens
     python scripts/bench_latency.py model=dit-xl device=cuda batch_sizes=[16,64] precisions=[bf16] \
-        variants=[compiled]                                            # GPU: the issue's setting
+        variants=[compiled]                                            # GPU
 
-Weights are random (``model.pretrained=false``): latency does not depend on their values. For each
+Weights are random (``model.pretrained=false``): latency does not depend on their values. The
+model is built by its family (rfc.models.family), the sampler from the model's sampler config and
+each method from ``configs/method/<name>.yaml`` with the overrides of ``nfc_settings`` (the
+paper's budget, NFC 14 of 50 steps); a method listed under ``bisect`` has that key searched to
+``target_nfc`` on these weights and this batch (RFC's tau, the block caches' thresholds). For each
 precision, variant (``eager`` or ``compiled``: torch.compile of the plain forward and of the methods'
-step programs, with CUDA graphs for cached steps on a GPU) and batch size (images; guidance doubles
-the rows), every figure comes from whole DDIM-50 loops with CFG 1.5:
+step programs, with CUDA graphs for cached steps on a GPU) and batch size, every figure comes from
+whole sampling loops:
 
 - the plain loop (no method): ``full_ms`` is the median time of one of its steps;
-- each method at NFC 14 (FORA N=4, TaylorSeer N=4 m=2, RFC m=2 with tau bisected to NFC 14 on
-  these weights and this batch; ToCa N=4 R=0.07, eager only, at its own NFC): ``full_in_cache_ms``
-  and ``cached_ms`` are the median times of its full and cached steps (a step = the method's
-  announcements, its decision and the model call), ``e2e_speedup_nfc14`` = plain loop time /
-  the method's loop time, both loops timed whole (every decision, RCS included);
+- each method: ``full_in_cache_ms`` and ``cached_ms`` are the median times of its full and cached
+  steps (a step = the method's announcements, its decision and the model call), and
+  ``e2e_speedup_nfc14`` = plain loop time / the method's loop time, both loops timed whole (every
+  decision included);
 - ``cached_over_full`` and ``full_in_cache_over_full`` divide by ``full_ms`` of the same variant.
 
-Every program is compiled by an untimed warm-up before the timed loops. On a CPU one loop per method
-gives both the step times and the loop time (timing a step needs no synchronisation there); on a
-GPU the loop is timed once whole, then once step by step. The table is printed; JSON with the
-device name, torch version and settings goes to results/bench/ (written after every figure, so a
-run stopped by a time limit keeps what it measured).
+A method without step programs (ToCa, First-Block Cache, TeaCache) has no compiled variant: its row
+says so. Every program is compiled by an untimed warm-up before the timed loops. On a CPU one loop
+per method gives both the step times and the loop time (timing a step needs no synchronisation
+there); on a GPU the loop is timed once whole, then once step by step. The table is printed; JSON
+with the device name, torch version, thread count, load and settings goes to results/bench/
+(written after every figure, so a run stopped by a time limit keeps what it measured).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -36,43 +43,24 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from baselines.fora import FORA
-from baselines.taylorseer import TaylorSeer
-from baselines.toca import ToCa
 from rfc.cache import CacheMethod, NoCache
 from rfc.cache.base import WarmedUp
-from rfc.method import RFC
-from rfc.models.load import build_dit
-from rfc.run.build import apply_precision, device_name, model_config, precision_mode, resolve_device
+from rfc.cache.registry import registered_methods
+from rfc.models.family import ModelFamily, family_of
+from rfc.run.build import apply_precision, build, device_name, precision_mode, resolve_device
 from rfc.run.config import register_resolvers
-from rfc.samplers.sampling import CFGDenoiser, DDIMSampler, StepInfo
+from rfc.samplers.sampling import CFGDenoiser, Sampler, StepInfo
 from rfc.tools.calibration import bisect_tau
 from rfc.utils.devices import DeviceUse
 from rfc.utils.files import atomic_write_text
+from rfc.utils.seeding import SampleStreams
 
 register_resolvers()
 
-NUM_STEPS = 50
-TARGET_NFC = 14
 VARIANTS = ("eager", "compiled")
-CPU_IMAGE_SIZE = 128  # image_size=auto on a CPU: a 256 px DiT-S/2 loop takes about 2 min there
-
-
-def make_method(name: str, storage: str, tau: float | None = None) -> CacheMethod:
-    """The methods at NFC 14 on DDIM-50 (ToCa at its own)."""
-    if name == "none":
-        return NoCache()
-    if name == "fora":
-        return FORA(interval=4)
-    if name == "taylorseer":
-        return TaylorSeer(interval=4, order=2, storage_dtype=storage)
-    if name == "rfc":
-        return RFC(tau=tau if tau is not None else 0.1, order=2, storage_dtype=storage)
-    if name == "toca":
-        return ToCa(interval=4, fresh_ratio=0.07)
-    raise ValueError(f"methods: unknown method {name!r} (fora, taylorseer, rfc, toca)")
 
 
 def storage_for(cfg: DictConfig, precision: str) -> str:
@@ -80,6 +68,22 @@ def storage_for(cfg: DictConfig, precision: str) -> str:
     if str(cfg.storage_dtype) == "auto":
         return "bf16" if precision.startswith("bf16") else "fp32"
     return str(cfg.storage_dtype)
+
+
+def method_node(cfg: DictConfig, name: str, extra: tuple[str, ...] = ()) -> DictConfig:
+    """configs/method/<name>.yaml with the benchmark's NFC overrides and ``extra`` applied, composed
+    (and so type-checked) exactly as a run composes it."""
+    settings = [str(o) for o in (cfg.nfc_settings.get(name) or [])]
+    return compose(config_name="run", overrides=[f"method={name}", *settings, *extra]).method
+
+
+def make_method(cfg: DictConfig, name: str, storage: str, extra: tuple[str, ...] = ()) -> CacheMethod:
+    """The method ``name`` at the benchmark's setting; factors stored in ``storage`` where the
+    method stores any."""
+    node = method_node(cfg, name, extra)
+    if "storage_dtype" in node:
+        node.storage_dtype = storage
+    return build(node, "method")
 
 
 def sync(device: torch.device) -> None:
@@ -114,30 +118,42 @@ def stop_warm_up() -> None:
     raise _Warm
 
 
+class Built:
+    """One model of a family on its device, with its sampler, guidance and one batch of inputs."""
+
+    def __init__(self, cfg: DictConfig, family: ModelFamily, arch: object, device: torch.device) -> None:
+        self.family, self.arch, self.device = family, arch, device
+        prompt_set = family.prompts(cfg)
+        self.model = family.build(cfg, arch, device, prompt_set.prompts if prompt_set is not None else None).eval()
+        self.sampler: Sampler = build(cfg.sampler, "sampler", **family.sampler_args(arch))
+        self.guidance = family.guidance(cfg, arch)
+
+    def inputs(self, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's noise and conditioning, drawn from the harness's per-sample streams."""
+        streams = SampleStreams(seed, range(batch), self.device)
+        y = self.family.conditioning(self.model, streams, range(batch))
+        return streams.randn(self.family.latent_shape(self.arch)), y
+
+
 class Bench:
     """One model, precision, variant and batch: the plain loop and each method's loop."""
 
-    def __init__(self, cfg: DictConfig, model: torch.nn.Module, batch: int, precision: str, variant: str,
-                 device: torch.device) -> None:
-        dit = model.config
-        gen = torch.Generator().manual_seed(0)
-        self.x = torch.randn((batch, dit.in_channels, dit.input_size, dit.input_size), generator=gen).to(device)
-        self.y = torch.randint(dit.num_classes, (batch,), generator=gen).to(device)
-        self.cfg, self.model, self.device, self.precision = cfg, model, device, precision
+    def __init__(self, cfg: DictConfig, built: Built, model: torch.nn.Module, batch: int, precision: str,
+                 variant: str) -> None:
+        self.cfg, self.built, self.model, self.device = cfg, built, model, built.device
+        self.x, self.y = built.inputs(batch, int(cfg.seed))
+        self.precision = precision
         self.compiled = variant == "compiled"
-        self.sampler = DDIMSampler(num_steps=NUM_STEPS)
         self.plain = torch.compile(model, dynamic=False) if self.compiled else model
-        self.guidance = dict(scale=float(cfg.cfg_scale), null_class=dit.num_classes,
-                             guided_channels=int(cfg.model.guided_channels))
 
     def loop(self, method: CacheMethod, listener: object | None = None) -> float:
         """Seconds of one whole sampling loop with ``method`` (attached by the caller)."""
         method.reset()
-        den = CFGDenoiser(self.plain if isinstance(method, NoCache) else self.model, **self.guidance)
+        den = CFGDenoiser(self.plain if method.computes_everything else self.model, **self.built.guidance)
         sync(self.device)
         t0 = time.perf_counter()
         try:
-            self.sampler.sample(den, self.x, self.y, listener=listener or method)
+            self.built.sampler.sample(den, self.x.clone(), self.y, listener=listener or method)
         except _Warm:
             pass
         sync(self.device)
@@ -145,7 +161,7 @@ class Bench:
 
     def run(self, method: CacheMethod) -> dict:
         """Warm-up, then the timed loop(s): loop seconds, step medians, NFC."""
-        method.compile = self.compiled and not isinstance(method, NoCache)
+        method.compile = self.compiled and not method.computes_everything
         method.attach(self.model)
         try:
             with precision_mode(self.precision, self.device):
@@ -157,14 +173,16 @@ class Bench:
                 else:
                     seconds = self.loop(method, clock)
                 nfc = method.stats().full_steps
+                fused = bool(getattr(method, "programs", False))
         finally:
             method.detach()
-        return {"loop_s": seconds, "nfc": nfc,
+        return {"loop_s": seconds, "nfc": nfc, "fused": fused,
                 "full_ms": 1e3 * statistics.median(clock.full) if clock.full else None,
                 "cached_ms": 1e3 * statistics.median(clock.cached) if clock.cached else None}
 
-    def nfc_of(self, tau: float, storage: str) -> float:
-        method = make_method("rfc", storage, tau)
+    def nfc_of(self, name: str, key: str, value: float, storage: str) -> float:
+        """The NFC of one untimed loop of ``name`` with method.<key>=value."""
+        method = make_method(self.cfg, name, storage, (f"method.{key}={value!r}",))
         method.compile = self.compiled
         method.attach(self.model)
         try:
@@ -175,35 +193,42 @@ class Bench:
         return float(method.stats().full_steps)
 
 
-def bench_setting(cfg: DictConfig, model: torch.nn.Module, batch: int, precision: str, variant: str,
-                  device: torch.device, taus: dict, save: Callable[[dict], None]) -> dict:
+def bench_setting(cfg: DictConfig, built: Built, model: torch.nn.Module, batch: int, precision: str, variant: str,
+                  searched: dict, save: Callable[[dict], None]) -> dict:
     storage = storage_for(cfg, precision)
-    bench = Bench(cfg, model, batch, precision, variant, device)
-    setting = {"batch_size": batch, "rows_per_forward": 2 * batch if float(cfg.cfg_scale) > 1 else batch,
+    bench = Bench(cfg, built, model, batch, precision, variant)
+    guided = float(built.guidance.get("scale", 1.0)) > 1
+    setting = {"batch_size": batch, "rows_per_forward": 2 * batch if guided else batch,
                "precision": precision, "variant": variant, "storage_dtype": storage, "methods": {}}
     plain = bench.run(NoCache())
     full_ms = plain["full_ms"]
     setting.update(full_ms=full_ms, plain_loop_s=plain["loop_s"])
     save(setting)
     print(f"  plain: full step {full_ms:.2f} ms, loop {plain['loop_s']:.2f} s", flush=True)
+    target = int(cfg.target_nfc)
     for name in cfg.methods:
-        if name == "toca" and bench.compiled:
-            setting["methods"][name] = {"skipped": "no step programs: ToCa's partial steps recompute a different "
-                                                   "number of tokens per block and step (see the README)"}
+        name = str(name)
+        extra: tuple[str, ...] = ()
+        key = cfg.bisect.get(name)
+        if key is not None:
+            slot = (name, batch, precision)
+            if slot not in searched:  # searched once per batch and precision, shared by the variants
+                cal = bisect_tau(lambda v, name=name, key=key: bench.nfc_of(name, str(key), v, storage), target,
+                                 0.5, max_iters=int(cfg.bisect_iters))
+                searched[slot] = cal.tau
+            extra = (f"method.{key}={searched[slot]!r}",)
+        method = make_method(cfg, name, storage, extra)
+        if bench.compiled and not method.can_fuse():
+            setting["methods"][name] = {"skipped": "no step programs to compile (the per-site path runs eager)"}
             continue
-        tau = None
-        if name == "rfc":
-            key = (batch, precision)
-            if key not in taus:  # bisected once per batch and precision, shared by the variants
-                cal = bisect_tau(lambda t: bench.nfc_of(t, storage), TARGET_NFC, 0.5, max_iters=int(cfg.tau_iters))
-                taus[key] = cal.tau
-            tau = taus[key]
-        r = bench.run(make_method(name, storage, tau))
-        row = {"nfc": r["nfc"], "tau": tau, "full_ms": full_ms, "full_in_cache_ms": r["full_ms"],
-               "cached_ms": r["cached_ms"], "loop_s": r["loop_s"],
+        r = bench.run(method)
+        row = {"nfc": r["nfc"], "params": method.params(), "fused": r["fused"], "full_ms": full_ms,
+               "full_in_cache_ms": r["full_ms"], "cached_ms": r["cached_ms"], "loop_s": r["loop_s"],
                "cached_over_full": r["cached_ms"] / full_ms if r["cached_ms"] is not None else None,
                "full_in_cache_over_full": r["full_ms"] / full_ms if r["full_ms"] is not None else None,
                "e2e_speedup_nfc14": plain["loop_s"] / r["loop_s"]}
+        if key is not None:
+            row[str(key)] = searched[(name, batch, precision)]
         setting["methods"][name] = row
         save(setting)
         print(f"  {name:10s} NFC {r['nfc']:2d}  full {fmt(r['full_ms'])} ms ({fmt(row['full_in_cache_over_full'], 3)})"
@@ -237,25 +262,36 @@ def check(cfg: DictConfig) -> None:
     for v in cfg.variants:
         if v not in VARIANTS:
             raise SystemExit(f"error: variants: unknown variant {v!r} (eager, compiled)")
+    known = registered_methods()
     for name in cfg.methods:
-        make_method(str(name), "fp32")
+        if str(name) not in known or str(name) == "none":
+            raise SystemExit(f"error: methods: unknown method {name!r} ({', '.join(sorted(set(known) - {'none'}))})")
+    for name in list(cfg.nfc_settings) + list(cfg.bisect):
+        if str(name) not in known:
+            raise SystemExit(f"error: nfc_settings/bisect: unknown method {name!r}")
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="bench")
 def main(cfg: DictConfig) -> None:
     torch.set_grad_enabled(False)
     check(cfg)
+    for name in cfg.methods:  # every method config composes (and type-checks) before the model is built
+        method_node(cfg, str(name))
     device = resolve_device(str(cfg.device))
     if str(cfg.image_size) != "auto":
         cfg.model.image_size = int(cfg.image_size)
     elif device.type == "cpu":
-        cfg.model.image_size = CPU_IMAGE_SIZE
-    dit = model_config(cfg.model)
-    base = build_dit(dit, None, init="dense", seed=0).to(device).eval()
-    result = {"model": str(cfg.model.name), "arch": str(cfg.model.get("arch") or "custom"),
-              "image_size": int(cfg.model.image_size), "device": device_name(device),
-              "torch_version": torch.__version__,
+        cfg.model.image_size = min(int(cfg.model.image_size), int(cfg.cpu_image_size))
+    family = family_of(cfg.model)
+    arch = family.arch(cfg.model)
+    built = Built(cfg, family, arch, device)
+    base = built.model
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result = {"model": str(cfg.model.name), "family": family.name, "arch": str(cfg.model.get("arch") or "custom"),
+              "image_size": int(cfg.model.image_size), "latent_shape": list(family.latent_shape(arch)),
+              "device": device_name(device), "torch_version": torch.__version__,
               "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+              "load_average_at_start": load,
               "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
               "settings_requested": OmegaConf.to_container(cfg, resolve=True), "settings": []}
     out_dir = Path(str(cfg.out_dir))
@@ -263,7 +299,7 @@ def main(cfg: DictConfig) -> None:
     slug = "cuda" if device.type == "cuda" else "cpu"
     path = out_dir / f"{cfg.model.name}_{slug}_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     t0 = time.perf_counter()
-    taus: dict = {}
+    searched: dict = {}
     with DeviceUse(device) as use:  # other jobs of the harness on this device invalidate the figures
         start = use.snapshot()
         for precision in cfg.precisions:
@@ -276,10 +312,11 @@ def main(cfg: DictConfig) -> None:
                     def save(partial: dict, done: list = done) -> None:
                         result["settings"] = [*done, partial]
                         result["seconds"] = time.perf_counter() - t0
+                        result["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                         result["device_shared_with"] = DeviceUse.shared(start, use.snapshot())
                         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
-                    bench_setting(cfg, model, int(batch), str(precision), str(variant), device, taus, save)
+                    bench_setting(cfg, built, model, int(batch), str(precision), str(variant), searched, save)
     print_table(result)
     if result.get("device_shared_with"):
         print(f"warning: another job of the harness used {result['device']} during the benchmark "
