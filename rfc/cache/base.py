@@ -39,7 +39,10 @@ Branch = Literal["attn", "mlp", "total"]
 
 MODEL_PROTOCOL = ("embed", "blocks", "head", "token_shape", "weight_dtype", "stacked_modulation")
 """What a model exposes to caching methods (each model class documents them): nothing here
-reads a model's parameter names or the order of its modulation chunks."""
+reads a model's parameter names or the order of its modulation chunks. A model whose tokens are
+modulated by different vectors in different spans (FLUX: text, then image tokens) also offers
+``token_groups`` and ``grouped_modulation(kinds)``, which the step programs read
+(rfc.cache.fused); one with one group needs only ``stacked_modulation``."""
 
 
 class GuidedModel(Protocol):
@@ -207,7 +210,7 @@ class CacheMethod:
         self.depth = len(model.blocks)
         self.counting = getattr(model, "step_counting", "down")  # how the model's official caching code counts steps
         self.set_sites(model)
-        self.programs = self.fused and self.can_fuse() and getattr(model, "step_programs", True)
+        self.programs = self.fused and self.can_fuse()
         if self.programs:
             self.prepare_fused(model)
         model.forward = functools.partial(_model_forward, model, method=self)
@@ -254,7 +257,7 @@ class CacheMethod:
     def count_fused_cached(self, norm_tokens: int = 0) -> None:
         """Accounting of a fused cached step: every block's adaLN ran, every site was predicted."""
         self._stats.block_calls += self.depth
-        self._stats.cached_sites += 2 * self.depth
+        self._stats.cached_sites += self.num_sites
         self._stats.norm_tokens += norm_tokens
 
     def _release(self) -> None:

@@ -1,15 +1,52 @@
-"""The one store of Taylor factors (FactorBank) every extrapolating method uses (FORA: order 0,
+"""The one predictor interface (``Predictor``: what a cached step uses instead of computing), the
+one store of Taylor factors (FactorBank) every extrapolating method uses (FORA: order 0,
 TaylorSeer: order m, RFC's output factors and its RCS forecast), its update rule written twice
 for two kinds of code (eager per site, compiled for all sites at once), and TaylorSeer's
-expansion. ``TaylorFactors`` is one site's view of a bank."""
+expansion. ``TaylorFactors`` is one site's view of a bank; ``TaylorPredictor`` is FORA's and
+TaylorSeer's predictor over a bank."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from rfc.cache.base import BranchInput, Site
+
+
+class Predictor:
+    """What a cached site (or a cached run of blocks) uses instead of being computed.
+
+    A method is a ``Schedule`` (rfc.cache.schedules: when to compute) plus a predictor. On a full
+    step the method computes and hands each result to ``record(site, inp, out, index)``; on a
+    cached step it asks ``predict(site, inp, index, module)``. ``inp`` is what the site would
+    read (a lazy ``BranchInput`` for a branch, computed only if the predictor asks for it; the
+    stream entering the replaced blocks for block-level reuse); ``module`` is the site's module,
+    for predictors that recompute part of it (ToCa's fresh tokens). ``index`` is the sampler's
+    forward-order step. ``reset()`` forgets everything before each batch."""
+
+    def reset(self) -> None:
+        """Forget every stored value (a new batch starts)."""
+
+    def record(self, site: Site, inp: BranchInput | torch.Tensor, out: torch.Tensor, index: int) -> None:
+        """Remember what a full computation of ``site`` produced at step ``index``."""
+        raise NotImplementedError(f"{type(self).__name__} records nothing")
+
+    def predict(self, site: Site, inp: BranchInput | torch.Tensor, index: int,
+                module: nn.Module | None = None) -> torch.Tensor:
+        """The value ``site`` takes at the cached step ``index``."""
+        raise NotImplementedError(f"{type(self).__name__} predicts nothing")
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        """Every tensor kept (for the cache-memory column)."""
+        return ()
+
+    def params(self) -> dict[str, object]:
+        """The predictor's settings, recorded in the result row."""
+        return {}
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -207,3 +244,38 @@ class TaylorFactors:
     def tensors(self) -> list[torch.Tensor]:
         """A view of a shared bank holds nothing of its own (the bank is counted once)."""
         return self.bank.tensors() if self.bank.sites == 1 else []
+
+
+class TaylorPredictor(Predictor):
+    """FORA's and TaylorSeer's predictor: every site's Taylor factors in one FactorBank (order 0:
+    the last output reused; order m: TaylorSeer's expansion), predicted in the stream's dtype.
+    The step programs read the same bank (``bank``)."""
+
+    def __init__(self, order: int, dtype: torch.dtype | None) -> None:
+        self.order, self.dtype = order, dtype
+        self.bank = FactorBank(order, 0, dtype)
+
+    def setup(self, sites: int) -> None:
+        """The bank for a model of ``sites`` sites, kept (zeroed) from batch to batch while the
+        count fits, so captured step programs stay valid."""
+        if self.bank.sites != sites or self.bank.order != self.order:
+            self.bank = FactorBank(self.order, sites, self.dtype)
+        else:
+            self.bank.reset()
+
+    def reset(self) -> None:
+        self.bank.reset()
+
+    def record(self, site: Site, inp: BranchInput | torch.Tensor, out: torch.Tensor, index: int) -> None:
+        self.bank.update(site.module_index, out, index)
+
+    def predict(self, site: Site, inp: BranchInput | torch.Tensor, index: int,
+                module: nn.Module | None = None) -> torch.Tensor:
+        dtype = inp.x.dtype if isinstance(inp, BranchInput) else inp.dtype
+        return self.bank.predict(site.module_index, index, dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.bank.tensors()
+
+    def params(self) -> dict[str, object]:
+        return {"order": self.order}
