@@ -428,6 +428,8 @@ def relational_cached_forward(model: nn.Module, mods: nn.Module, factors: torch.
     compiled = torch.compiler.is_compiling()
     if not compiled:
         tokens = tokens.clone()  # eager code adds into the residual stream in place
+    # ||T_m(k)|| of every site at once (it reads only the Gram matrices): one op, not one per site
+    t_norms = taylor_norm(grams[:, :, : n - 1, : n - 1], c_hi) if n > 1 else None  # (S, B)
     s = 0
     for block in model.blocks:
         for norm in block.norms:
@@ -438,8 +440,7 @@ def relational_cached_forward(model: nn.Module, mods: nn.Module, factors: torch.
                     inp = inp0
                 else:
                     inp = modulate_groups(norm(tokens), shift, scale, groups, inplace=True)
-                t_norm = taylor_norm(grams[s, :, : n - 1, : n - 1], c_hi)  # (B,)
-                a = rfe_weight(ratio[s], change_norm(inp, inputs[s]), t_norm)  # (B,)
+                a = rfe_weight(ratio[s], change_norm(inp, inputs[s]), t_norms[s])  # (B,)
             if compiled:  # inductor fuses the prediction and the residual update into one kernel
                 pred = factors[0][s].to(tokens.dtype)
                 for i in range(1, n):
@@ -447,13 +448,13 @@ def relational_cached_forward(model: nn.Module, mods: nn.Module, factors: torch.
                 g = per_token(gate, groups)
                 tokens = tokens + (g.unsqueeze(1) if g.dim() == 2 else g) * pred
             else:  # x += g F0 + sum_i (g a c_i) F_i: one in-place pass per factor and group, no temporaries
+                coef = (a.unsqueeze(1) * c_hi).to(tokens.dtype).unsqueeze(-1) if n > 1 else None  # (B, m, 1)
                 for grp, span in enumerate(spans(groups)):
                     view = tokens[:, span]
                     g = gate[:, grp].unsqueeze(1).to(tokens.dtype)  # (B, 1, C)
                     view.addcmul_(g, factors[0][s, :, span].to(tokens.dtype))
                     for i in range(1, n):
-                        w = g * (a * c_hi[i - 1]).view(-1, 1, 1).to(tokens.dtype)
-                        view.addcmul_(w, factors[i][s, :, span].to(tokens.dtype))
+                        view.addcmul_(g * coef[:, i - 1 : i], factors[i][s, :, span].to(tokens.dtype))
             s += 1
     return model.head(tokens, c)
 
