@@ -192,16 +192,24 @@ def store_all(slots: tuple[torch.Tensor, ...], gram: torch.Tensor | None, values
     """The same rule for every site at once, values (sites, B, T, C): compiled code. Every slot
     is rewritten whole, the slots not yet valid zeroed by ``keep`` and the spacing a tensor, so
     the traced graph does not depend on how many full steps came before; the valid slots get
-    the values the eager rule gives them."""
+    the values the eager rule gives them. The Gram matrices are sums of products of the new
+    factors as they are written (no stacked copy of the factors; inductor fuses each product and
+    its sum into the kernels that compute the factors)."""
     cur = values
+    new = []
     for i in range(len(slots) - 1):
         nxt = (cur - slots[i]) / spacing
-        slots[i].copy_(torch.where(keep[i], cur, 0))
+        new.append(torch.where(keep[i], cur, 0))
+        slots[i].copy_(new[-1])
         cur = nxt
-    slots[-1].copy_(torch.where(keep[-1], cur, 0))
+    new.append(torch.where(keep[-1], cur, 0))
+    slots[-1].copy_(new[-1])
     if gram is not None and len(slots) > 1:
-        flat = torch.stack(slots[1:]).float().flatten(3).permute(1, 2, 0, 3)  # (S, B, m, T*C)
-        gram.copy_(flat @ flat.transpose(-1, -2))
+        hi = [f.float().flatten(2) for f in new[1:]]  # m tensors (S, B, T*C)
+        m = len(hi)
+        dots = {(i, j): (hi[i] * hi[j]).sum(-1) for i in range(m) for j in range(i, m)}  # (S, B)
+        rows = [torch.stack([dots[min(i, j), max(i, j)] for j in range(m)], dim=-1) for i in range(m)]
+        gram.copy_(torch.stack(rows, dim=-2))
 
 
 class TaylorFactors:
