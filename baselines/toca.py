@@ -512,8 +512,14 @@ class ToCa(CacheMethod):
         return self.predictor.tensors()
 
     def params(self) -> dict[str, object]:
-        return {"interval": self.interval, "fresh_ratio": self.fresh_ratio, "ratio_schedule": self.ratio_schedule,
-                "schedule": self.schedule_mode, "layer_divisor": self.layer_divisor, "recipe": self.used_recipe}
+        """The settings; ``recipe`` only when it was named (auto is the model family's recipe, which
+        the row already records, and leaving it out keeps the settings of earlier rows the same)."""
+        params: dict[str, object] = {"interval": self.interval, "fresh_ratio": self.fresh_ratio,
+                                     "ratio_schedule": self.ratio_schedule, "schedule": self.schedule_mode,
+                                     "layer_divisor": self.layer_divisor}
+        if self.recipe != "auto":
+            params["recipe"] = self.recipe
+        return params
 
 
 def attention_with_received(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -174,7 +174,8 @@ def test_a_new_schedule_with_a_taylor_predictor_runs_fused_and_per_site(small):
 def test_toca_recipes_are_settings():
     assert "rfc.models" not in inspect.getsource(toca_module)  # methods never import a concrete model
     toca = ToCa()
-    assert toca.params()["recipe"] == "dit" and isinstance(toca.schedule, ToCaDitSchedule)
+    assert "recipe" not in toca.params() and toca.used_recipe == "dit" and isinstance(toca.schedule, ToCaDitSchedule)
+    assert ToCa(recipe="dit").params()["recipe"] == "dit"
     assert isinstance(ToCa(recipe="flux").schedule, ToCaFluxSchedule)
     assert ToCa(recipe="flux").params()["recipe"] == "flux"
     with pytest.raises(ValueError, match="method.recipe"):
@@ -204,11 +205,11 @@ def test_toca_auto_recipe_follows_the_model(small):
     toca = ToCa(interval=4, fresh_ratio=0.1)
     toca.attach(flux)
     try:
-        assert toca.flux and isinstance(toca.schedule, ToCaFluxSchedule) and toca.params()["recipe"] == "flux"
+        assert toca.flux and isinstance(toca.schedule, ToCaFluxSchedule) and toca.used_recipe == "flux"
     finally:
         toca.detach()
     toca.attach(small)
     try:
-        assert not toca.flux and isinstance(toca.schedule, ToCaDitSchedule) and toca.params()["recipe"] == "dit"
+        assert not toca.flux and isinstance(toca.schedule, ToCaDitSchedule) and toca.used_recipe == "dit"
     finally:
         toca.detach()
