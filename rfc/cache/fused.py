@@ -30,7 +30,7 @@ its ``blocks`` (each block's sites are its ``norms`` / ``branches``, one or two 
 block's ``run`` on full steps, and its adaLN vectors of every site at once from
 ``grouped_modulation(kinds)`` (B, sites, kinds, groups, C). A model whose tokens are modulated by
 different vectors in different spans (FLUX's double-stream blocks: text tokens, then image tokens)
-names the spans' lengths in ``token_groups``; a model without them (DiT) has one group, and its
+names the spans' lengths in ``token_groups``; a model without them has one group, and its
 programs compute exactly what they computed before groups existed.
 """
 
@@ -50,7 +50,7 @@ from rfc.samplers.sampling import StepInfo
 
 class OneGroup(nn.Module):
     """A model's ``stacked_modulation`` (B, S, K, C) seen as a grouped one with one token group,
-    (B, S, K, 1, C): what a model without ``grouped_modulation`` (DiT) offers the programs."""
+    (B, S, K, 1, C): what a model without ``grouped_modulation`` offers the programs."""
 
     def __init__(self, stacked: nn.Module) -> None:
         super().__init__()
@@ -99,7 +99,7 @@ def per_token(v: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:
 def modulate_groups(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, groups: tuple[int, ...],
                     inplace: bool = False) -> torch.Tensor:
     """modulate(x, shift, scale) with shift and scale per group (B, G, C): per sample for one group
-    (DiT), per token for several, the same elementwise arithmetic as the block's own modulate.
+    (every token alike), per token for several, the same elementwise arithmetic as the block's own modulate.
     ``inplace`` (eager code that owns x, several groups): each group's span of x is modulated in
     place by its own vectors, so no per-token (B, T, C) copies of shift and scale are built."""
     if len(groups) == 1 or not inplace or torch.compiler.is_compiling():

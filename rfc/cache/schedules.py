@@ -70,8 +70,8 @@ class Schedule:
 
 class EveryN(Schedule):
     """FORA's rule: one full step every ``interval``. ``counting`` is how the model's official
-    caching code counts steps (the model's ``step_counting``): "down" (DiT) computes the first
-    step and every step whose down-counting index is a multiple of N; "up" (FLUX) computes step 0
+    caching code counts steps (the model's ``step_counting``): "down" computes the first
+    step and every step whose down-counting index is a multiple of N; "up" computes step 0
     and every N steps after it."""
 
     def __init__(self, interval: int, counting: str = "down") -> None:
