@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import nn
+
 from rfc.cache.fused import TaylorBankMethod
+from rfc.cache.predictors import TaylorPredictor
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import require
-from rfc.samplers.sampling import StepInfo
+from rfc.cache.schedules import EveryN
 
 
 @method_config("fora")
@@ -29,22 +31,24 @@ class FORAConfig:
 
 
 class FORA(TaylorBankMethod):
+    """FORA: an ``EveryN`` schedule and a ``TaylorPredictor`` of order 0 (the outputs reused)."""
+
     name = "fora"
 
     def __init__(self, interval: int = 3, fused: bool = True) -> None:
-        require(isinstance(interval, int) and interval >= 1, f"method.interval must be an integer >= 1, got {interval}")
         super().__init__()
+        self.schedule = EveryN(interval)  # validates the interval
+        self.predictor = TaylorPredictor(0, None)  # order 0: the outputs, in their own dtype
         self.interval = interval
         self.fused = bool(fused)
+
+    def attach(self, model: nn.Module) -> None:
+        super().attach(model)
+        self.schedule.counting = self.counting  # the official code of this model's family counts so
 
     def reset(self) -> None:
         super().reset()
         self.make_bank(0, None)  # order 0: the outputs, in their own dtype
-
-    def decide(self, step: StepInfo) -> bool:
-        if self.counting == "up":  # official FLUX code: full at step 0, then every N steps after it
-            return step.index % self.interval == 0
-        return step.index == 0 or step.down_index % self.interval == 0
 
     def params(self) -> dict[str, object]:
         return {"interval": self.interval}

@@ -17,10 +17,9 @@ from typing import ClassVar
 import torch
 
 from rfc.cache.fused import TaylorBankMethod
-from rfc.cache.predictors import parse_storage_dtype
+from rfc.cache.predictors import TaylorPredictor, parse_storage_dtype
 from rfc.cache.registry import method_config
 from rfc.cache.schedules import WarmupInterval, require
-from rfc.samplers.sampling import StepInfo
 
 OFFICIAL_WARMUP = {"down": 2, "up": 3}  # first_enhance of the official DiT code (counts down) and FLUX code (up)
 
@@ -38,6 +37,8 @@ class TaylorSeerConfig:
 
 
 class TaylorSeer(TaylorBankMethod):
+    """TaylorSeer: a ``WarmupInterval`` schedule and a ``TaylorPredictor`` of order m."""
+
     name = "taylorseer"
 
     def __init__(self, interval: int = 4, order: int = 4, warmup: int | None = None, storage_dtype: str = "fp32",
@@ -51,6 +52,7 @@ class TaylorSeer(TaylorBankMethod):
         self.order = order
         self.storage = storage_dtype
         self.dtype = parse_storage_dtype(storage_dtype)
+        self.predictor = TaylorPredictor(order, self.dtype)
         self.fused = bool(fused)
 
     def attach(self, model: torch.nn.Module) -> None:
@@ -66,9 +68,6 @@ class TaylorSeer(TaylorBankMethod):
         # step < T - first_enhance + 1; FLUX: step > first_enhance - 2), i.e. from forward index warmup - 1:
         # earlier warm-up steps keep the output alone. With the DiT recipe's warmup 2 that is every step.
         self.bank.restart_below = self.schedule.warmup - 1
-
-    def decide(self, step: StepInfo) -> bool:
-        return self.schedule(step)
 
     def params(self) -> dict[str, object]:
         return {"interval": self.schedule.interval, "order": self.order, "warmup": self.schedule.warmup,

@@ -99,9 +99,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rfc.cache.base import BranchInput, CacheMethod, Site, block_branches
+from rfc.cache.predictors import Predictor
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import require
-from rfc.models.flux import joint_attention_with_received, single_total_from_attention, single_total_with_attention
+from rfc.cache.schedules import Schedule, require
 from rfc.samplers.sampling import StepInfo
 
 INTERVAL_WEIGHT = 0.4  # w of the adaptive interval
@@ -157,6 +157,9 @@ def flux_fresh_tokens(fresh_ratio: float, layer: int, double: bool, tokens: int,
     return int(r * tokens)
 
 
+RECIPES = ("auto", "dit", "flux")
+
+
 @method_config("toca")
 @dataclass
 class ToCaConfig:
@@ -166,72 +169,31 @@ class ToCaConfig:
     ratio_schedule: str = "ddim50"
     schedule: str = "official"
     layer_divisor: int | None = OFFICIAL_LAYER_DIVISOR
+    recipe: str = "auto"
     # every step full (N = 1) and no partial compute in between (R = 0), DiT and FLUX recipes alike
     degenerate: ClassVar[tuple[str, ...]] = ("method.interval=1", "method.fresh_ratio=0")
 
 
-class ToCa(CacheMethod):
-    name = "toca"
+class ToCaDitSchedule(Schedule):
+    """The official DiT code's schedule: block 0 decides (full at the first step and whenever the
+    down-counting step is a multiple of the current interval, re-scheduling the interval when
+    full); ``rest_full`` is the decision of blocks 1.. (the re-scheduled interval, or block 0's
+    with ``mode="step"``). ``decide`` returns block 0's decision, the step's count in the NFC."""
 
-    def __init__(self, interval: int = 3, fresh_ratio: float = 0.07, ratio_schedule: str = "ddim50",
-                 schedule: str = "official", layer_divisor: int | None = OFFICIAL_LAYER_DIVISOR) -> None:
-        require(isinstance(interval, int) and interval >= 1, f"method.interval must be an integer >= 1, got {interval}")
-        require(0.0 <= float(fresh_ratio) <= 1.0, f"method.fresh_ratio must be in [0, 1], got {fresh_ratio}")
-        require(ratio_schedule in RATIO_SCHEDULES,
-                f"method.ratio_schedule must be one of {sorted(RATIO_SCHEDULES)}, got {ratio_schedule!r}")
-        require(schedule in SCHEDULES, f"method.schedule must be one of {SCHEDULES}, got {schedule!r}")
-        require(layer_divisor is None or (isinstance(layer_divisor, int) and layer_divisor >= 1),
-                f"method.layer_divisor must be an integer >= 1 or null (depth - 1), got {layer_divisor}")
-        super().__init__()
-        self.flux = False  # set on attach: the model counts steps up (the official FLUX code's path)
-        self.interval = interval
-        self.fresh_ratio = float(fresh_ratio)
-        self.ratio_schedule = ratio_schedule
-        self.schedule = schedule
-        self.layer_divisor = layer_divisor
+    def __init__(self, interval: int, fresh_ratio: float, mode: str) -> None:
+        self.interval, self.fresh_ratio, self.mode = interval, fresh_ratio, mode
         self.reset()
 
     def reset(self) -> None:
-        super().reset()
         self.current_interval = self.interval  # the official cal_threshold
-        self.rest_full = True  # decision of blocks 1.. at the current step (self.full is block 0's)
-        self.cache: dict[Site, torch.Tensor] = {}
-        self.received: dict[int, torch.Tensor] = {}  # block -> (B, T) attention received
-        self.staleness: dict[Site, torch.Tensor] = {}  # (B, T) partial steps since each token was recomputed
-        self.need_map = False  # FLUX: this full step's attention maps are read by the next (partial) step
-        self.single_attn: dict[int, torch.Tensor] = {}  # FLUX single-stream block -> attention before proj_out
-        self._flux_schedules: dict[int, tuple[bool, ...]] = {}
+        self.rest_full = True
 
-    def set_sites(self, model: nn.Module) -> None:
-        """The sites, and on FLUX each block's stream and layer within it (the official code counts
-        layers per stream: a double-stream block has an attention and an MLP site, a single-stream
-        block only ``total``)."""
-        super().set_sites(model)
-        self.flux = self.counting == "up"
-        self.stream_layer: list[tuple[bool, int]] = []
-        counts = {True: 0, False: 0}
-        for block in model.blocks:
-            double = "total" not in block_branches(block)
-            self.stream_layer.append((double, counts[double]))
-            counts[double] += 1
-        self.stream_depth = counts
-
-    # ---- schedule ---------------------------------------------------------------------------
-    def decide(self, step: StepInfo) -> bool:
-        """Block 0's decision, which is the step's count in the papers' NFC; blocks 1.. then test
-        the same step against the interval block 0 may just have re-scheduled."""
-        if self.counting == "up":  # the official FLUX code: one decision per step for every block
-            schedule = self.flux_schedule(step.num_steps)
-            self.rest_full = schedule[step.index]
-            following = step.index + 1
-            self.need_map = (self.fresh_ratio > 0 and self.rest_full and following < step.num_steps
-                             and not schedule[following])
-            return self.rest_full
+    def decide(self, step: StepInfo, signal: torch.Tensor | None = None) -> bool:
         s, first = step.down_index, step.index == 0
         full = first or s % self.current_interval == 0
         if full:
             self.current_interval = self.adaptive_interval(s, step.num_steps)
-        self.rest_full = full if self.schedule == "step" else first or s % self.current_interval == 0
+        self.rest_full = full if self.mode == "step" else first or s % self.current_interval == 0
         return full
 
     def adaptive_interval(self, s: int, T: int) -> int:
@@ -244,10 +206,262 @@ class ToCa(CacheMethod):
         factor = torch.tensor(linear_factor(INTERVAL_WEIGHT, s, T), dtype=torch.float32)
         return max(1, int(torch.round(self.interval / factor)))
 
-    def flux_schedule(self, num_steps: int) -> tuple[bool, ...]:
-        if num_steps not in self._flux_schedules:
-            self._flux_schedules[num_steps] = flux_full_steps(num_steps, self.interval, self.fresh_ratio)
-        return self._flux_schedules[num_steps]
+
+class ToCaFluxSchedule(Schedule):
+    """The official FLUX code's schedule (``flux_full_steps``): one decision per step for every
+    block; ``need_map``: this full step's attention maps are read by the next (partial) step."""
+
+    def __init__(self, interval: int, fresh_ratio: float) -> None:
+        self.interval, self.fresh_ratio = interval, fresh_ratio
+        self._tables: dict[int, tuple[bool, ...]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.rest_full = True
+        self.need_map = False
+
+    def table(self, num_steps: int) -> tuple[bool, ...]:
+        if num_steps not in self._tables:
+            self._tables[num_steps] = flux_full_steps(num_steps, self.interval, self.fresh_ratio)
+        return self._tables[num_steps]
+
+    def decide(self, step: StepInfo, signal: torch.Tensor | None = None) -> bool:
+        table = self.table(step.num_steps)
+        self.rest_full = table[step.index]
+        following = step.index + 1
+        self.need_map = self.fresh_ratio > 0 and self.rest_full and following < step.num_steps and not table[following]
+        return self.rest_full
+
+
+class TokenCache(Predictor):
+    """ToCa's predictor: each site's output at its last full computation, of which a partial step
+    recomputes the fresh tokens (the highest-scoring ones: attention received at the last full
+    step plus staleness) and keeps the others. ``recipe`` picks how tokens are counted, scored
+    and recomputed: "dit" (the official DiT code) or "flux" (the official FLUX code: per stream,
+    single-stream blocks through their cached attention). ``recomputed`` is the number of tokens
+    the last ``predict`` recomputed (0: the site was reused whole), for the method's accounting.
+    The model's modules are used by the names the cache protocol gives them (``with_received``,
+    ``with_attention``, ``from_attention``, a double-stream MLP's ``ff_txt`` / ``ff_img``)."""
+
+    def __init__(self, method: ToCa) -> None:
+        self.method = method
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache: dict[Site, torch.Tensor] = {}
+        self.received: dict[int, torch.Tensor] = {}  # block -> (B, T) attention received
+        self.staleness: dict[Site, torch.Tensor] = {}  # (B, T) partial steps since each token was recomputed
+        self.single_attn: dict[int, torch.Tensor] = {}  # FLUX single-stream block -> attention before proj_out
+        self.recomputed = 0
+
+    def record(self, site: Site, inp: BranchInput | torch.Tensor, out: torch.Tensor, index: int) -> None:
+        """A full computation; staleness back to zero where a later partial step scores tokens."""
+        self.cache[site] = out
+        m = self.method
+        scored = site.branch != "attn" and (m.need_map if m.flux else site.branch == "mlp" and m.fresh_ratio > 0)
+        if scored:
+            self.staleness[site] = torch.zeros(out.shape[:2], dtype=torch.int32, device=out.device)
+
+    def record_map(self, site: Site, received: torch.Tensor, attn: torch.Tensor | None = None) -> None:
+        """The attention each token received at this full step (and a single-stream block's
+        attention output before proj_out, which its partial steps reuse)."""
+        self.received[site.block] = received
+        if attn is not None:
+            self.single_attn[site.block] = attn
+
+    def predict(self, site: Site, inp: BranchInput | torch.Tensor, index: int,
+                module: nn.Module | None = None) -> torch.Tensor:
+        self.recomputed = 0
+        if self.method.flux:
+            return self._predict_flux(site, inp, module)
+        return self._predict_dit(site, inp, module)
+
+    def _predict_dit(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
+        m, step = self.method, self.method.step
+        k = 0 if m.fresh_ratio == 0 else m.fresh_tokens(site, step.down_index, step.num_steps, inp.x.shape[1])
+        stale = self.staleness.get(site)
+        if k == 0:
+            if stale is not None:
+                stale.add_(1)
+            return self.cache[site]
+        idx = self.token_scores(site, stale).argsort(dim=-1, descending=True)[:, :k]  # (B, k)
+        stale.add_(1)
+        stale.scatter_(1, idx, 0)
+        fresh = module(inp.tokens(idx))  # (B, k, C)
+        self.recomputed = k
+        out = scatter_tokens(self.cache[site], idx, fresh)
+        self.cache[site] = out
+        return out
+
+    def token_scores(self, site: Site, stale: torch.Tensor) -> torch.Tensor:
+        """(B, T) selection scores of a site's tokens, before their staleness is incremented."""
+        score = F.normalize(self.received[site.block], dim=1, p=2)
+        score = score + STALENESS_WEIGHT * (stale.float() / self.method.interval)
+        return spatial_bonus(score)
+
+    def _predict_flux(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
+        """Attention reused; MLPs (double-stream) and ``total`` (single-stream) recomputed for the
+        fresh tokens."""
+        if site.branch == "attn" or self.method.fresh_ratio == 0:
+            return self.cache[site]
+        if site.branch == "mlp":
+            return self._flux_partial_mlp(site, inp, module)
+        return self._flux_partial_total(site, inp, module)
+
+    def _flux_fresh(self, site: Site, lo: int, hi: int) -> torch.Tensor:
+        """(B, k) fresh tokens of a module covering tokens lo..hi of the stream, as positions in the
+        whole stream: scored, then the module's staleness advanced (official cache_cutfresh)."""
+        m = self.method
+        double, layer = m.stream_layer[site.block]
+        divisor = m.layer_divisor if m.layer_divisor is not None else max(m.stream_depth[double] - 1, 1)
+        k = flux_fresh_tokens(m.fresh_ratio, layer, double, hi - lo, m.step.index, m.step.num_steps, divisor)
+        stale = self.staleness[site][:, lo:hi]
+        score = F.normalize(self.received[site.block][:, lo:hi], dim=-1, p=2)
+        score = score + STALENESS_WEIGHT * (stale.float() / m.interval)
+        idx = score.argsort(dim=-1, descending=True)[:, :k]
+        stale.add_(1)
+        stale.scatter_(1, idx, 0)
+        return idx + lo
+
+    def _flux_partial_mlp(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
+        """img_mlp on the fresh image tokens, then txt_mlp on the fresh text tokens, each chosen
+        within its own stream; the other tokens keep the cached MLP outputs."""
+        n, T = module.ctx.n_txt, inp.x.shape[1]
+        out, recomputed = self.cache[site], 0
+        for lo, hi, ff in ((n, T, module.ff_img), (0, n, module.ff_txt)):
+            idx = self._flux_fresh(site, lo, hi)
+            if idx.shape[1]:
+                out = scatter_tokens(out, idx, ff(inp.tokens(idx)))
+                recomputed += idx.shape[1]
+        return self._flux_done(site, out, recomputed)
+
+    def _flux_partial_total(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
+        """A single-stream block: proj_out([cached attention, gelu(proj_mlp(x))]) for the fresh
+        tokens (among all text + image tokens), the cached output for the others."""
+        idx = self._flux_fresh(site, 0, inp.x.shape[1])
+        out = self.cache[site]
+        if idx.shape[1]:
+            attn = self.single_attn[site.block]
+            attn = torch.gather(attn, 1, idx.unsqueeze(-1).expand(-1, -1, attn.shape[-1]))
+            out = scatter_tokens(out, idx, module.from_attention(inp.tokens(idx), attn))
+        return self._flux_done(site, out, idx.shape[1])
+
+    def _flux_done(self, site: Site, out: torch.Tensor, recomputed: int) -> torch.Tensor:
+        self.recomputed = recomputed
+        self.cache[site] = out
+        return out
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        yield from self.cache.values()
+        yield from self.received.values()
+        yield from self.staleness.values()
+        yield from self.single_attn.values()
+
+
+class ToCa(CacheMethod):
+    """ToCa: a recipe's schedule (``ToCaDitSchedule`` or ``ToCaFluxSchedule``) plus a
+    ``TokenCache`` predictor. ``recipe``: "dit" and "flux" follow the official DiT and FLUX code;
+    "auto" (the default) takes the attached model's (its ``step_counting``: "up" is FLUX's)."""
+
+    name = "toca"
+
+    def __init__(self, interval: int = 3, fresh_ratio: float = 0.07, ratio_schedule: str = "ddim50",
+                 schedule: str = "official", layer_divisor: int | None = OFFICIAL_LAYER_DIVISOR,
+                 recipe: str = "auto") -> None:
+        require(isinstance(interval, int) and interval >= 1, f"method.interval must be an integer >= 1, got {interval}")
+        require(0.0 <= float(fresh_ratio) <= 1.0, f"method.fresh_ratio must be in [0, 1], got {fresh_ratio}")
+        require(ratio_schedule in RATIO_SCHEDULES,
+                f"method.ratio_schedule must be one of {sorted(RATIO_SCHEDULES)}, got {ratio_schedule!r}")
+        require(schedule in SCHEDULES, f"method.schedule must be one of {SCHEDULES}, got {schedule!r}")
+        require(layer_divisor is None or (isinstance(layer_divisor, int) and layer_divisor >= 1),
+                f"method.layer_divisor must be an integer >= 1 or null (depth - 1), got {layer_divisor}")
+        require(recipe in RECIPES, f"method.recipe must be one of {RECIPES}, got {recipe!r}")
+        super().__init__()
+        self.interval = interval
+        self.fresh_ratio = float(fresh_ratio)
+        self.ratio_schedule = ratio_schedule
+        self.schedule_mode = schedule
+        self.layer_divisor = layer_divisor
+        self.recipe = recipe
+        self.flux = recipe == "flux"  # resolved again on attach for "auto"
+        self.predictor = TokenCache(self)
+        self.schedule = self._make_schedule()
+        self.reset()
+
+    def _make_schedule(self) -> Schedule:
+        if self.flux:
+            return ToCaFluxSchedule(self.interval, self.fresh_ratio)
+        return ToCaDitSchedule(self.interval, self.fresh_ratio, self.schedule_mode)
+
+    @property
+    def used_recipe(self) -> str:
+        """The recipe this method runs: the configured one, "auto" resolved by the attached model."""
+        return "flux" if self.flux else "dit"
+
+    def reset(self) -> None:
+        super().reset()
+        self.schedule.reset()
+        self.predictor.reset()
+        self.rest_full = True  # decision of blocks 1.. at the current step (self.full is block 0's)
+        self.need_map = False  # FLUX: this full step's attention maps are read by the next (partial) step
+
+    # the predictor's stores, by the names the tests and diagnostics read
+    @property
+    def cache(self) -> dict[Site, torch.Tensor]:
+        return self.predictor.cache
+
+    @property
+    def received(self) -> dict[int, torch.Tensor]:
+        return self.predictor.received
+
+    @property
+    def staleness(self) -> dict[Site, torch.Tensor]:
+        return self.predictor.staleness
+
+    @property
+    def current_interval(self) -> int:
+        return getattr(self.schedule, "current_interval", self.interval)
+
+    def set_sites(self, model: nn.Module) -> None:
+        """The sites, the recipe ("auto": FLUX's when the model counts steps up, as the official
+        FLUX code does), and on FLUX each block's stream and layer within it (the official code
+        counts layers per stream: a double-stream block has an attention and an MLP site, a
+        single-stream block only ``total``)."""
+        super().set_sites(model)
+        flux = self.recipe == "flux" or (self.recipe == "auto" and self.counting == "up")
+        if flux != self.flux:
+            self.flux = flux
+            self.schedule = self._make_schedule()
+        self.stream_layer: list[tuple[bool, int]] = []
+        counts = {True: 0, False: 0}
+        for block in model.blocks:
+            double = "total" not in block_branches(block)
+            self.stream_layer.append((double, counts[double]))
+            counts[double] += 1
+        self.stream_depth = counts
+
+    def attach(self, model: nn.Module) -> None:
+        """Refuse a model whose official code follows the other recipe (its ``step_counting``:
+        "up" is FLUX's), before anything is hooked."""
+        native = "flux" if getattr(model, "step_counting", "down") == "up" else "dit"
+        if self.recipe not in ("auto", native):
+            raise ValueError(f"method.recipe={self.recipe} cannot run on this model, whose recipe is {native} "
+                             "(use method.recipe=auto)")
+        super().attach(model)
+
+    def check_model_family(self, family: str) -> None:
+        if self.recipe != "auto" and self.recipe != family:
+            raise ValueError(f"method.recipe={self.recipe} cannot run on a {family} model (use method.recipe=auto "
+                             f"or {family})")
+
+    # ---- schedule ---------------------------------------------------------------------------
+    def decide(self, step: StepInfo) -> bool:
+        """Block 0's decision, which is the step's count in the papers' NFC; blocks 1.. then test
+        the same step against the interval block 0 may just have re-scheduled (DiT recipe)."""
+        full = self.schedule.decide(step)
+        self.rest_full = self.schedule.rest_full
+        self.need_map = getattr(self.schedule, "need_map", False)
+        return full
 
     def block_full(self, block: int) -> bool:
         return self.full if block == 0 else self.rest_full
@@ -264,125 +478,51 @@ class ToCa(CacheMethod):
 
     # ---- branches ---------------------------------------------------------------------------
     def branch(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
-        if self.flux:
-            return self.flux_branch(site, inp, module)
-        if self.block_full(site.block):
-            if site.branch == "attn" and self.fresh_ratio > 0:
-                self.count_full(site)
-                out, self.received[site.block] = attention_with_received(module, inp.full())
-            else:
-                out = self.run_full(site, module, inp.full())
-            self.cache[site] = out
-            if self.fresh_ratio > 0 and site.branch == "mlp":
-                self.staleness[site] = torch.zeros(out.shape[:2], dtype=torch.int32, device=out.device)
+        full = self.full if self.flux else self.block_full(site.block)
+        if full:
+            out = self.full_site(site, inp, module)
+            self.predictor.record(site, inp, out, self.step.index if self.step is not None else 0)
             return out
-        step = self.step
-        k = 0 if self.fresh_ratio == 0 else self.fresh_tokens(site, step.down_index, step.num_steps, inp.x.shape[1])
-        stale = self.staleness.get(site)
-        if k == 0:
-            if stale is not None:
-                stale.add_(1)
+        out = self.predictor.predict(site, inp, self.step.index, module)
+        if self.predictor.recomputed:
+            self.count_partial(site, self.predictor.recomputed)
+        else:
             self._stats.cached_sites += 1
-            return self.cache[site]
-        idx = self.token_scores(site, stale).argsort(dim=-1, descending=True)[:, :k]  # (B, k)
-        stale.add_(1)
-        stale.scatter_(1, idx, 0)
-        fresh = module(inp.tokens(idx))  # (B, k, C)
-        self.count_partial(site, k)
-        out = scatter_tokens(self.cache[site], idx, fresh)
-        self.cache[site] = out
         return out
 
-    def token_scores(self, site: Site, stale: torch.Tensor) -> torch.Tensor:
-        """(B, T) selection scores of a site's tokens, before their staleness is incremented."""
-        score = F.normalize(self.received[site.block], dim=1, p=2)
-        score = score + STALENESS_WEIGHT * (stale.float() / self.interval)
-        return spatial_bonus(score)
-
-    # ---- FLUX ---------------------------------------------------------------------------------
-    def flux_branch(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
-        """A site on FLUX: computed and cached on full steps; on partial steps attention reused,
-        MLPs (double-stream) and ``total`` (single-stream) recomputed for the fresh tokens."""
-        if self.full:
-            return self.flux_full(site, inp, module)
-        if site.branch == "attn" or self.fresh_ratio == 0:
-            self._stats.cached_sites += 1
-            return self.cache[site]
-        if site.branch == "mlp":
-            return self.flux_partial_mlp(site, inp, module)
-        return self.flux_partial_total(site, inp, module)
-
-    def flux_full(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
-        """A full site; when the next step is partial, with the explicit attention map (and a
-        single-stream block's attention output kept apart), staleness back to zero."""
+    def full_site(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
+        """A site computed on every token; with the explicit attention map when a partial step
+        will score tokens by it (DiT recipe: whenever R > 0; FLUX recipe: when the next step is
+        partial), else the model's own fused computation."""
         x = inp.full()
-        if self.need_map and site.branch == "attn":
+        if self.flux and self.need_map and site.branch == "attn":
             self.count_full(site)
-            out, self.received[site.block] = joint_attention_with_received(module, x)
-        elif self.need_map and site.branch == "total":
+            out, received = module.with_received(x)
+            self.predictor.record_map(site, received)
+        elif self.flux and self.need_map and site.branch == "total":
             self.count_full(site)
-            out, self.single_attn[site.block], self.received[site.block] = single_total_with_attention(module, x)
+            out, attn, received = module.with_attention(x)
+            self.predictor.record_map(site, received, attn)
+        elif not self.flux and site.branch == "attn" and self.fresh_ratio > 0:
+            self.count_full(site)
+            out, received = attention_with_received(module, x)
+            self.predictor.record_map(site, received)
         else:
             out = self.run_full(site, module, x)
-        self.cache[site] = out
-        if self.need_map and site.branch != "attn":
-            self.staleness[site] = torch.zeros(out.shape[:2], dtype=torch.int32, device=out.device)
-        return out
-
-    def flux_fresh(self, site: Site, lo: int, hi: int) -> torch.Tensor:
-        """(B, k) fresh tokens of a module covering tokens lo..hi of the stream, as positions in the
-        whole stream: scored, then the module's staleness advanced (official cache_cutfresh)."""
-        double, layer = self.stream_layer[site.block]
-        divisor = self.layer_divisor if self.layer_divisor is not None else max(self.stream_depth[double] - 1, 1)
-        k = flux_fresh_tokens(self.fresh_ratio, layer, double, hi - lo, self.step.index, self.step.num_steps, divisor)
-        stale = self.staleness[site][:, lo:hi]
-        score = F.normalize(self.received[site.block][:, lo:hi], dim=-1, p=2)
-        score = score + STALENESS_WEIGHT * (stale.float() / self.interval)
-        idx = score.argsort(dim=-1, descending=True)[:, :k]
-        stale.add_(1)
-        stale.scatter_(1, idx, 0)
-        return idx + lo
-
-    def flux_partial_mlp(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
-        """img_mlp on the fresh image tokens, then txt_mlp on the fresh text tokens, each chosen
-        within its own stream; the other tokens keep the cached MLP outputs."""
-        n, T = module.ctx.n_txt, inp.x.shape[1]
-        out, recomputed = self.cache[site], 0
-        for lo, hi, ff in ((n, T, module.ff_img), (0, n, module.ff_txt)):
-            idx = self.flux_fresh(site, lo, hi)
-            if idx.shape[1]:
-                out = scatter_tokens(out, idx, ff(inp.tokens(idx)))
-                recomputed += idx.shape[1]
-        return self.flux_partial_done(site, out, recomputed)
-
-    def flux_partial_total(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
-        """A single-stream block: proj_out([cached attention, gelu(proj_mlp(x))]) for the fresh
-        tokens (among all text + image tokens), the cached output for the others."""
-        idx = self.flux_fresh(site, 0, inp.x.shape[1])
-        out = self.cache[site]
-        if idx.shape[1]:
-            attn = self.single_attn[site.block]
-            attn = torch.gather(attn, 1, idx.unsqueeze(-1).expand(-1, -1, attn.shape[-1]))
-            out = scatter_tokens(out, idx, single_total_from_attention(module, inp.tokens(idx), attn))
-        return self.flux_partial_done(site, out, idx.shape[1])
-
-    def flux_partial_done(self, site: Site, out: torch.Tensor, recomputed: int) -> torch.Tensor:
-        if recomputed:
-            self.count_partial(site, recomputed)
-        else:
-            self._stats.cached_sites += 1
-        self.cache[site] = out
         return out
 
     def cache_tensors(self) -> Iterable[torch.Tensor]:
-        yield from self.cache.values()
-        yield from self.received.values()
-        yield from self.staleness.values()
-        yield from self.single_attn.values()
+        return self.predictor.tensors()
 
     def params(self) -> dict[str, object]:
-        return {"interval": self.interval, "fresh_ratio": self.fresh_ratio, "ratio_schedule": self.ratio_schedule,
-                "schedule": self.schedule, "layer_divisor": self.layer_divisor}
+        """The settings; ``recipe`` only when it was named (auto is the model family's recipe, which
+        the row already records, and leaving it out keeps the settings of earlier rows the same)."""
+        params: dict[str, object] = {"interval": self.interval, "fresh_ratio": self.fresh_ratio,
+                                     "ratio_schedule": self.ratio_schedule, "schedule": self.schedule_mode,
+                                     "layer_divisor": self.layer_divisor}
+        if self.recipe != "auto":
+            params["recipe"] = self.recipe
+        return params
 
 
 def attention_with_received(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

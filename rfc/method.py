@@ -36,20 +36,33 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from rfc.cache.base import BranchInput, CacheMethod, Site, branch_input, modulate
+from rfc.cache.base import BranchInput, CacheMethod, Site, branch_input
 from rfc.cache.fused import (
     GraphedStep,
     branch_dtype,
     forward_with_stores,
     graph_mode,
+    grouped_modulation,
     maybe_compile,
     model_device,
+    modulate_groups,
+    per_token,
+    spans,
     step_scalars,
     taylor_cached_step,
+    token_groups,
 )
-from rfc.cache.predictors import FactorBank, TaylorFactors, parse_storage_dtype, store_all, store_factors, taylor_expand
+from rfc.cache.predictors import (
+    FactorBank,
+    Predictor,
+    TaylorFactors,
+    parse_storage_dtype,
+    store_all,
+    store_factors,
+    taylor_expand,
+)
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import WarmupInterval, require
+from rfc.cache.schedules import Schedule, Signal, WarmupInterval, require
 from rfc.samplers.sampling import StepInfo
 
 MAGNITUDES = ("relational", "linear", "constant")
@@ -158,8 +171,9 @@ def relational_prediction(state: RelationalState, index: int, magnitude: str, re
     return base + a * taylor
 
 
-class RelationalSchedule:
-    """RCS. ``observe_full`` is told every full step's monitored inputs; ``decide`` takes block 0's
+class RelationalSchedule(Schedule):
+    """RCS, a ``Schedule`` whose signal is block 0's attention input (``Signal.INPUT``).
+    ``observe_full`` is told every full step's monitored inputs; ``decide`` takes block 0's
     attention input at a candidate step and says whether to compute it in full.
 
     With ``modules="all"`` every branch's input is forecast; the accumulated error is a sum over
@@ -167,6 +181,8 @@ class RelationalSchedule:
     the blocks run, so the current step enters the decision with block 0's error, and is replaced
     by the all-branch mean once the step has run (``end_step``).
     """
+
+    signal = Signal.INPUT
 
     def __init__(self, tau: float, warmup: int, order: int, modules: str, dtype: torch.dtype) -> None:
         self.tau, self.warmup, self.order, self.modules, self.dtype = tau, warmup, order, modules, dtype
@@ -197,9 +213,11 @@ class RelationalSchedule:
     def error(self, site: Site, inp: torch.Tensor, index: int) -> float:
         return relative_l1(inp, self.bank.predict(self.slot(site), index, inp.dtype))
 
-    def decide(self, inp0: torch.Tensor, index: int, error: torch.Tensor | None = None) -> bool:
-        """Full or cached at step ``index``; ``error``: block 0's forecast error already computed
-        by the step's probe (the same quantity as ``error(FIRST, inp0, index)``)."""
+    def decide(self, step: StepInfo, signal: torch.Tensor | None = None, error: torch.Tensor | None = None) -> bool:
+        """Full or cached at ``step`` from block 0's attention input ``signal``; ``error``: its
+        forecast error already computed by the step's probe (the same quantity as
+        ``error(FIRST, signal, step.index)``)."""
+        inp0, index = signal, step.index
         if self.tau <= 0 or index < self.warmup or self.bank.last_index is None:
             self.accumulated = 0.0
             return True
@@ -223,6 +241,98 @@ class RelationalSchedule:
 
     def tensors(self) -> list[torch.Tensor]:
         return self.bank.tensors()
+
+    def params(self) -> dict[str, object]:
+        return {"tau": self.tau, "warmup": self.warmup, "rcs_modules": self.modules}
+
+
+class RelationalPredictor(Predictor):
+    """RFE as a ``Predictor``: every site's output factors in one FactorBank (with the Gram
+    matrices of the higher factors for the relational magnitude), and per site a
+    ``RelationalState`` (I(t), s(t), the last output change). ``magnitude``: relational (RFE),
+    linear, constant or taylor (rfe off: the plain Taylor prediction). With ``stacked`` the
+    inputs and ratios of every site also live in (S, B, T, C) / (S, B) buffers, the layout the
+    step programs read and write."""
+
+    def __init__(self, order: int, magnitude: str, reduction: str, dtype: torch.dtype, constant_w: float) -> None:
+        self.order, self.magnitude, self.reduction = order, magnitude, reduction
+        self.dtype, self.constant_w = dtype, constant_w
+        self.stacked = False
+        self.bank = FactorBank(order, 0, dtype, gram=magnitude == "relational")
+        self.inputs: torch.Tensor | None = None  # (S, B, T, C): I(t) of every site, for the fused step
+        self.ratios: torch.Tensor | None = None  # (S, B): s(t) of every site
+        self.states: dict[Site, RelationalState] = {}
+
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether predictions read the branch inputs (RFE's relational magnitude does)."""
+        return self.magnitude == "relational"
+
+    def setup(self, sites: int) -> None:
+        """Size the bank for ``sites`` sites; kept from batch to batch (zeroed) while the count
+        fits, so captured step programs stay valid."""
+        self.states = {}
+        if self.bank.sites != sites:
+            self.bank = FactorBank(self.order, sites, self.dtype, gram=self.magnitude == "relational")
+            self.inputs = self.ratios = None
+        else:
+            self.bank.reset()
+            for buf in (self.inputs, self.ratios):
+                if buf is not None:
+                    buf.zero_()
+
+    def reset(self) -> None:
+        self.setup(self.bank.sites)
+
+    def free(self) -> None:
+        """Release the buffers (the method was detached)."""
+        self.bank.free()
+        self.inputs = self.ratios = None
+
+    def record(self, site: Site, inp: BranchInput | torch.Tensor, out: torch.Tensor, index: int) -> None:
+        x_in = inp.full() if isinstance(inp, BranchInput) else inp
+        state = self.states.setdefault(site, RelationalState(TaylorFactors(bank=self.bank, site=site.module_index)))
+        state.update(out, x_in if self.needs_inputs else None, index, self.reduction, self.dtype)
+        if self.needs_inputs and self.stacked:
+            self._gather(site.module_index, state)
+
+    def predict(self, site: Site, inp: BranchInput | torch.Tensor, index: int,
+                module: nn.Module | None = None) -> torch.Tensor:
+        state = self.states[site]
+        dtype = inp.x.dtype if isinstance(inp, BranchInput) else inp.dtype
+        if self.magnitude == "taylor":
+            return state.out.predict(index, dtype)
+        x_now = None
+        if self.needs_inputs:
+            x_now = inp.full() if isinstance(inp, BranchInput) else inp
+        return relational_prediction(state, index, self.magnitude, self.reduction, x_now, self.constant_w).to(dtype)
+
+    def _gather(self, s: int, state: RelationalState) -> None:
+        """Keep I(t) and s(t) of site s in the stacked buffers the fused step reads."""
+        self.allocate_inputs(state.inp.shape, state.inp.device)
+        self.inputs[s] = state.inp
+        state.inp = self.inputs[s]
+        if state.ratio is not None:
+            self.ratios[s] = state.ratio.view(-1)
+
+    def allocate_inputs(self, shape: torch.Size, device: torch.device) -> None:
+        """I(t) and s(t) of every site, (S, B, T, C) and (S, B), kept while the shape fits."""
+        want = (self.bank.sites, *shape)
+        if self.inputs is None or self.inputs.shape != want or self.inputs.device != device:
+            self.inputs = torch.zeros(want, dtype=self.dtype, device=device)
+            self.ratios = torch.zeros(want[:2], device=device)
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        for state in self.states.values():
+            if self.inputs is None or state.inp is None:
+                yield from state.tensors()
+        yield from self.bank.tensors()
+        if self.inputs is not None:
+            yield from (self.inputs, self.ratios)
+
+    def params(self) -> dict[str, object]:
+        return {"order": self.order, "magnitude": self.magnitude, "constant_w": self.constant_w,
+                "norm_reduction": self.reduction}
 
 
 # ---- step programs: memory arranged for one function per step, the math from above -------------
@@ -309,36 +419,44 @@ def relational_cached_forward(model: nn.Module, mods: nn.Module, factors: torch.
 
     factors: I slots (S, B, T, C); inputs (S, B, T, C) = I(t); ratio (S, B) = s(t); grams (S, B, m, m);
     coeffs (I,); inp0 = block 0's attention input when the schedule already computed it. Before
-    two full steps the ratios are zero (and the higher factors zero), so the prediction is F0."""
-    m = mods(c)  # (B, S, 3, C): shift, scale, gate of every site
+    two full steps the ratios are zero (and the higher factors zero), so the prediction is F0.
+    mods: the model's grouped modulation (shift, scale, gate per token group), so a block whose
+    text and image tokens are modulated apart (FLUX) runs the same function as a DiT block."""
+    m = mods(c)  # (B, S, 3, G, C): shift, scale, gate of every site, per token group
+    groups = token_groups(model, tokens)
     n = len(factors)
     c_hi = coeffs[1:].float()
     compiled = torch.compiler.is_compiling()
     if not compiled:
         tokens = tokens.clone()  # eager code adds into the residual stream in place
-    for blk_i, block in enumerate(model.blocks):
-        for branch, norm in enumerate(block.norms):
-            s = 2 * blk_i + branch
-            shift, scale, gate = m[:, s, 0], m[:, s, 1], m[:, s, 2]
+    # ||T_m(k)|| of every site at once (it reads only the Gram matrices): one op, not one per site
+    t_norms = taylor_norm(grams[:, :, : n - 1, : n - 1], c_hi) if n > 1 else None  # (S, B)
+    s = 0
+    for block in model.blocks:
+        for norm in block.norms:
+            shift, scale, gate = m[:, s, 0], m[:, s, 1], m[:, s, 2]  # (B, G, C)
             a = None
             if n > 1:
                 if s == 0 and inp0 is not None:
                     inp = inp0
                 else:
-                    inp = modulate(norm(tokens), shift, scale)
-                t_norm = taylor_norm(grams[s, :, : n - 1, : n - 1], c_hi)  # (B,)
-                a = rfe_weight(ratio[s], change_norm(inp, inputs[s]), t_norm)  # (B,)
+                    inp = modulate_groups(norm(tokens), shift, scale, groups, inplace=True)
+                a = rfe_weight(ratio[s], change_norm(inp, inputs[s]), t_norms[s])  # (B,)
             if compiled:  # inductor fuses the prediction and the residual update into one kernel
                 pred = factors[0][s].to(tokens.dtype)
                 for i in range(1, n):
                     pred = pred + (a * c_hi[i - 1]).view(-1, 1, 1).to(tokens.dtype) * factors[i][s].to(tokens.dtype)
-                tokens = tokens + gate.unsqueeze(1) * pred
-            else:  # x += g F0 + sum_i (g a c_i) F_i: one in-place pass per factor, no temporaries
-                g = gate.unsqueeze(1).to(tokens.dtype)  # (B, 1, C)
-                tokens.addcmul_(g, factors[0][s].to(tokens.dtype))
-                for i in range(1, n):
-                    w = g * (a * c_hi[i - 1]).view(-1, 1, 1).to(tokens.dtype)
-                    tokens.addcmul_(w, factors[i][s].to(tokens.dtype))
+                g = per_token(gate, groups)
+                tokens = tokens + (g.unsqueeze(1) if g.dim() == 2 else g) * pred
+            else:  # x += g F0 + sum_i (g a c_i) F_i: one in-place pass per factor and group, no temporaries
+                coef = (a.unsqueeze(1) * c_hi).to(tokens.dtype).unsqueeze(-1) if n > 1 else None  # (B, m, 1)
+                for grp, span in enumerate(spans(groups)):
+                    view = tokens[:, span]
+                    g = gate[:, grp].unsqueeze(1).to(tokens.dtype)  # (B, 1, C)
+                    view.addcmul_(g, factors[0][s, :, span].to(tokens.dtype))
+                    for i in range(1, n):
+                        view.addcmul_(g * coef[:, i - 1 : i], factors[i][s, :, span].to(tokens.dtype))
+            s += 1
     return model.head(tokens, c)
 
 
@@ -400,6 +518,7 @@ class RFC(CacheMethod):
         self.dtype = parse_storage_dtype(storage_dtype)
         self.fixed = WarmupInterval(interval, warmup)  # validates interval; used when rcs is off
         self.schedule = RelationalSchedule(self.tau, warmup, order, rcs_modules, self.dtype)
+        self.predictor = RelationalPredictor(order, self.magnitude, norm_reduction, self.dtype, self.constant_w)
         self.fused = bool(fused)
         self.reset()
 
@@ -408,29 +527,36 @@ class RFC(CacheMethod):
         """Whether cached steps read the branch inputs (RFE's relational magnitude does)."""
         return self.magnitude == "relational"
 
+    # the predictor's buffers, read and written by the step programs
+    @property
+    def bank(self) -> FactorBank:
+        return self.predictor.bank
+
+    @property
+    def inputs(self) -> torch.Tensor | None:
+        return self.predictor.inputs
+
+    @property
+    def ratios(self) -> torch.Tensor | None:
+        return self.predictor.ratios
+
+    @property
+    def states(self) -> dict[Site, RelationalState]:
+        return self.predictor.states
+
     def reset(self) -> None:
         super().reset()
         self.fixed.reset()
         self.schedule.reset()
-        self.states: dict[Site, RelationalState] = {}
         self.pending = False
         sites = getattr(self, "num_sites", 2 * self.depth)
         self.schedule.setup(sites)
-        bank = getattr(self, "bank", None)
-        if bank is None or bank.sites != sites:
-            self.bank = FactorBank(self.order, sites, self.dtype, gram=self.magnitude == "relational")
-            self.inputs: torch.Tensor | None = None  # (S, B, T, C): I(t) of every site, for the fused step
-            self.ratios: torch.Tensor | None = None  # (S, B): s(t) of every site
-        else:  # kept from batch to batch (zeroed), so captured step programs stay valid
-            bank.reset()
-            for buf in (self.inputs, self.ratios):
-                if buf is not None:
-                    buf.zero_()
+        self.predictor.stacked = self.can_fuse()
+        self.predictor.setup(sites)
 
     def _release(self) -> None:
-        self.bank.free()
+        self.predictor.free()
         self.schedule.bank.free()
-        self.inputs = self.ratios = None
         super()._release()
 
     # ---- schedule -----------------------------------------------------------------------------
@@ -441,7 +567,7 @@ class RFC(CacheMethod):
             super().begin_step(step)
 
     def decide(self, step: StepInfo) -> bool:
-        return self.fixed(step)
+        return self.fixed.decide(step)
 
     def end_step(self, step: StepInfo) -> None:
         if self.rcs and not self.full:
@@ -450,7 +576,7 @@ class RFC(CacheMethod):
 
     def _decide_now(self, inp0: torch.Tensor) -> None:
         self.pending = False
-        self.full = self.schedule.decide(inp0, self.step.index)
+        self.full = self.schedule.decide(self.step, inp0)
         self.count_step(self.step, self.full)
 
     # ---- branches ------------------------------------------------------------------------------
@@ -461,30 +587,14 @@ class RFC(CacheMethod):
         if self.full:
             x_in = inp.full()
             out = self.run_full(site, module, x_in)
-            state = self.states.setdefault(site, RelationalState(TaylorFactors(bank=self.bank, site=site.module_index)))
-            state.update(out, x_in if self.needs_inputs else None, index, self.reduction, self.dtype)
-            if self.needs_inputs and self.can_fuse() and getattr(self.model, "step_programs", True):
-                self._gather(site.module_index, state)
+            self.predictor.record(site, inp, out, index)
             if self.rcs and self.schedule.monitors(site):
                 self.schedule.observe_full(site, x_in, index)
             return out
         self._stats.cached_sites += 1
-        state = self.states[site]
         if self.rcs and self.rcs_modules == "all" and site != FIRST:
             self.schedule.observe_cached(site, inp.full(), index)
-        if self.magnitude == "taylor":
-            return state.out.predict(index, inp.x.dtype)
-        x_now = inp.full() if self.needs_inputs else None
-        return relational_prediction(state, index, self.magnitude, self.reduction, x_now,
-                                     self.constant_w).to(inp.x.dtype)
-
-    def _gather(self, s: int, state: RelationalState) -> None:
-        """Keep I(t) and s(t) of site s in the stacked buffers the fused step reads."""
-        self.allocate_inputs(state.inp.shape, state.inp.device)
-        self.inputs[s] = state.inp
-        state.inp = self.inputs[s]
-        if state.ratio is not None:
-            self.ratios[s] = state.ratio.view(-1)
+        return self.predictor.predict(site, inp, index, module)
 
     # ---- fused cached step ---------------------------------------------------------------------
     def can_fuse(self) -> bool:
@@ -497,19 +607,12 @@ class RFC(CacheMethod):
         self.probe_fn = maybe_compile(probe_step, self.compile, backend)
         mode = graph_mode(device, self.compile)
         if self.magnitude == "taylor":
-            self.gates = model.stacked_modulation(("gate",))
+            self.gates = grouped_modulation(model, ("gate",))
             self.cached_fn = GraphedStep(maybe_compile(taylor_cached_step, self.compile, backend), (2,), mode)
         else:
-            self.mods = model.stacked_modulation(("shift", "scale", "gate"))
+            self.mods = grouped_modulation(model, ("shift", "scale", "gate"))
             self.cached_fn = GraphedStep(maybe_compile(relational_cached_step, self.compile, backend),
                                          (2, 3, 4, 5), mode)
-
-    def allocate_inputs(self, shape: torch.Size, device: torch.device) -> None:
-        """I(t) and s(t) of every site, (S, B, T, C) and (S, B), kept while the shape fits."""
-        want = (2 * self.depth, *shape)
-        if self.inputs is None or self.inputs.shape != want or self.inputs.device != device:
-            self.inputs = torch.zeros(want, dtype=self.dtype, device=device)
-            self.ratios = torch.zeros(want[:2], device=device)
 
     def fast_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
                      y: torch.Tensor) -> torch.Tensor | None:
@@ -519,7 +622,7 @@ class RFC(CacheMethod):
         self.bank.allocate(shape, branch_dtype(model, device), device)
         relational = self.magnitude == "relational"
         if relational:
-            self.allocate_inputs(shape, device)
+            self.predictor.allocate_inputs(shape, device)
         probe = None
         if self.pending:  # RCS: decide from block 0's attention input, as the per-site path does
             forecast = self.schedule.bank
@@ -530,7 +633,7 @@ class RFC(CacheMethod):
             probe = Probe(*self.probe_fn(model, x, t, y, slots, torch.tensor(float(k), device=device)))
             self._stats.norm_tokens += T
             self.pending = False
-            self.full = self.schedule.decide(probe.inp0, index, error=probe.error)
+            self.full = self.schedule.decide(self.step, probe.inp0, error=probe.error)
             self.count_step(self.step, self.full)
         if self.full:
             step = self.bank.begin(index, device)
@@ -538,7 +641,8 @@ class RFC(CacheMethod):
             if self.rcs:
                 self.schedule.bank.begin(index, device)
                 forecast = self.schedule.bank.slots
-            self._stats.count_full_forward(self.depth, T, probed_tokens=T if probe is not None else 0)
+            self._stats.count_full_forward(self.depth, T, probed_tokens=T if probe is not None else 0,
+                                           kinds=self.site_kinds)
             return self.full_fn(model, x, t, y, probe, self.bank.slots, self.bank.gram if relational else None,
                                 self.inputs if relational else None, self.ratios if relational else None, forecast,
                                 *step_scalars(step, self.compile))
@@ -546,17 +650,12 @@ class RFC(CacheMethod):
         if not relational:
             self.count_fused_cached()
             return self.cached_fn(model, self.gates, self.bank.factors(), coeffs, x, t, y)
-        self.count_fused_cached(norm_tokens=2 * self.depth * T - (T if probe is not None else 0))
+        self.count_fused_cached(norm_tokens=self.num_sites * T - (T if probe is not None else 0))
         return self.cached_fn(model, self.mods, self.bank.factors(), self.inputs, self.ratios, self.bank.gram,
                               coeffs, x, t, y, probe)
 
     def cache_tensors(self) -> Iterable[torch.Tensor]:
-        for state in self.states.values():
-            if self.inputs is None or state.inp is None:
-                yield from state.tensors()
-        yield from self.bank.tensors()
-        if self.inputs is not None:
-            yield from (self.inputs, self.ratios)
+        yield from self.predictor.tensors()
         yield from self.schedule.tensors()
 
     def params(self) -> dict[str, object]:

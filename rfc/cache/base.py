@@ -44,7 +44,10 @@ MODEL_PROTOCOL = ("embed", "blocks", "head", "token_shape", "weight_dtype", "sta
 """What a model exposes to caching methods (each model class documents them): nothing here
 reads a model's parameter names or the order of its modulation chunks. Optional: ``image_slice``,
 the positions of the image tokens in the residual stream after ``embed`` (a text-to-image model's
-stream also holds text tokens); a model without it has image tokens only."""
+stream also holds text tokens); a model without it has image tokens only. A model whose tokens are
+modulated by different vectors in different spans (FLUX: text, then image tokens) also offers
+``token_groups`` and ``grouped_modulation(kinds)``, which the step programs read
+(rfc.cache.fused); one with one group needs only ``stacked_modulation``."""
 
 
 class GuidedModel(Protocol):
@@ -234,7 +237,7 @@ class CacheMethod:
         self.depth = len(model.blocks)
         self.counting = getattr(model, "step_counting", "down")  # how the model's official caching code counts steps
         self.set_sites(model)
-        self.programs = self.fused and self.can_fuse() and getattr(model, "step_programs", True)
+        self.programs = self.fused and self.can_fuse()
         if self.programs:
             self.prepare_fused(model)
         model.forward = functools.partial(_model_forward, model, method=self)

@@ -5,14 +5,14 @@ skip every block from some index on and add, to the stream entering the first sk
 residual those blocks added at the last step they were computed. Such a method is two
 independent parts, composed by ``BlockCacheMethod``:
 
-- a **schedule** (``BlockSchedule``): *when* to compute. It reads one signal, named by its
+- a **schedule** (``rfc.cache.schedules.Schedule``): *when* to compute. It reads one signal, named by its
   ``signal`` attribute, so the method knows what to compute for it and when it can decide:
   ``Signal.STEP`` (the step alone, decided before any block runs), ``Signal.INPUT`` (block 0's
   modulated attention input, modulate(norm(x), shift, scale), decided before any block runs: TeaCache)
   or ``Signal.RESIDUAL`` (block 0's residual, its output minus its input, decided after block 0
   ran: First-Block Cache);
-- a **predictor** (``ResidualReuse``): *what* to use instead. It names the first block it
-  replaces (``start``); blocks before it are computed at every step.
+- a **predictor** (``ResidualReuse``, a ``rfc.cache.predictors.Predictor``): *what* to use
+  instead. It names the first block it replaces (``start``); blocks before it are computed at every step.
 
 Full steps run each block through the block protocol, ``block.run(x, c, plain_branch)``: the
 very computation the model's own forward makes, so a schedule that always says "compute" gives
@@ -38,54 +38,25 @@ counts the steps at which the replaced blocks ran.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from enum import StrEnum
 
 import torch
 from torch import nn
 
 from rfc.cache.base import CacheMethod, branch_input, image_slice, modulate, plain_branch
+from rfc.cache.predictors import Predictor
+from rfc.cache.schedules import Schedule, Signal
 from rfc.samplers.sampling import StepInfo
 
-
-class Signal(StrEnum):
-    """What a block schedule reads to decide, which fixes when it can decide."""
-
-    STEP = "step"  # the StepInfo only: no tensor is computed for it
-    INPUT = "input"  # block 0's modulated attention input, computed (extra) before any block runs
-    RESIDUAL = "residual"  # block 0's output minus its input: needs block 0 computed first
+BlockSchedule = Schedule
+"""A block-level method's schedule is the one schedule interface (rfc.cache.schedules)."""
 
 
-class BlockSchedule:
-    """When to compute the replaced blocks. Subclasses set ``signal`` and implement ``decide``.
-
-    ``decide(step, signal)`` is asked once per forward (one per sampling step), with the tensor
-    named by ``signal`` (None for Signal.STEP), and returns True to compute. A schedule keeps its
-    own state between steps (a reference tensor, an accumulator); ``reset()`` forgets it before
-    each batch. It must say "compute" at least once before the first cached step: nothing is
-    cached before (the official schedules do so at the first step)."""
-
-    signal: Signal = Signal.STEP
-
-    def reset(self) -> None:
-        """Forget every step seen (a new batch starts)."""
-
-    def decide(self, step: StepInfo, signal: torch.Tensor | None) -> bool:
-        raise NotImplementedError
-
-    def params(self) -> dict[str, object]:
-        """The schedule's settings, recorded in the result row."""
-        return {}
-
-    def tensors(self) -> Iterable[torch.Tensor]:
-        """Tensors the schedule keeps between steps (counted in the cache-memory column)."""
-        return ()
-
-
-class ResidualReuse:
+class ResidualReuse(Predictor):
     """Reuse the residual of blocks ``start``.. : at a full step store (stream after the last
     block) - (stream entering block ``start``); at a cached step add it to the stream entering
     block ``start``. TeaCache replaces every block (start 0), First-Block Cache all but block 0
-    (start 1). The residual is kept in the stream's dtype."""
+    (start 1). The residual is kept in the stream's dtype. As a ``Predictor`` its one "site" is
+    the run of replaced blocks and its input the stream entering it."""
 
     def __init__(self, start: int = 0) -> None:
         if not isinstance(start, int) or isinstance(start, bool) or start < 0:
@@ -108,6 +79,12 @@ class ResidualReuse:
         if self.residual is None:
             raise RuntimeError("no residual to reuse: the schedule cached a step before any full step")
         return entering + self.residual
+
+    def record(self, site: object, inp: torch.Tensor, out: torch.Tensor, index: int) -> None:
+        self.store(inp, out)
+
+    def predict(self, site: object, inp: torch.Tensor, index: int, module: nn.Module | None = None) -> torch.Tensor:
+        return self.apply(inp)
 
     def tensors(self) -> Iterable[torch.Tensor]:
         return () if self.residual is None else (self.residual,)

@@ -24,6 +24,14 @@ not its kernel launches.
 ``FactorBank`` keeps every site's Taylor factors in one (order+1, sites, B, T, C) buffer, which
 both the per-site path (``fused=false``) and the programs read, so the two differ only in
 summation order (tests bound the difference).
+
+The programs read the model only through the cache protocol, so every family runs the same ones:
+its ``blocks`` (each block's sites are its ``norms`` / ``branches``, one or two per block), each
+block's ``run`` on full steps, and its adaLN vectors of every site at once from
+``grouped_modulation(kinds)`` (B, sites, kinds, groups, C). A model whose tokens are modulated by
+different vectors in different spans (FLUX's double-stream blocks: text tokens, then image tokens)
+names the spans' lengths in ``token_groups``; a model without them has one group, and its
+programs compute exactly what they computed before groups existed.
 """
 
 from __future__ import annotations
@@ -34,17 +42,95 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rfc.cache.base import BranchInput, CacheMethod, Site, modulate
-from rfc.cache.predictors import FactorBank, FullStep, store_all, store_factors
+from rfc.cache.base import BranchInput, CacheMethod, Site, block_branches, modulate
+from rfc.cache.predictors import FactorBank, FullStep, TaylorPredictor, store_all, store_factors
+from rfc.cache.schedules import Schedule
+from rfc.samplers.sampling import StepInfo
 
 
-def weighted_site_sum(factors: tuple[torch.Tensor, ...], weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+class OneGroup(nn.Module):
+    """A model's ``stacked_modulation`` (B, S, K, C) seen as a grouped one with one token group,
+    (B, S, K, 1, C): what a model without ``grouped_modulation`` offers the programs."""
+
+    def __init__(self, stacked: nn.Module) -> None:
+        super().__init__()
+        self.stacked = stacked
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return self.stacked(c).unsqueeze(3)
+
+
+def grouped_modulation(model: nn.Module, kinds: tuple[str, ...]) -> nn.Module:
+    """The adaLN vectors ``kinds`` of every site, per token group, from one module:
+    forward(c) -> (B, sites, len(kinds), groups, C). Models with several token groups provide
+    ``grouped_modulation``; the others' ``stacked_modulation`` is one group."""
+    if hasattr(model, "grouped_modulation"):
+        return model.grouped_modulation(kinds)
+    return OneGroup(model.stacked_modulation(kinds))
+
+
+def token_groups(model: nn.Module, tokens: torch.Tensor) -> tuple[int, ...]:
+    """Lengths of the token spans that share adaLN vectors, in stream order (they sum to T): the
+    model's ``token_groups`` for the current forward, else one span of every token."""
+    groups = getattr(model, "token_groups", None)
+    return tuple(groups) if groups else (tokens.shape[1],)
+
+
+def spans(groups: tuple[int, ...]) -> list[slice]:
+    """The token slices of the groups; one group is the whole stream (``slice(None)``)."""
+    if len(groups) == 1:
+        return [slice(None)]
+    out, start = [], 0
+    for n in groups:
+        out.append(slice(start, start + n))
+        start += n
+    return out
+
+
+def per_token(v: torch.Tensor, groups: tuple[int, ...]) -> torch.Tensor:
+    """Group vectors (..., G, C) as the modulation a block applies: (..., C), broadcast over the
+    tokens, for one group; (..., T, C), each token its group's vector, for several."""
+    if v.shape[-2] == 1:
+        return v.select(-2, 0)
+    parts = [v.narrow(-2, g, 1).expand(*v.shape[:-2], n, v.shape[-1]) for g, n in enumerate(groups)]
+    return torch.cat(parts, dim=-2)
+
+
+def modulate_groups(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, groups: tuple[int, ...],
+                    inplace: bool = False) -> torch.Tensor:
+    """modulate(x, shift, scale) with shift and scale per group (B, G, C): per sample for one group
+    (every token alike), per token for several, the same elementwise arithmetic as the block's own modulate.
+    ``inplace`` (eager code that owns x, several groups): each group's span of x is modulated in
+    place by its own vectors, so no per-token (B, T, C) copies of shift and scale are built."""
+    if len(groups) == 1 or not inplace or torch.compiler.is_compiling():
+        return modulate(x, per_token(shift, groups), per_token(scale, groups))
+    for g, span in enumerate(spans(groups)):
+        x[:, span].mul_(1 + scale[:, g].unsqueeze(1)).add_(shift[:, g].unsqueeze(1))
+    return x
+
+
+def site_bases(model: nn.Module) -> list[int]:
+    """Block i's first site index, for sites numbered in execution order across all blocks."""
+    bases, n = [], 0
+    for block in model.blocks:
+        bases.append(n)
+        n += len(block_branches(block))
+    return bases
+
+
+def weighted_site_sum(factors: tuple[torch.Tensor, ...], weights: torch.Tensor, out: torch.Tensor,
+                      groups: tuple[int, ...] | None = None) -> torch.Tensor:
     """out + sum_{i, s} weights[i, s, b, None, c] * factors[i][s, b, t, c].
 
-    factors: I tensors (S, B, T, C), weights (I, S, B, C). Under torch.compile it is one
-    reduction over (i, s), which inductor emits as a single kernel that reads every factor once;
-    in eager mode the same sum is a loop of in-place multiply-adds, so no (S, B, T, C) temporary
-    is built."""
+    factors: I tensors (S, B, T, C), weights (I, S, B, C), or (I, S, B, G, C) with ``groups``
+    (several token groups: each group's tokens weighted by its own vector). Under torch.compile
+    it is one reduction over (i, s), which inductor emits as a single kernel that reads every
+    factor once; in eager mode the same sum is a loop of in-place multiply-adds (per group, on
+    views of the stream), so no (S, B, T, C) temporary is built."""
+    if groups is not None and len(groups) > 1:
+        return _grouped_site_sum(factors, weights, out, groups)
+    if groups is not None:
+        weights = weights.select(-2, 0)
     if torch.compiler.is_compiling():
         terms = weights[0].unsqueeze(2) * factors[0]
         for i in range(1, len(factors)):
@@ -57,14 +143,32 @@ def weighted_site_sum(factors: tuple[torch.Tensor, ...], weights: torch.Tensor, 
     return acc
 
 
+def _grouped_site_sum(factors: tuple[torch.Tensor, ...], weights: torch.Tensor, out: torch.Tensor,
+                      groups: tuple[int, ...]) -> torch.Tensor:
+    """``weighted_site_sum`` with one weight vector per token group, weights (I, S, B, G, C)."""
+    if torch.compiler.is_compiling():  # the weights expanded over tokens: inductor fuses the broadcast
+        w = per_token(weights, groups)  # (I, S, B, T, C)
+        terms = w[0] * factors[0]
+        for i in range(1, len(factors)):
+            terms = terms + w[i] * factors[i]
+        return out + terms.sum(dim=0, dtype=out.dtype)
+    acc = out.clone()
+    for g, span in enumerate(spans(groups)):
+        view = acc[:, span]
+        for i, slot in enumerate(factors):
+            for s in range(slot.shape[0]):
+                view.addcmul_(weights[i, s, :, g].unsqueeze(1).to(acc.dtype), slot[s, :, span].to(acc.dtype))
+    return acc
+
+
 def taylor_cached_forward(model: nn.Module, gates: nn.Module, factors: torch.Tensor, coeffs: torch.Tensor,
                           tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """A FORA / TaylorSeer cached step after the embedding: all gates at once, one weighted sum,
-    the final layer. gates: the model's stacked modulation of kind gate; factors: I slots
-    (S, B, T, C), S sites in execution order; coeffs (I,)."""
-    g = gates(c)[:, :, 0].transpose(0, 1)  # (B, S, 1, C) -> (S, B, C)
-    w = coeffs.view(-1, 1, 1, 1).to(g.dtype) * g.unsqueeze(0)  # (I, S, B, C)
-    tokens = weighted_site_sum(factors, w, tokens)
+    the final layer. gates: the model's grouped modulation of kind gate (``grouped_modulation``);
+    factors: I slots (S, B, T, C), S sites in execution order; coeffs (I,)."""
+    g = gates(c)[:, :, 0].transpose(0, 1)  # (B, S, G, C) -> (S, B, G, C)
+    w = coeffs.view(-1, 1, 1, 1, 1).to(g.dtype) * g.unsqueeze(0)  # (I, S, B, G, C)
+    tokens = weighted_site_sum(factors, w, tokens, token_groups(model, tokens))
     return model.head(tokens, c)
 
 
@@ -85,10 +189,10 @@ def forward_with_stores(model: nn.Module, tokens: torch.Tensor, c: torch.Tensor,
     residual stream after the last block, the outputs and the inputs (empty when stored)."""
     outs: list[torch.Tensor] = []
     inps: list[torch.Tensor] = []
-    for i, block in enumerate(model.blocks):
+    for block, base in zip(model.blocks, site_bases(model), strict=True):
         def branch(b: int, x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor,
-                   module: nn.Module, i: int = i) -> torch.Tensor:
-            s = 2 * i + b
+                   module: nn.Module, base: int = base) -> torch.Tensor:
+            s = base + b
             inp = inp0 if s == 0 and inp0 is not None else modulate(norm(x), shift, scale)
             out = module(inp)
             if store is None:
@@ -237,34 +341,42 @@ def branch_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
 
 
 class TaylorBankMethod(CacheMethod):
-    """A method whose cached sites are Taylor predictions from one FactorBank (FORA: order 0;
-    TaylorSeer: order m): full steps store into the bank, cached steps predict per site or run
-    the step programs (``full_step``, ``taylor_cached_step``). Subclasses call ``make_bank`` in
-    ``reset`` and define ``decide``."""
+    """A method that is a step-level ``Schedule`` (``schedule``) plus a ``TaylorPredictor``
+    (``predictor``: Taylor predictions from one FactorBank, FORA: order 0; TaylorSeer: order m):
+    full steps store into the bank, cached steps predict per site or run the step programs
+    (``full_step``, ``taylor_cached_step``). Subclasses set ``schedule`` and call ``make_bank``
+    in ``reset``."""
 
-    bank: FactorBank
+    schedule: Schedule
+    predictor: TaylorPredictor
+
+    @property
+    def bank(self) -> FactorBank:
+        """The predictor's factor bank, which the step programs read and write."""
+        return self.predictor.bank
 
     def make_bank(self, order: int, dtype: torch.dtype | None) -> None:
-        """The bank for the attached model, kept (zeroed) from batch to batch."""
-        bank = getattr(self, "bank", None)
-        sites = getattr(self, "num_sites", 2 * self.depth)
-        if bank is None or bank.sites != sites or bank.order != order:
-            self.bank = FactorBank(order, sites, dtype)
-        else:
-            bank.reset()
+        """The predictor for the attached model, its bank kept (zeroed) from batch to batch."""
+        predictor = getattr(self, "predictor", None)
+        if predictor is None or predictor.order != order or predictor.dtype != dtype:
+            self.predictor = predictor = TaylorPredictor(order, dtype)
+        predictor.setup(getattr(self, "num_sites", 2 * self.depth))
+
+    def decide(self, step: StepInfo) -> bool:
+        return self.schedule.decide(step)
 
     def store(self, site: Site, inp: BranchInput, out: torch.Tensor) -> None:
-        self.bank.update(site.module_index, out, self.step.index)
+        self.predictor.record(site, inp, out, self.step.index)
 
     def predict(self, site: Site, inp: BranchInput) -> torch.Tensor:
-        return self.bank.predict(site.module_index, self.step.index, inp.x.dtype)
+        return self.predictor.predict(site, inp, self.step.index)
 
     def can_fuse(self) -> bool:
         return True
 
     def prepare_fused(self, model: nn.Module) -> None:
         device = model_device(model)
-        self.gates = model.stacked_modulation(("gate",))
+        self.gates = grouped_modulation(model, ("gate",))
         self.full_fn = maybe_compile(full_step, self.compile, self.compile_backend)
         self.cached_fn = GraphedStep(maybe_compile(taylor_cached_step, self.compile, self.compile_backend),
                                      static=(2,), mode=graph_mode(device, self.compile))
@@ -280,7 +392,7 @@ class TaylorBankMethod(CacheMethod):
         if self.full:
             self.allocate(model, x)
             step = self.bank.begin(index, x.device)
-            self._stats.count_full_forward(self.depth, model.token_shape[0])
+            self._stats.count_full_forward(self.depth, model.token_shape[0], kinds=self.site_kinds)
             spacing, keep, _, valid = step_scalars(step, self.compile)
             return self.full_fn(model, x, t, y, self.bank.slots, spacing, keep, valid)
         self.count_fused_cached()

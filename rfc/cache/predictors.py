@@ -1,15 +1,52 @@
-"""The one store of Taylor factors (FactorBank) every extrapolating method uses (FORA: order 0,
+"""The one predictor interface (``Predictor``: what a cached step uses instead of computing), the
+one store of Taylor factors (FactorBank) every extrapolating method uses (FORA: order 0,
 TaylorSeer: order m, RFC's output factors and its RCS forecast), its update rule written twice
 for two kinds of code (eager per site, compiled for all sites at once), and TaylorSeer's
-expansion. ``TaylorFactors`` is one site's view of a bank."""
+expansion. ``TaylorFactors`` is one site's view of a bank; ``TaylorPredictor`` is FORA's and
+TaylorSeer's predictor over a bank."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from rfc.cache.base import BranchInput, Site
+
+
+class Predictor:
+    """What a cached site (or a cached run of blocks) uses instead of being computed.
+
+    A method is a ``Schedule`` (rfc.cache.schedules: when to compute) plus a predictor. On a full
+    step the method computes and hands each result to ``record(site, inp, out, index)``; on a
+    cached step it asks ``predict(site, inp, index, module)``. ``inp`` is what the site would
+    read (a lazy ``BranchInput`` for a branch, computed only if the predictor asks for it; the
+    stream entering the replaced blocks for block-level reuse); ``module`` is the site's module,
+    for predictors that recompute part of it (ToCa's fresh tokens). ``index`` is the sampler's
+    forward-order step. ``reset()`` forgets everything before each batch."""
+
+    def reset(self) -> None:
+        """Forget every stored value (a new batch starts)."""
+
+    def record(self, site: Site, inp: BranchInput | torch.Tensor, out: torch.Tensor, index: int) -> None:
+        """Remember what a full computation of ``site`` produced at step ``index``."""
+        raise NotImplementedError(f"{type(self).__name__} records nothing")
+
+    def predict(self, site: Site, inp: BranchInput | torch.Tensor, index: int,
+                module: nn.Module | None = None) -> torch.Tensor:
+        """The value ``site`` takes at the cached step ``index``."""
+        raise NotImplementedError(f"{type(self).__name__} predicts nothing")
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        """Every tensor kept (for the cache-memory column)."""
+        return ()
+
+    def params(self) -> dict[str, object]:
+        """The predictor's settings, recorded in the result row."""
+        return {}
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -155,16 +192,24 @@ def store_all(slots: tuple[torch.Tensor, ...], gram: torch.Tensor | None, values
     """The same rule for every site at once, values (sites, B, T, C): compiled code. Every slot
     is rewritten whole, the slots not yet valid zeroed by ``keep`` and the spacing a tensor, so
     the traced graph does not depend on how many full steps came before; the valid slots get
-    the values the eager rule gives them."""
+    the values the eager rule gives them. The Gram matrices are sums of products of the new
+    factors as they are written (no stacked copy of the factors; inductor fuses each product and
+    its sum into the kernels that compute the factors)."""
     cur = values
+    new = []
     for i in range(len(slots) - 1):
         nxt = (cur - slots[i]) / spacing
-        slots[i].copy_(torch.where(keep[i], cur, 0))
+        new.append(torch.where(keep[i], cur, 0))
+        slots[i].copy_(new[-1])
         cur = nxt
-    slots[-1].copy_(torch.where(keep[-1], cur, 0))
+    new.append(torch.where(keep[-1], cur, 0))
+    slots[-1].copy_(new[-1])
     if gram is not None and len(slots) > 1:
-        flat = torch.stack(slots[1:]).float().flatten(3).permute(1, 2, 0, 3)  # (S, B, m, T*C)
-        gram.copy_(flat @ flat.transpose(-1, -2))
+        hi = [f.float().flatten(2) for f in new[1:]]  # m tensors (S, B, T*C)
+        m = len(hi)
+        dots = {(i, j): (hi[i] * hi[j]).sum(-1) for i in range(m) for j in range(i, m)}  # (S, B)
+        rows = [torch.stack([dots[min(i, j), max(i, j)] for j in range(m)], dim=-1) for i in range(m)]
+        gram.copy_(torch.stack(rows, dim=-2))
 
 
 class TaylorFactors:
@@ -207,3 +252,38 @@ class TaylorFactors:
     def tensors(self) -> list[torch.Tensor]:
         """A view of a shared bank holds nothing of its own (the bank is counted once)."""
         return self.bank.tensors() if self.bank.sites == 1 else []
+
+
+class TaylorPredictor(Predictor):
+    """FORA's and TaylorSeer's predictor: every site's Taylor factors in one FactorBank (order 0:
+    the last output reused; order m: TaylorSeer's expansion), predicted in the stream's dtype.
+    The step programs read the same bank (``bank``)."""
+
+    def __init__(self, order: int, dtype: torch.dtype | None) -> None:
+        self.order, self.dtype = order, dtype
+        self.bank = FactorBank(order, 0, dtype)
+
+    def setup(self, sites: int) -> None:
+        """The bank for a model of ``sites`` sites, kept (zeroed) from batch to batch while the
+        count fits, so captured step programs stay valid."""
+        if self.bank.sites != sites or self.bank.order != self.order:
+            self.bank = FactorBank(self.order, sites, self.dtype)
+        else:
+            self.bank.reset()
+
+    def reset(self) -> None:
+        self.bank.reset()
+
+    def record(self, site: Site, inp: BranchInput | torch.Tensor, out: torch.Tensor, index: int) -> None:
+        self.bank.update(site.module_index, out, index)
+
+    def predict(self, site: Site, inp: BranchInput | torch.Tensor, index: int,
+                module: nn.Module | None = None) -> torch.Tensor:
+        dtype = inp.x.dtype if isinstance(inp, BranchInput) else inp.dtype
+        return self.bank.predict(site.module_index, index, dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.bank.tensors()
+
+    def params(self) -> dict[str, object]:
+        return {"order": self.order}

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rfc.models.dit import BranchFn, BranchModulation, compute_branch, modulate
@@ -155,6 +156,11 @@ class JointAttention(nn.Module):
                               image_rotary_emb=self.ctx.rope)
         return torch.cat([txt, img], dim=1)
 
+    def with_received(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self(x)`` with an explicit softmax, and the attention each token receives (B, T):
+        what token-wise caching (ToCa) scores tokens by (``joint_attention_with_received``)."""
+        return joint_attention_with_received(self, x)
+
 
 class StreamMlp(nn.Module):
     """A double-stream block's two MLPs as one branch: ``ff_context`` on the text tokens, ``ff``
@@ -181,6 +187,16 @@ class SingleTotal(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return single_total_from_attention(self, x, self.block.attn(hidden_states=x, image_rotary_emb=self.ctx.rope))
+
+    def with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``self(x)``, its attention output before proj_out and the attention each token
+        receives (``single_total_with_attention``): what ToCa keeps at a full step."""
+        return single_total_with_attention(self, x)
+
+    def from_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The output for tokens x with their attention output given (``single_total_from_attention``):
+        ToCa's partial step from the attention cached at the last full step."""
+        return single_total_from_attention(self, x, attn)
 
 
 class DoubleStreamBlock:
@@ -314,6 +330,53 @@ def single_total_from_attention(total: SingleTotal, x: torch.Tensor, attn: torch
     return b.proj_out(torch.cat([attn, b.act_mlp(b.proj_mlp(x))], dim=2))
 
 
+class GroupedModulation(nn.Module):
+    """The adaLN vectors ``kinds`` (of shift, scale, gate) of every site of the model, for each
+    token group (text, image), from one matmul of the blocks' stacked weights, copied once when
+    built: forward(c) -> (B, sites, len(kinds), 2, C). A double-stream site's text vectors are
+    ``norm1_context``'s rows and its image vectors ``norm1``'s; a single-stream site has one
+    vector, the same for both groups, computed once. The values equal each block's own
+    ``modulation(c)`` (the same rows of the same weights), which is how the step programs run
+    FLUX's blocks without calling them."""
+
+    def __init__(self, blocks: Sequence[DoubleStreamBlock | SingleStreamBlock], kinds: tuple[str, ...]) -> None:
+        super().__init__()
+        fields = BranchModulation._fields
+        unknown = set(kinds) - set(fields)
+        if unknown or not kinds:
+            raise ValueError(f"modulation kinds must be among {fields}, got {kinds}")
+        weights, biases, index = [], [], []
+
+        def row(linear: nn.Module, chunks: int, chunk: int) -> int:
+            C = linear.in_features
+            weights.append(linear.weight.view(chunks, C, C)[chunk])
+            biases.append(linear.bias.view(chunks, C)[chunk])
+            return len(weights) - 1
+
+        with torch.no_grad():
+            for block in blocks:
+                b = block.block
+                if isinstance(block, DoubleStreamBlock):
+                    for site in (0, 1):
+                        for kind in kinds:
+                            chunk = 3 * site + fields.index(kind)
+                            index += [row(b.norm1_context.linear, 6, chunk), row(b.norm1.linear, 6, chunk)]
+                else:
+                    for kind in kinds:
+                        r = row(b.norm.linear, 3, fields.index(kind))
+                        index += [r, r]
+            w, bias = torch.cat(weights), torch.cat(biases)
+        self.register_buffer("weight", w.clone(), persistent=False)
+        self.register_buffer("bias", bias.clone(), persistent=False)
+        self.register_buffer("index", torch.tensor(index), persistent=False)
+        self.kinds, self.hidden = kinds, w.shape[1]
+        self.sites = len(index) // (2 * len(kinds))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        rows = F.linear(F.silu(c), self.weight, self.bias).view(c.shape[0], -1, self.hidden)
+        return rows[:, self.index].view(c.shape[0], self.sites, len(self.kinds), 2, self.hidden)
+
+
 class FluxModel(nn.Module):
     """FLUX.1's transformer with its prompt table and distilled guidance, behind the cache
     protocol. ``forward(x, t, y)``: latents (B, 16, h, w), the pipeline's timestep / 1000 (B,), prompt
@@ -332,7 +395,7 @@ class FluxModel(nn.Module):
         blocks += [SingleStreamBlock(b, self.ctx) for b in transformer.single_transformer_blocks]
         object.__setattr__(self, "blocks", blocks)  # views of the transformer's blocks, not submodules
         self._rope_key: tuple | None = None
-        self.step_programs = False  # no fused step programs for FLUX: methods run per site
+        self._hw = (config.input_size, config.input_size)
         self.step_counting = "up"  # the official FLUX caching code counts steps from 0 (DiT's counts down)
 
     @property
@@ -389,8 +452,21 @@ class FluxModel(nn.Module):
     def weight_dtype(self) -> torch.dtype:
         return self.transformer.x_embedder.weight.dtype
 
+    @property
+    def token_groups(self) -> tuple[int, int]:
+        """The spans of the stream that share adaLN vectors in a double-stream block: the text
+        tokens, then the image tokens (of the latest ``embed``)."""
+        h, w = self._hw
+        return self.ctx.n_txt if self.ctx.n_txt else self.config.text_tokens, (h // 2) * (w // 2)
+
+    def grouped_modulation(self, kinds: tuple[str, ...]) -> GroupedModulation:
+        """The adaLN vectors ``kinds`` of every site per token group (text, image) from one
+        matmul, for step programs that need them all at once (see GroupedModulation)."""
+        return GroupedModulation(self.blocks, kinds)
+
     def stacked_modulation(self, kinds: tuple[str, ...]) -> nn.Module:
-        raise NotImplementedError("FLUX has no stacked modulation: caching methods run per site on FLUX")
+        raise NotImplementedError("FLUX modulates text and image tokens apart: step programs read "
+                                  "grouped_modulation(kinds) (per token group) instead")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         tokens, c = self.embed(x, t, y)

@@ -114,7 +114,7 @@ def compile_for(model: nn.Module, method: CacheMethod) -> None:
         model.compile(dynamic=False)
         return
     method.compile = True
-    if method.fused and method.can_fuse() and getattr(model, "step_programs", True):
+    if method.fused and method.can_fuse():
         return
     for block in model.blocks:
         for branch in block_branches(block):
