@@ -39,7 +39,7 @@ DiT code in almost every choice:
   force scheduler's step weight is 0 on FLUX, so the interval stays N (no adaptive interval). NFC
   on 50 steps: N = 4 / 5 / 6 / 12 -> 14 / 12 / 10 / 6. The FLOPs the official README lists for
   ToCa4/5/6-01 (1263.22 / 1126.76 / 990.30 T) follow from these counts and the ratios below
-  (1262.84 / 1126.36 / 989.88 T with rfc.models.flops' conventions and the re-projection below; the
+  (1262.84 / 1126.36 / 989.88 T with the FLOPs module's conventions and the re-projection below; the
   0.4 T left is what calflops counts outside the blocks).
 - Modules. Double-stream block: the joint attention (img_attn + txt_attn, our ``attn`` site) is
   reused whole; its MLPs (img_mlp, txt_mlp: our ``mlp`` site) are recomputed on a token subset
@@ -81,7 +81,7 @@ at any R, and a full step that computes a map differs from the fused one by roun
 Accounting on FLUX: a partial double-stream MLP is count_partial(mlp site, k_txt + k_img)
 (partial_mlp_tokens), a partial single-stream block count_partial(total site, k)
 (partial_total_tokens); reused attention and k = 0 sites are cached_sites; NFC is the full steps.
-rfc.models.flops counts a partial single-stream site as the whole block recomputed for k queries
+The FLOPs module counts a partial single-stream site as the whole block recomputed for k queries
 (q, k, v, attention against all keys, proj_mlp, GELU, proj_out), more than this partial step runs
 (proj_mlp, GELU, proj_out): FLUX.1-dev, 50 steps, N = 5, R = 0.1 comes to 1161.7 T there against
 the 1063.6 T that ran (1126.4 T with the official re-projection).

@@ -40,7 +40,8 @@ def test_bench_writes_every_key_per_method_and_batch(tmp_path, model):
         if row["cached_ms"] is not None:  # a threshold schedule may compute every step on random weights
             assert row["cached_over_full"] == row["cached_ms"] / row["full_ms"]
         assert row["e2e_speedup_nfc14"] > 0 and 1 <= row["nfc"] <= 50
-    assert setting["methods"]["fora"]["nfc"] == setting["methods"]["taylorseer"]["nfc"] in (13, 14)  # interval 4 of 50
+    for name in ("fora", "taylorseer"):  # interval 4 of 50 steps, counted as the family's official code counts
+        assert setting["methods"][name]["nfc"] in (13, 14), name
     assert setting["methods"]["fora"]["fused"] and setting["methods"]["rfc"]["fused"]
 
 

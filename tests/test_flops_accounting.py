@@ -84,8 +84,8 @@ def test_block_level_methods_on_flux_count_single_stream_blocks_as_one_site(flux
     assert cost.flops(none, 1) == pytest.approx(full, rel=1e-12)
     probe = method.block_calls - none.block_calls
     assert probe == (STEPS if isinstance(block_method, TeaCache) else 0)
-    assert method.norm_tokens - none.norm_tokens == probe * 24  # 8 text + 16 image tokens
-    extra = probe * (cost.step_modulation(1) / cost.blocks) + cost.norm(1, 24 * probe)
+    assert method.norm_tokens - none.norm_tokens == probe * 16  # the probe normalises the 16 image tokens only
+    extra = probe * (cost.step_modulation(1) / cost.blocks) + cost.norm(1, 16 * probe)
     assert cost.flops(method, 1) == pytest.approx(full + extra, rel=1e-12)
 
 
