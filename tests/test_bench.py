@@ -31,6 +31,7 @@ def test_bench_writes_every_key_per_method_and_batch(tmp_path, model):
     (path,) = out.glob(f"{model}_cpu_*.json")
     result = json.loads(path.read_text())
     assert result["device"].startswith("cpu") and result["torch_version"]
+    assert result["settings_requested"]["model"]["pretrained"] is False  # random weights, whatever the model says
     (setting,) = result["settings"]
     assert setting["batch_size"] == 2 and setting["variant"] == "eager" and setting["full_ms"] > 0
     assert list(setting["methods"]) == METHODS
