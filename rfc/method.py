@@ -399,7 +399,7 @@ def rfc_full_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.T
         if inputs is not None:
             if not first:
                 ratios[s] = relation(change_norm(out, slots[0][s]), change_norm(inp, inputs[s]))
-            inputs[s] = inp
+            inputs[s].copy_(inp)
         store_factors(slots, gram, s, out, spacing, valid)
         if s == 0 and forecast is not None:
             store_factors(forecast, None, 0, inp, spacing, valid)

@@ -178,10 +178,10 @@ def store_factors(slots: tuple[torch.Tensor, ...], gram: torch.Tensor | None, s:
     valid slots, as TaylorSeer's code runs it: eager code, one site at a time."""
     cur = value
     for i in range(valid - 1):
-        nxt = (cur - slots[i][s]) / spacing
-        slots[i][s] = cur
+        nxt = torch.sub(cur, slots[i][s]).div_(spacing)  # (cur - F_i) / d, the same two roundings, one buffer
+        slots[i][s].copy_(cur)
         cur = nxt
-    slots[valid - 1][s] = cur
+    slots[valid - 1][s].copy_(cur)
     if gram is not None and valid > 1:
         flat = torch.stack([slots[i][s] for i in range(1, valid)]).float().flatten(2).transpose(0, 1)  # (B, n, T*C)
         gram[s, :, : valid - 1, : valid - 1] = flat @ flat.transpose(1, 2)
