@@ -396,11 +396,17 @@ def rfc_full_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.T
         return model.head(tokens, c)
 
     def store(s: int, inp: torch.Tensor, out: torch.Tensor) -> None:
+        diff = None
         if inputs is not None:
             if not first:
-                ratios[s] = relation(change_norm(out, slots[0][s]), change_norm(inp, inputs[s]))
+                if out.dtype == slots[0].dtype == torch.float32:  # O(t) - O(t+N) taken once: s(t) and F_1
+                    diff = torch.sub(out, slots[0][s])
+                    out_change = token_norm(diff)
+                else:
+                    out_change = change_norm(out, slots[0][s])
+                ratios[s] = relation(out_change, change_norm(inp, inputs[s]))
             inputs[s].copy_(inp)
-        store_factors(slots, gram, s, out, spacing, valid)
+        store_factors(slots, gram, s, out, spacing, valid, diff)
         if s == 0 and forecast is not None:
             store_factors(forecast, None, 0, inp, spacing, valid)
 

@@ -173,12 +173,14 @@ class FactorBank:
 
 
 def store_factors(slots: tuple[torch.Tensor, ...], gram: torch.Tensor | None, s: int, value: torch.Tensor,
-                  spacing: int, valid: int) -> None:
+                  spacing: int, valid: int, diff: torch.Tensor | None = None) -> None:
     """Shift ``value`` into site s's factors in place (the update rule of FactorBank), over the
-    valid slots, as TaylorSeer's code runs it: eager code, one site at a time."""
+    valid slots, as TaylorSeer's code runs it: eager code, one site at a time. ``diff``: value -
+    F_0 when the caller has already taken it (RFC measures its norm); it becomes F_1's buffer."""
     cur = value
     for i in range(valid - 1):
-        nxt = torch.sub(cur, slots[i][s]).div_(spacing)  # (cur - F_i) / d, the same two roundings, one buffer
+        delta = diff if i == 0 and diff is not None else torch.sub(cur, slots[i][s])
+        nxt = delta.div_(spacing)  # (cur - F_i) / d, the same two roundings, one buffer
         slots[i][s].copy_(cur)
         cur = nxt
     slots[valid - 1][s].copy_(cur)
