@@ -42,7 +42,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from rfc.cache.base import CacheMethod, branch_input, image_slice, modulate, plain_branch
+from rfc.cache.base import CacheMethod, image_slice, modulate, plain_branch
 from rfc.cache.predictors import Predictor
 from rfc.cache.schedules import Schedule, Signal
 from rfc.samplers.sampling import StepInfo
@@ -188,14 +188,11 @@ class BlockCacheMethod(CacheMethod):
         computed for the schedule only (block 0 recomputes it when it runs): one more modulation
         and one more layer norm of those tokens."""
         self._stats.block_calls += 1
-        if where == slice(None):
-            self._stats.norm_tokens += x.shape[1]
-            return branch_input(block, 0, x, c)
         mod = block.modulation(c)[0]
         shift, scale = mod.shift, mod.scale
         if shift.dim() == 3:  # per-token modulation (a FLUX double-stream block): the measured tokens' own
-            shift, scale = shift[:, where], scale[:, where]
-        x = x[:, where]
+            shift, scale = _tokens(shift, where), _tokens(scale, where)
+        x = _tokens(x, where)
         self._stats.norm_tokens += x.shape[1]
         return modulate(block.norms[0](x), shift, scale)
 
