@@ -36,7 +36,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from rfc.cache.base import BranchInput, CacheMethod, Site, branch_input
+from rfc.cache.base import BranchInput, CacheMethod, Site, branch_input, input_dtype, input_values
 from rfc.cache.fused import (
     GraphedStep,
     branch_dtype,
@@ -290,21 +290,18 @@ class RelationalPredictor(Predictor):
         self.inputs = self.ratios = None
 
     def record(self, site: Site, inp: BranchInput | torch.Tensor, out: torch.Tensor, index: int) -> None:
-        x_in = inp.full() if isinstance(inp, BranchInput) else inp
         state = self.states.setdefault(site, RelationalState(TaylorFactors(bank=self.bank, site=site.module_index)))
-        state.update(out, x_in if self.needs_inputs else None, index, self.reduction, self.dtype)
+        state.update(out, input_values(inp) if self.needs_inputs else None, index, self.reduction, self.dtype)
         if self.needs_inputs and self.stacked:
             self._gather(site.module_index, state)
 
     def predict(self, site: Site, inp: BranchInput | torch.Tensor, index: int,
                 module: nn.Module | None = None) -> torch.Tensor:
         state = self.states[site]
-        dtype = inp.x.dtype if isinstance(inp, BranchInput) else inp.dtype
+        dtype = input_dtype(inp)
         if self.magnitude == "taylor":
             return state.out.predict(index, dtype)
-        x_now = None
-        if self.needs_inputs:
-            x_now = inp.full() if isinstance(inp, BranchInput) else inp
+        x_now = input_values(inp) if self.needs_inputs else None
         return relational_prediction(state, index, self.magnitude, self.reduction, x_now, self.constant_w).to(dtype)
 
     def _gather(self, s: int, state: RelationalState) -> None:

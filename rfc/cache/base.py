@@ -85,6 +85,15 @@ def block_branches(block: object) -> tuple[str, ...]:
     return tuple(getattr(block, "branches", ("attn", "mlp")))
 
 
+def site_bases(model: nn.Module) -> list[int]:
+    """Block i's first site index, for sites numbered in execution order across all blocks."""
+    bases, n = [], 0
+    for block in model.blocks:
+        bases.append(n)
+        n += len(block_branches(block))
+    return bases
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (B, T, C) modulated by per-sample (B, C) or per-token (B, T, C) shift and scale."""
     if shift.dim() == 2:
@@ -118,6 +127,17 @@ class BranchInput:
         if self.shift.dim() == 2:
             return modulate(self.norm(x), self.shift, self.scale)
         return modulate(self.norm(x), torch.gather(self.shift, 1, where), torch.gather(self.scale, 1, where))
+
+
+def input_values(inp: BranchInput | torch.Tensor) -> torch.Tensor:
+    """What a site reads, as a tensor: a lazy ``BranchInput`` computed, a tensor as it is (a
+    predictor is handed either: a branch's input, or the stream entering replaced blocks)."""
+    return inp.full() if isinstance(inp, BranchInput) else inp
+
+
+def input_dtype(inp: BranchInput | torch.Tensor) -> torch.dtype:
+    """The stream's dtype, in which a prediction is returned, without computing a lazy input."""
+    return inp.x.dtype if isinstance(inp, BranchInput) else inp.dtype
 
 
 @dataclass
@@ -247,12 +267,9 @@ class CacheMethod:
     def set_sites(self, model: nn.Module) -> None:
         """Every site of ``model`` in execution order: ``site_kinds`` (their branches),
         ``num_sites`` and ``site_base`` (block i's first site index)."""
-        kinds: list[str] = []
-        self.site_base: list[int] = []
-        for block in model.blocks:
-            self.site_base.append(len(kinds))
-            kinds += block_branches(block)
-        self.site_kinds, self.num_sites = tuple(kinds), len(kinds)
+        self.site_base = site_bases(model)
+        self.site_kinds = tuple(kind for block in model.blocks for kind in block_branches(block))
+        self.num_sites = len(self.site_kinds)
 
     def detach(self) -> None:
         if self.model is None:

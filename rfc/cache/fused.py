@@ -42,7 +42,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rfc.cache.base import BranchInput, CacheMethod, Site, block_branches, modulate
+from rfc.cache.base import BranchInput, CacheMethod, Site, modulate, site_bases
 from rfc.cache.predictors import FactorBank, FullStep, TaylorPredictor, store_all, store_factors
 from rfc.cache.schedules import Schedule
 from rfc.samplers.sampling import StepInfo
@@ -107,15 +107,6 @@ def modulate_groups(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, g
     for g, span in enumerate(spans(groups)):
         x[:, span].mul_(1 + scale[:, g].unsqueeze(1)).add_(shift[:, g].unsqueeze(1))
     return x
-
-
-def site_bases(model: nn.Module) -> list[int]:
-    """Block i's first site index, for sites numbered in execution order across all blocks."""
-    bases, n = [], 0
-    for block in model.blocks:
-        bases.append(n)
-        n += len(block_branches(block))
-    return bases
 
 
 def weighted_site_sum(factors: tuple[torch.Tensor, ...], weights: torch.Tensor, out: torch.Tensor,

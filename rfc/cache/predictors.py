@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rfc.cache.base import BranchInput, Site
+from rfc.cache.base import BranchInput, Site, input_dtype
 
 
 class Predictor:
@@ -281,8 +281,7 @@ class TaylorPredictor(Predictor):
 
     def predict(self, site: Site, inp: BranchInput | torch.Tensor, index: int,
                 module: nn.Module | None = None) -> torch.Tensor:
-        dtype = inp.x.dtype if isinstance(inp, BranchInput) else inp.dtype
-        return self.bank.predict(site.module_index, index, dtype)
+        return self.bank.predict(site.module_index, index, input_dtype(inp))
 
     def tensors(self) -> list[torch.Tensor]:
         return self.bank.tensors()
