@@ -225,14 +225,9 @@ def test_a_method_defined_in_a_test_runs_end_to_end(make_cfg, tmp_path):
 
 @pytest.fixture(scope="module")
 def flux():
-    from test_flux import TINY as FLUX_TINY
+    from test_flux import tiny_flux
 
-    from rfc.models.flux import FluxModel, random_prompt_table, random_transformer
-
-    table = random_prompt_table(
-        ["a red car", "a cat on a mat"], FLUX_TINY.text_tokens, FLUX_TINY.text_dim, FLUX_TINY.pooled_dim
-    )
-    model = FluxModel(random_transformer(FLUX_TINY, [4, 6, 6], seed=0), table, FLUX_TINY, guidance=3.5)
+    model = tiny_flux()
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
     return model, x, torch.tensor([0, 1])
 

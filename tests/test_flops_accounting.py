@@ -12,6 +12,8 @@ import pytest
 import torch
 from test_cache import TINY as DIT_TINY
 from test_cache import sample_with
+from test_flux import TINY as FLUX_TINY
+from test_flux import tiny_flux
 from test_protocol import GuidanceReuse
 
 from baselines.fbcache import FBCache
@@ -19,32 +21,18 @@ from baselines.teacache import TeaCache
 from rfc.cache import MethodStats, NoCache
 from rfc.models.family import families
 from rfc.models.flops import flux_full_step_flops
-from rfc.models.flux import FluxConfig, FluxModel, random_prompt_table, random_transformer
+from rfc.models.flux import FluxModel
 from rfc.models.load import build_dit
 from rfc.samplers.flow import FlowMatchEulerSampler
 from rfc.samplers.sampling import CFGDenoiser, DDIMSampler
 
 ROOT = Path(__file__).resolve().parents[1]
-FLUX_TINY = FluxConfig(
-    image_size=64,
-    hidden_size=32,
-    num_heads=2,
-    depth_double=2,
-    depth_single=3,
-    text_tokens=8,
-    text_dim=32,
-    pooled_dim=16,
-)
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
 def flux():
-    transformer = random_transformer(FLUX_TINY, [4, 6, 6], seed=0)
-    table = random_prompt_table(
-        ["a red car", "a cat on a mat"], FLUX_TINY.text_tokens, FLUX_TINY.text_dim, FLUX_TINY.pooled_dim
-    )
-    return FluxModel(transformer, table, FLUX_TINY, guidance=3.5)
+    return tiny_flux()
 
 
 def flux_stats(model: FluxModel, method) -> MethodStats:

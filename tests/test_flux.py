@@ -34,11 +34,16 @@ TINY = FluxConfig(image_size=64, hidden_size=32, num_heads=2, depth_double=2, de
                   text_dim=32, pooled_dim=16)
 
 
+def tiny_flux(prompts: tuple[str, ...] = ("a red car", "a cat on a mat")) -> FluxModel:
+    """flux-tiny (configs/model/flux-tiny.yaml) with random weights (seed 0) and random embeddings
+    of ``prompts``: the FLUX model the tests of several files share."""
+    table = random_prompt_table(list(prompts), TINY.text_tokens, TINY.text_dim, TINY.pooled_dim)
+    return FluxModel(random_transformer(TINY, [4, 6, 6], seed=0), table, TINY, guidance=3.5)
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    transformer = random_transformer(TINY, [4, 6, 6], seed=0)
-    table = random_prompt_table(["a red car", "a cat on a mat"], TINY.text_tokens, TINY.text_dim, TINY.pooled_dim)
-    model = FluxModel(transformer, table, TINY, guidance=3.5)
+    model = tiny_flux()
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
     return model, x, torch.tensor([0, 1])
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 from test_compiled import COMPILED_RTOL, forbid_recompiles
+from test_flux import TINY, tiny_flux
 from test_fused import STEP_ATOL, TRAJECTORY_ATOL
 
 from baselines.fora import FORA
@@ -23,29 +24,14 @@ from baselines.taylorseer import TaylorSeer
 from rfc.cache import CacheMethod, NoCache
 from rfc.cache.base import WarmedUp
 from rfc.method import RFC
-from rfc.models.flux import FluxConfig, FluxModel, random_prompt_table, random_transformer
+from rfc.models.flux import FluxModel
 from rfc.samplers.flow import FlowMatchEulerSampler
 from rfc.samplers.sampling import CFGDenoiser
-
-TINY = FluxConfig(
-    image_size=64,
-    hidden_size=32,
-    num_heads=2,
-    depth_double=2,
-    depth_single=3,
-    text_tokens=8,
-    text_dim=32,
-    pooled_dim=16,
-)  # configs/model/flux-tiny.yaml
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    transformer = random_transformer(TINY, [4, 6, 6], seed=0)
-    table = random_prompt_table(
-        ["a red car", "a cat on a mat", "a bowl of fruit"], TINY.text_tokens, TINY.text_dim, TINY.pooled_dim
-    )
-    return FluxModel(transformer, table, TINY, guidance=3.5)
+    return tiny_flux(("a red car", "a cat on a mat", "a bowl of fruit"))
 
 
 def inputs(n: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -192,16 +192,9 @@ def test_toca_flux_recipe_refuses_a_dit_model(small):
 
 
 def test_toca_auto_recipe_follows_the_model(small):
-    from test_fused_flux import TINY
+    from test_flux import tiny_flux
 
-    from rfc.models.flux import FluxModel, random_prompt_table, random_transformer
-
-    flux = FluxModel(
-        random_transformer(TINY, [4, 6, 6], seed=0),
-        random_prompt_table(["a"], TINY.text_tokens, TINY.text_dim, TINY.pooled_dim),
-        TINY,
-        guidance=3.5,
-    )
+    flux = tiny_flux(("a",))
     toca = ToCa(interval=4, fresh_ratio=0.1)
     toca.attach(flux)
     try:
