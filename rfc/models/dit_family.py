@@ -5,8 +5,6 @@ VAE (or not at all in pixel space), two sites per block (attention, MLP)."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -15,7 +13,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from rfc.models.dit import DiT, DiTConfig, dit_config
-from rfc.models.family import ModelFamily, register_family
+from rfc.models.family import ModelFamily, random_weights_id, register_family
 from rfc.models.flops import CostModel, dit_cost
 from rfc.models.load import build_dit, require_file
 from rfc.models.vae import LATENT_DOWNSAMPLE, check_vae_folder, load_vae, random_vae, vae_folder
@@ -103,8 +101,7 @@ class DiTFamily(ModelFamily):
         if m.pretrained:
             weights = "sha256:" + memo_digest(m.checkpoint, digest_memo(paths))[:16]
         else:
-            body = json.dumps(dataclasses.asdict(arch), sort_keys=True)
-            weights = f"random:{m.init}:{hashlib.sha256(body.encode()).hexdigest()[:8]}"
+            weights = random_weights_id(m.init, dataclasses.asdict(arch))
         return dict(
             model=str(m.name),
             arch=str(m.get("arch") or "custom"),

@@ -20,7 +20,9 @@ itself the same way.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import pkgutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -130,6 +132,13 @@ class ModelFamily:
     def cost(self, arch: Any) -> CostModel:
         """FLOPs per unit of work for ``arch``: each site kind's cost, modulation and norms."""
         raise NotImplementedError
+
+
+def random_weights_id(init: object, arch: Mapping[str, Any]) -> str:
+    """The sample-setting name of random weights: their init and a hash of the architecture that
+    draws them (every family names random weights alike, so two runs compare only when both match)."""
+    body = json.dumps(dict(arch), sort_keys=True)
+    return f"random:{init}:{hashlib.sha256(body.encode()).hexdigest()[:8]}"
 
 
 F = TypeVar("F", bound=type[ModelFamily])

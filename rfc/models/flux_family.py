@@ -6,8 +6,6 @@ blocks with one (``total``), each priced at its own cost."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from rfc.models.family import ModelFamily, register_family
+from rfc.models.family import ModelFamily, random_weights_id, register_family
 from rfc.models.flops import CostModel, flux_cost
 from rfc.models.flux import (
     FluxConfig,
@@ -107,8 +105,7 @@ class FluxFamily(ModelFamily):
         if m.pretrained:
             weights = f"hf:{m.repo}@{Path(hf_snapshot(str(m.repo))).name[:12]}"
         else:
-            body = json.dumps({**dataclasses.asdict(arch), "axes_dims_rope": list(m.axes_dims_rope)}, sort_keys=True)
-            weights = f"random:{m.init}:{hashlib.sha256(body.encode()).hexdigest()[:8]}"
+            weights = random_weights_id(m.init, {**dataclasses.asdict(arch), "axes_dims_rope": list(m.axes_dims_rope)})
         return dict(
             model=str(m.name),
             arch=str(m.arch),
