@@ -21,8 +21,13 @@ of a 2x2x4 patch in another order on some CPUs). Processes that replay the fixtu
 ``ONEDNN_MAX_CPU_ISA=AVX2`` in their environment (``tests/conftest.py`` and
 ``scripts/conformance.py`` set it before torch starts; oneDNN reads it once), which reproduces the
 fixture bit for bit on an AMD EPYC with AVX-512 (the Intel machine it was made on reproduced it
-without the pin). Without it a per-site case may differ there by about 1e-6 of max |latent|
-(still far inside the fused tolerance).
+without the pin). Other CPUs do not reproduce it with any setting found (an Intel Xeon with
+AVX-512 FP16 lands every case, the plain DiT included, 2e-7 to 1.2e-6 of max |latent| away).
+So the plain DiT case (``none_ddpm250``: no caching, and DDPM's arithmetic needed no change to
+match) is the platform probe: where it is bit-identical the per-site paths are judged bit for bit;
+where it is not, this CPU cannot show bit identity with the official code, and the per-site
+paths are judged by the fixture's tolerance and exact schedules instead, and say so
+(:func:`probe_platform`).
 """
 
 from __future__ import annotations
@@ -125,10 +130,11 @@ class CaseResult:
     def within_tolerance(self) -> bool:
         return self.rel <= RELATIVE_TOLERANCE
 
-    @property
-    def passed(self) -> bool:
-        """The conformance rule: per-site bit-identical, fused within tolerance, same blocks full."""
-        return (self.within_tolerance if self.path == "fused" else self.bit_identical) and self.same_full_blocks
+    def passed(self, exact: bool) -> bool:
+        """The conformance rule: per-site bit-identical where the CPU can show it (``exact``, see
+        :func:`probe_platform`), fused within tolerance, the same blocks full at every call."""
+        bits = self.bit_identical if exact and self.path == "per-site" else self.within_tolerance
+        return bits and self.same_full_blocks
 
 
 class _Tracker:
@@ -191,6 +197,38 @@ def run_case(fixture: Fixture, case: Case, fused: bool = False) -> CaseResult:
         full_steps=full_steps, same_full_steps=full_steps == fixture.expected[f"{case.name}__full_steps"].tolist(),
         same_full_blocks=bool(np.array_equal(ran, fixture.expected[f"{case.name}__full_blocks"])),
         nfc=method.stats().full_steps, block0_full_steps=int(ran[:, 0].sum()))
+
+
+PROBE_CASE = "none_ddpm250"
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Whether this CPU's kernels reproduce the fixture's arithmetic, from the plain DiT case."""
+
+    probe: CaseResult
+
+    @property
+    def exact(self) -> bool:
+        return self.probe.bit_identical
+
+    def describe(self) -> str:
+        if self.exact:
+            return (f"this CPU reproduces the fixture's plain DiT ({PROBE_CASE}) bit for bit: "
+                    "per-site paths judged bit for bit")
+        return (f"this CPU does not reproduce the fixture's plain DiT bit for bit ({PROBE_CASE} lands "
+                f"{self.probe.rel:.2g} of max |latent| away, float reordering in its kernels): bit identity with the "
+                f"official code cannot be shown here, per-site paths are judged within {RELATIVE_TOLERANCE:g} of max "
+                f"|latent| with exact schedules")
+
+
+def probe_platform(fixture: Fixture) -> Platform:
+    """Replay the plain DiT case. It has no caching in it, so a difference there is the model's
+    kernels (or a change of the model itself, which the tolerance tests and the other checks on
+    a CPU that reproduces the fixture catch); no caching method can be bit-identical where it is
+    not."""
+    probe = next(c for c in CASES if c.name == PROBE_CASE)
+    return Platform(run_case(fixture, probe))
 
 
 def case_paths() -> list[tuple[Case, bool]]:
