@@ -83,8 +83,13 @@ def token_norm(x: torch.Tensor, reduction: str = "sample") -> torch.Tensor:
     return flat.norm(dim=-1) if reduction == "sample" else flat.flatten(-2).norm(dim=-1, keepdim=True)
 
 
-def change_norm(now: torch.Tensor, before: torch.Tensor, reduction: str = "sample") -> torch.Tensor:
-    """||now - before|| over tokens x channels, the difference taken in fp32 (``token_norm``)."""
+def change_norm(now: torch.Tensor, before: torch.Tensor, reduction: str = "sample",
+                inplace: bool = False) -> torch.Tensor:
+    """||now - before|| over tokens x channels, the difference taken in fp32 (``token_norm``).
+    ``inplace``: ``now`` is a scratch the caller no longer needs, and the difference of two fp32
+    tensors is taken into it (the same values, no allocation)."""
+    if inplace and now.dtype == before.dtype == torch.float32:
+        return token_norm(now.sub_(before), reduction)
     return token_norm(now.float() - before.float(), reduction)
 
 
@@ -431,9 +436,13 @@ def relational_cached_forward(model: nn.Module, mods: nn.Module, factors: torch.
     c_hi = coeffs[1:].float()
     compiled = torch.compiler.is_compiling()
     if not compiled:
-        tokens = tokens.clone()  # eager code adds into the residual stream in place
+        # eager code adds into the residual stream in place, in the factors' (contiguous) layout: a
+        # patch embedding's tokens are a transposed view, and clone() would keep that, making every
+        # layer norm copy the stream and every multiply-add stride across it (2x the step on a CPU)
+        tokens = tokens.clone(memory_format=torch.contiguous_format)
     # ||T_m(k)|| of every site at once (it reads only the Gram matrices): one op, not one per site
     t_norms = taylor_norm(grams[:, :, : n - 1, : n - 1], c_hi) if n > 1 else None  # (S, B)
+    pred = None if compiled else torch.empty_like(tokens)  # eager: one scratch for every site's prediction
     s = 0
     for block in model.blocks:
         for norm in block.norms:
@@ -441,24 +450,28 @@ def relational_cached_forward(model: nn.Module, mods: nn.Module, factors: torch.
             a = None
             if n > 1:
                 if s == 0 and inp0 is not None:
-                    inp = inp0
-                else:
+                    in_change = change_norm(inp0, inputs[s])
+                else:  # the input is needed only for its change: eager code takes it in place
                     inp = modulate_groups(norm(tokens), shift, scale, groups, inplace=True)
-                a = rfe_weight(ratio[s], change_norm(inp, inputs[s]), t_norms[s])  # (B,)
+                    in_change = change_norm(inp, inputs[s], inplace=not compiled)
+                a = rfe_weight(ratio[s], in_change, t_norms[s])  # (B,)
             if compiled:  # inductor fuses the prediction and the residual update into one kernel
                 pred = factors[0][s].to(tokens.dtype)
                 for i in range(1, n):
                     pred = pred + (a * c_hi[i - 1]).view(-1, 1, 1).to(tokens.dtype) * factors[i][s].to(tokens.dtype)
                 g = per_token(gate, groups)
                 tokens = tokens + (g.unsqueeze(1) if g.dim() == 2 else g) * pred
-            else:  # x += g F0 + sum_i (g a c_i) F_i: one in-place pass per factor and group, no temporaries
-                coef = (a.unsqueeze(1) * c_hi).to(tokens.dtype).unsqueeze(-1) if n > 1 else None  # (B, m, 1)
+            else:  # P = F0 + sum_i (a c_i) F_i into the scratch (each factor read once), then x += g P
+                if n > 1:
+                    w = (a.unsqueeze(1) * c_hi).to(tokens.dtype).view(-1, n - 1, 1, 1)  # (B, m, 1, 1)
+                    torch.addcmul(factors[0][s].to(tokens.dtype), w[:, 0], factors[1][s].to(tokens.dtype), out=pred)
+                    for i in range(2, n):
+                        pred.addcmul_(w[:, i - 1], factors[i][s].to(tokens.dtype))
+                    terms = pred
+                else:
+                    terms = factors[0][s].to(tokens.dtype)
                 for grp, span in enumerate(spans(groups)):
-                    view = tokens[:, span]
-                    g = gate[:, grp].unsqueeze(1).to(tokens.dtype)  # (B, 1, C)
-                    view.addcmul_(g, factors[0][s, :, span].to(tokens.dtype))
-                    for i in range(1, n):
-                        view.addcmul_(g * coef[:, i - 1 : i], factors[i][s, :, span].to(tokens.dtype))
+                    tokens[:, span].addcmul_(gate[:, grp].unsqueeze(1).to(tokens.dtype), terms[:, span])
             s += 1
     return model.head(tokens, c)
 

@@ -100,9 +100,9 @@ def modulate_groups(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, g
                     inplace: bool = False) -> torch.Tensor:
     """modulate(x, shift, scale) with shift and scale per group (B, G, C): per sample for one group
     (every token alike), per token for several, the same elementwise arithmetic as the block's own modulate.
-    ``inplace`` (eager code that owns x, several groups): each group's span of x is modulated in
-    place by its own vectors, so no per-token (B, T, C) copies of shift and scale are built."""
-    if len(groups) == 1 or not inplace or torch.compiler.is_compiling():
+    ``inplace`` (eager code that owns x): each group's span of x is modulated in place by its own
+    vectors, so neither a new (B, T, C) tensor nor per-token copies of shift and scale are built."""
+    if not inplace or torch.compiler.is_compiling():
         return modulate(x, per_token(shift, groups), per_token(scale, groups))
     for g, span in enumerate(spans(groups)):
         x[:, span].mul_(1 + scale[:, g].unsqueeze(1)).add_(shift[:, g].unsqueeze(1))
@@ -127,7 +127,7 @@ def weighted_site_sum(factors: tuple[torch.Tensor, ...], weights: torch.Tensor, 
         for i in range(1, len(factors)):
             terms = terms + weights[i].unsqueeze(2) * factors[i]
         return out + terms.sum(dim=0, dtype=out.dtype)
-    acc = out.clone()
+    acc = out.clone(memory_format=torch.contiguous_format)  # the factors' layout (tokens may be a transposed view)
     for i, slot in enumerate(factors):
         for s in range(slot.shape[0]):
             acc.addcmul_(weights[i, s].unsqueeze(1).to(acc.dtype), slot[s].to(acc.dtype))
@@ -143,7 +143,7 @@ def _grouped_site_sum(factors: tuple[torch.Tensor, ...], weights: torch.Tensor, 
         for i in range(1, len(factors)):
             terms = terms + w[i] * factors[i]
         return out + terms.sum(dim=0, dtype=out.dtype)
-    acc = out.clone()
+    acc = out.clone(memory_format=torch.contiguous_format)
     for g, span in enumerate(spans(groups)):
         view = acc[:, span]
         for i, slot in enumerate(factors):
