@@ -179,11 +179,18 @@ def store_factors(slots: tuple[torch.Tensor, ...], gram: torch.Tensor | None, s:
     F_0 when the caller has already taken it (RFC measures its norm); it becomes F_1's buffer."""
     cur = value
     for i in range(valid - 1):
-        delta = diff if i == 0 and diff is not None else torch.sub(cur, slots[i][s])
+        last = slots[i + 1][s] if i == valid - 2 and cur.dtype == slots[i].dtype else None
+        if i == 0 and diff is not None:
+            delta = diff
+        elif last is not None:  # the last difference straight into its slot (the old value there is never read)
+            delta = torch.sub(cur, slots[i][s], out=last)
+        else:
+            delta = torch.sub(cur, slots[i][s])
         nxt = delta.div_(spacing)  # (cur - F_i) / d, the same two roundings, one buffer
         slots[i][s].copy_(cur)
         cur = nxt
-    slots[valid - 1][s].copy_(cur)
+    if cur.data_ptr() != slots[valid - 1][s].data_ptr():  # not already written in place
+        slots[valid - 1][s].copy_(cur)
     if gram is not None and valid > 1:
         flat = torch.stack([slots[i][s] for i in range(1, valid)]).float().flatten(2).transpose(0, 1)  # (B, n, T*C)
         gram[s, :, : valid - 1, : valid - 1] = flat @ flat.transpose(1, 2)
