@@ -205,12 +205,15 @@ def test_flux_tiny_runs_write_rows_and_grids(make_cfg, tmp_path):
         images = np.load(out / "samples.npz")["arr_0"]
         assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
         assert rec.prompts.startswith("drawbench:") and rec.model == "flux-tiny"
-        assert rec.tflops > 0 and rec.psnr is not None and rec.ssim is not None
+        assert rec.tflops > 0
+        if method == "none":  # the reference of the paired metrics: not scored against itself
+            assert rec.psnr is None and rec.ssim is None and "their reference" in rec.notes
+        else:
+            assert rec.psnr is not None and rec.ssim is not None
     assert rows["none"].nfc == 50 and rows["fora"].nfc == 17
     assert rows["taylorseer"].nfc == 14 and '"warmup": 3' in rows["taylorseer"].method_params  # FLUX's official warm-up
     assert rows["toca"].nfc == 18 and rows["toca"].partial_sites > 0  # flux-ToCa: steps 0-2, then every 3rd
     assert rows["fora"].tflops < rows["none"].tflops
-    assert rows["none"].psnr == float("inf") or rows["none"].psnr > 90
     assert 0 < rows["fora"].ssim <= 1
     with (tmp_path / "runs.csv").open() as f:
         assert [r["method"] for r in csv.DictReader(f)] == ["none", "fora", "taylorseer", "toca", "rfc"]

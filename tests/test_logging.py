@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
+import shlex
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,6 +148,37 @@ def test_interrupted_run_logs_milestones_then_the_resume_command(make_cfg, tmp_p
     error = lines[index_of(lines, "interrupted: ")]
     assert error.endswith(f"resume with: python run.py {' '.join(FAST)} eval.score=false resume={tmp_path / 'out'}")
     assert lines[-1].startswith("failed after ") and lines[-1].endswith("exit code 130")
+
+
+def test_sigterm_is_handled_like_ctrl_c_and_the_run_resumes(tmp_path):
+    """SIGTERM (a scheduler's preemption, ``kill``) mid-run: the terminal and run.log say so with
+    the command that resumes, the exit code is 143, the shards already written stay, and that
+    command completes the run."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    args = ["eval.num_samples=48", "eval.batch_size=2", "sampler.num_steps=20", "eval.warmup_batches=0",
+            "eval.score=false", "logger=none", f"paths.runs_csv={tmp_path}/runs.csv", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen([sys.executable, str(root / "run.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not list((out / "shards").glob("*.npz")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be terminated"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "error: terminated (SIGTERM)" in err and "Traceback" not in err
+    lines = messages((out / "run.log").read_text())
+    assert lines[index_of(lines, "terminated (SIGTERM): ")].count("resume with: ") == 1
+    assert lines[-1].endswith("exit code 143")
+    command = err.split("resume with: ")[1].splitlines()[0]
+    assert command.endswith(f"resume={out}")
+    kept = len(list((out / "shards").glob("*.npz")))
+    assert kept >= 1
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], capture_output=True, text=True,
+                             timeout=300, cwd=root, env={**os.environ})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming: " in (out / "run.log").read_text()
 
 
 def test_milestones_every_tenth_of_the_batches_then_the_totals():

@@ -118,6 +118,30 @@ def test_speedup_is_against_the_tables_own_full_compute_row(tmp_path):
     assert speedups == {"a": {"Full": "1", "Cached": "2"}, "b": {"Full": "1", "Cached": "5"}}
 
 
+def test_aggregated_speedups_are_per_seed(tmp_path):
+    """--aggregate divides each seed's latency by that seed's own full compute, then takes mean
+    and std: full compute reads 1 ± 0, and a method's speedup is the mean of its per-seed ratios
+    (not every seed against the latest seed's full compute)."""
+    path = tmp_path / "runs.csv"
+    common = dict(experiment="exp", model="m", image_size=8, sampler="ddim", num_steps=50, cfg_scale=1.5,
+                  num_samples=10)
+    timings = {0: (10.0, 5.0), 1: (12.0, 4.0), 2: (9.0, 6.0)}  # seed: (full, cached) latency
+    for seed, (full, cached) in timings.items():
+        append_csv(path, RunRecord(time=f"2026-01-01T00:0{2 * seed}:00", method="none", variant="Full", nfc=50.0,
+                                   seed=seed, latency_s=full, **common))
+        append_csv(path, RunRecord(time=f"2026-01-01T00:0{2 * seed + 1}:00", method="fora", variant="Cached",
+                                   nfc=18.0, seed=seed, latency_s=cached, **common))
+    proc = _run(str(ROOT / "scripts" / "make_tables.py"), "--csv", str(path), "--out", str(tmp_path / "t"),
+                "--aggregate")
+    assert proc.returncode == 0, proc.stderr
+    rows = _md_rows(next((tmp_path / "t").glob("*.md")))
+    ratios = [full / cached for full, cached in timings.values()]  # 2, 3, 1.5
+    mean = sum(ratios) / 3
+    std = math.sqrt(sum((r - mean) ** 2 for r in ratios) / 2)
+    assert rows["Full"][3] == f"{fmt(1.0)}x ± {fmt(0.0)}"
+    assert rows["Cached"][3] == f"{fmt(mean)}x ± {fmt(std)}"
+
+
 def test_latex_is_a_styler_float_and_stale_pareto_plots_are_removed(tmp_path, capsys):
     """The .tex is pandas' Styler.to_latex float (booktabs rules, the caption as \\caption and as
     comments, labels escaped, best bold and second underlined as in the Markdown), and a

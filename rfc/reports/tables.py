@@ -142,8 +142,9 @@ def with_latency(df: pd.DataFrame, every: pd.DataFrame) -> pd.DataFrame:
     row's timing setting). A row drawn in parallel records the thread count its worker had, not
     the one a timing run uses, so when no timing run matches its thread count exactly, one that
     differs only in CPU threads is taken. Then the speedup: against full compute of the same timing
-    setting, the table's own full-compute row where it was timed in that setting, else the latest
-    full-compute row that was."""
+    setting and the same seed (so ``--aggregate``'s mean and std are over per-seed speedups), the
+    table's own full-compute row where it was timed in that setting, else the latest full-compute
+    row that was."""
     timed = every[every["latency_s"].notna()]
     # drop=False: a joined row takes its source's timing_key, which an index would take out of the columns
     exact = timed.groupby(["method_key", "timing_key"], sort=False).tail(1).set_index(["method_key", "timing_key"],
@@ -162,15 +163,25 @@ def with_latency(df: pd.DataFrame, every: pd.DataFrame) -> pd.DataFrame:
                 out.loc[i, ["latency_s", "latency_from", "timing_key", "timing_desc"]] = [
                     src["latency_s"], src["run_id"], src["timing_key"], describe_timing(src)]
                 break
-    full_timed = timed[timed["is_full"]].groupby("timing_key", sort=False).tail(1).set_index("timing_key")
-    # the table's own full-compute row: ``out`` holds every table's rows, and two tables (two
-    # experiments, or two sessions on different machines) can share a timing setting
-    base = {}
+    # Each seed against its own full compute: a seed's latencies are divided by the full-compute
+    # latency of the same seed (the table's own row of that seed where it was timed, else the
+    # latest full-compute run of that seed and timing setting), and only without one by the
+    # table's (or the timing setting's) latest full compute. ``out`` holds every table's rows, and
+    # two tables (two experiments, or two sessions on different machines) can share a timing setting.
+    full = timed[timed["is_full"]]
+    full_by_seed = full.groupby(["timing_key", "seed"], sort=False).tail(1).set_index(["timing_key", "seed"])
+    full_latest = full.groupby("timing_key", sort=False).tail(1).set_index("timing_key")
+    own, own_latest = {}, {}
     for _, row in out[out["is_full"] & out["latency_s"].notna()].iterrows():
-        base[(_table_of(row), row["timing_key"])] = row["latency_s"]
+        own[(_table_of(row), row["seed"], row["timing_key"])] = row["latency_s"]
+        own_latest[(_table_of(row), row["timing_key"])] = row["latency_s"]
     speedups = []
     for _, row in out.iterrows():
-        ref = base.get((_table_of(row), row["timing_key"]), full_timed["latency_s"].get(row["timing_key"], np.nan))
+        table, key, seed = _table_of(row), row["timing_key"], row["seed"]
+        for ref in (own.get((table, seed, key)), full_by_seed["latency_s"].get((key, seed)),
+                    own_latest.get((table, key)), full_latest["latency_s"].get(key), np.nan):
+            if ref is not None:
+                break
         speedups.append(ref / row["latency_s"] if not math.isnan(row["latency_s"]) else np.nan)
     return out.assign(speedup=speedups)
 
@@ -377,7 +388,8 @@ def t2i_caption(group: pd.DataFrame, rows: list[dict], aggregate: bool) -> tuple
             reasons.setdefault("speedup: no full-compute latency of the same timing setting", []).append(r["label"])
         elif gaps:
             said = [c.strip() for c in str(r["notes"] or "").split(";")
-                    if any(w in c for w in ("missing", "not measured", "not scored"))]
+                    if any(w in c for w in ("missing", "not measured", "not scored"))
+                    and "their reference" not in c]  # the caption already says full compute is the reference
             for clause in said or ["no reason in the row's notes"]:
                 reasons.setdefault(clause, []).append(r["label"])
     for clause, labels in reasons.items():

@@ -3,7 +3,8 @@ and what to do, under a fixed exit code, and that line is also in the run folder
 
 Exit codes: 0 done; 2 a predictable failure (a bad key, a missing or damaged file, non-finite
 samples, a folder in use, a full disk), the message naming the key or file; 130 interrupted
-(Ctrl-C), with the command that resumes; 1 an unexpected failure (a bug), with its traceback.
+(Ctrl-C) and 143 terminated (SIGTERM: a scheduler's preemption or time limit, ``kill``), each with
+the command that resumes; 1 an unexpected failure (a bug), with its traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import errno
 import logging
 import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -21,10 +24,21 @@ from omegaconf import DictConfig
 
 from rfc.run.runlog import LOG_FILE
 from rfc.run.runner import run
-from rfc.utils.errors import EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXPECTED, exit_code, one_line
+from rfc.utils.errors import (
+    EXIT_BUG,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXPECTED,
+    Terminated,
+    exit_code,
+    one_line,
+)
 
 LOG = logging.getLogger("rfc")
-__all__ = ["EXIT_BUG", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "LOG_FILE", "exit_code", "one_line", "run_job"]
+__all__ = ["EXIT_BUG", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_TERMINATED", "LOG_FILE", "exit_code",
+           "one_line", "run_job"]
 
 
 class _LineFormatter(logging.Formatter):
@@ -137,6 +151,7 @@ def run_job(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (),
     the exit codes above; returns the exit code. ``launcher``: Hydra's launcher in effect (its
     hydra/launcher choice) and ``n_jobs`` its joblib workers: they decide whether jobs run at once."""
     handlers = attach_log(out_dir, main)
+    previous = _raise_on_sigterm()
     t0 = time.perf_counter()
     code = EXIT_BUG
     try:
@@ -144,7 +159,8 @@ def run_job(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (),
         run(cfg, out_dir, sweep=sweep, launcher=launcher, n_jobs=n_jobs)
         code = EXIT_OK
     except KeyboardInterrupt as err:
-        LOG.error("interrupted: the batches finished so far are kept in %s; resume with: %s", out_dir,
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        LOG.error("%s: the batches finished so far are kept in %s; resume with: %s", what, out_dir,
                   resume_command(out_dir, overrides))
         code = exit_code(err)
     except EXPECTED as err:
@@ -163,7 +179,27 @@ def run_job(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (),
         else:
             LOG.info("failed after %.1f s: exit code %d", seconds, code)
         detach_log(handlers)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return code
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+def _raise_on_sigterm() -> object | None:
+    """SIGTERM raises ``Terminated`` in the job (like Ctrl-C's KeyboardInterrupt), so a preempted
+    run ends with its line, the resume command and exit code 143 instead of dying silently.
+    Returns the handler it replaced (None where it installed none: not the main thread, or a
+    handler that is not Python's default, such as submitit's, which requeues the job itself)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):
+        return None
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return previous
 
 
 def check_resume_argument(argv: Sequence[str]) -> str | None:

@@ -54,8 +54,9 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComput
         link_or_copy(plan.out_dir / "stats.npz", publish.stats_path(eid))
 
     pair_images = pair_stats = None
-    if plan.method.computes_everything:
-        pair_images, pair_stats = samples.images, own  # full compute is its own pair
+    reference_note = []
+    if plan.method.computes_everything:  # the reference of the paired metrics: not scored against itself
+        reference_note = [self_pair_note(CLASS)]
     elif pair is not None:
         pair_images = load_pair(pair, samples, "class labels")
         pair_stats = pair.load_stats(eid)
@@ -74,8 +75,15 @@ def score(record: RunRecord, samples: SampleSet, plan: RunPlan, pair: FullComput
     values, lines = registry.compute(registry.metrics(CLASS), inputs, say_unpaired=False)
     for column, value in values.items():
         setattr(record, column, value)
-    record.notes = "; ".join(list(notes or []) + lines) or None
+    record.notes = "; ".join(list(notes or []) + reference_note + lines) or None
     return record
+
+
+def self_pair_note(kind: str, names: list[str] | None = None) -> str:
+    """Why a full-compute row has no paired metrics: it is their reference (against itself they
+    would read FID2FC 0 up to float noise and PSNR inf, numbers that measure nothing)."""
+    paired = names if names is not None else [m.name for m in registry.metrics(kind) if m.paired]
+    return f"{', '.join(paired)} not scored: this full-compute row is their reference"
 
 
 def load_pair(pair: FullComputeEntry, samples: SampleSet, labels: str) -> np.ndarray:
@@ -97,16 +105,19 @@ def score_text_to_image(record: RunRecord, samples: SampleSet, plan: RunPlan, pa
     from eval.t2i import score_t2i
 
     reference = None
-    if plan.method.computes_everything:
-        reference = samples.images
+    names = list(plan.cfg.eval.get("t2i_metrics") or registry.names(T2I))
+    reference_note = []
+    if plan.method.computes_everything:  # the reference of the paired metrics: not scored against itself
+        paired = [n for n in names if registry.get(n).paired]
+        names = [n for n in names if n not in paired]
+        reference_note = [self_pair_note(T2I, paired)] if paired else []
     elif pair is not None:
         reference = load_pair(pair, samples, "prompt indices")
     prompts = plan.prompts.prompts
     texts = [prompts[int(i) % len(prompts)] for i in samples.labels]
-    names = list(plan.cfg.eval.get("t2i_metrics") or registry.names(T2I))
     values, lines = score_t2i(samples.images, texts, reference, names, plan.skipped_metrics, plan.device,
                               Path(plan.paths["assets"]))
     for column, value in values.items():
         setattr(record, column, value)
-    record.notes = "; ".join(list(notes or []) + lines) or None
+    record.notes = "; ".join(list(notes or []) + reference_note + lines) or None
     return record

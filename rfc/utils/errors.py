@@ -28,7 +28,12 @@ class MissingAssetError(FileNotFoundError):
     file and the command that fetches it."""
 
 
-EXIT_OK, EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (what SLURM and a scheduler send on preemption or a time limit, and what
+    ``kill`` sends): handled like Ctrl-C, the batches stored so far kept, ending with exit code 143."""
+
+
+EXIT_OK, EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 EXPECTED = (ValueError, RunError, MissingAssetError)  # ConfigError and ResumeError are ValueErrors
 
 
@@ -38,9 +43,12 @@ def one_line(err: BaseException) -> str:
 
 
 def exit_code(err: BaseException) -> int:
-    """The exit code a failure ends the command with: 130 interrupted, 2 a predictable failure
-    (these classes, or a file that cannot be read or written), 1 a bug. The command line
-    (rfc.run.cli) ends with it, and a W&B run of the job finishes with it, so both say the same."""
+    """The exit code a failure ends the command with: 130 interrupted (Ctrl-C), 143 terminated
+    (SIGTERM, 128 + 15 as a shell reports it), 2 a predictable failure (these classes, or a file
+    that cannot be read or written), 1 a bug. The command line (rfc.run.cli) ends with it, and a
+    W&B run of the job finishes with it, so both say the same."""
+    if isinstance(err, Terminated):
+        return EXIT_TERMINATED
     if isinstance(err, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     if isinstance(err, (*EXPECTED, OSError)):
