@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +101,35 @@ def test_a_job_sharing_the_device_records_no_latency(make_cfg, tmp_path):
     with DeviceUse(torch.device("cpu")):
         shared = run(cfg, tmp_path / "shared", progress=False)
     assert shared.latency_s is None and shared.timed_batches == 0
-    assert f"another job of this harness used {shared.device}" in shared.notes and "pid" in shared.notes
+    assert f"{shared.device} was shared" in shared.notes and "another job of this harness" in shared.notes
+    assert "pid" in shared.notes
     alone = run(cfg, tmp_path / "alone", progress=False)
-    assert alone.latency_s > 0 and alone.timed_batches == 1 and alone.notes is None
+    assert alone.latency_s > 0 and alone.timed_batches == 1 and alone.notes.startswith("timed on a quiet cpu")
+
+
+def test_a_cpu_burning_process_beside_a_timed_run_leaves_its_latency_empty(make_cfg, tmp_path):
+    """Another program (not the harness) burning a core during the timed batches: the row has no
+    latency and says which load it saw; the same run alone records its latency and how quiet the
+    CPU was."""
+    from rfc.run.runner import run
+    from rfc.utils.devices import QUIET_CORES
+
+    cfg = make_cfg("eval.num_samples=8", "eval.batch_size=4", "sampler.num_steps=40", "eval.warmup_batches=0",
+                   "eval.score=false")
+    burn = "import time\nend = time.time() + 120\nwhile time.time() < end: pass"
+    burner = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        time.sleep(0.5)  # the burner is running before the first batch
+        busy = run(cfg, tmp_path / "busy", progress=False)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert busy.latency_s is None and busy.timed_batches == 0
+    assert "was shared during 2 timed batch(es) (other processes used" in busy.notes
+    alone = run(cfg, tmp_path / "alone", progress=False)
+    assert alone.latency_s > 0 and alone.timed_batches == 2
+    quiet = float(alone.notes.split("other processes used at most ")[1].split()[0])
+    assert quiet <= QUIET_CORES + max(0, (os.cpu_count() or 1) - torch.get_num_threads())
 
 
 def test_device_registry_sees_jobs_that_come_go_or_die(tmp_path):
@@ -114,7 +141,8 @@ def test_device_registry_sees_jobs_that_come_go_or_die(tmp_path):
             during = me.snapshot()
         assert len(during.others) == 1 and "pid" in DeviceUse.shared(before, during)
         after = me.snapshot()
-        assert after.others == [] and DeviceUse.shared(before, after) == "a job that started and ended meanwhile"
+        assert after.others == [] and DeviceUse.shared(before, after) == ("another job of this harness, which started "
+                                                                     "and ended meanwhile")
         with DeviceUse("cuda-other", root):
             assert DeviceUse.shared(after, me.snapshot()) is None  # another device is not this one
         code = ("import os; from rfc.utils.devices import DeviceUse\n"

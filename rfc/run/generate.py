@@ -101,8 +101,9 @@ def generate_batches(model: nn.Module, sampler: Sampler, denoiser: CFGDenoiser, 
     run that many extra times, untimed and discarded, before sampling. ``timed=False`` marks
     every batch unmeasured (a session whose timing is not trustworthy, e.g. several processes, or a
     full-compute set drawn for pairing) and skips those extra passes: they change no sample.
-    With ``device_use``, a batch during which another job of the harness used the device is not
-    timed either, and names that job in ``Batch.shared``.
+    With ``device_use``, a batch during which another job of the harness, or other processes
+    beyond rfc.utils.devices.QUIET_CORES, used the device is not timed either, and says who in
+    ``Batch.shared``; ``Batch.load`` keeps the other processes' CPU use that was measured.
 
     Progress: a bar on the terminal when ``progress`` and rfc.utils.progress.show_bars agree, and
     ``on_batch`` (run.log's milestones, W&B) told of each batch once the caller has taken it,
@@ -126,7 +127,9 @@ def generate_batches(model: nn.Module, sampler: Sampler, denoiser: CFGDenoiser, 
             before = device_use.snapshot() if device_use is not None else None
             with Clock(device) as clock, precision_mode(precision, device):
                 x = sampler.sample(denoiser, x, y, noise=streams.noise_source(shape), listener=method)
-            shared = DeviceUse.shared(before, device_use.snapshot()) if device_use is not None else None
+            after = device_use.snapshot() if device_use is not None else None
+            shared = DeviceUse.shared(before, after) if device_use is not None else None
+            load = DeviceUse.load(before, after) if device_use is not None else None
             x = x.float()
             bad = non_finite_rows(x)  # checked after the clock stopped: the check costs no latency
             if bad is not None:
@@ -150,7 +153,8 @@ def generate_batches(model: nn.Module, sampler: Sampler, denoiser: CFGDenoiser, 
                                          "NaN or inf: the VAE weights are damaged (fetch them again)")
             measured = timed and (extra > 0 or i - extra >= warmup_batches)
             yield Batch(start, to_uint8_nhwc(x), y.cpu().numpy().astype(np.int64), method.stats(),
-                        clock.seconds, vae_seconds, measured and shared is None, shared if measured else None)
+                        clock.seconds, vae_seconds, measured and shared is None, shared if measured else None,
+                        load if measured else None)
             bar.update(len(batch))
             done += len(batch)
             if on_batch is not None:
@@ -236,6 +240,7 @@ class Session:
     drawn: int = 0
     seconds: float = 0.0
     shared: list[str] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)  # other processes' CPU use (cores) in each timed batch
 
 
 def sample_into(store: ShardStore, draw: Callable[[list[int], bool], Iterator[Batch]], grp: Group,
@@ -250,6 +255,8 @@ def sample_into(store: ShardStore, draw: Callable[[list[int], bool], Iterator[Ba
         store.write(batch)
         if batch.shared:
             session.shared.append(batch.shared)
+        elif batch.load is not None:
+            session.loads.append(batch.load)
     barrier()
     session.seconds = time.perf_counter() - t0
     session.drawn = sum(_batch_len(s, store.batch_size, store.num_samples) for s in todo)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,11 +75,13 @@ def make_record(plan: RunPlan, samples: SampleSet, denoiser: CFGDenoiser, proces
     if busy is not None:
         notes.append(f"latency not measured: {busy}; images_per_s is this session's throughput")
     elif session.shared:
-        notes.append(f"latency not measured: another job of this harness used {device} during "
-                     f"{len(session.shared)} timed batch(es) ({session.shared[0]}); images_per_s is this session's "
-                     "throughput")
+        notes.append(f"latency not measured: {device} was shared during {len(session.shared)} timed batch(es) "
+                     f"({session.shared[0]}); images_per_s is this session's throughput")
     elif not timed:
         notes.append("latency not measured: no batch of this run was timed with the device to itself")
+    elif session.loads:
+        notes.append(f"timed on a quiet {device}: other processes used at most {max(session.loads):.2f} of "
+                     f"{os.cpu_count()} CPU cores during the timed batches")
     if resumed:
         notes.append(f"resumed: {resumed} of {plan.num_samples} samples drawn by an earlier session")
     vae_times = [b.vae_latency for b in timed if b.vae_latency is not None]

@@ -68,6 +68,7 @@ class Batch:
     vae_latency: float | None
     timed: bool  # False for a process's warm-up batches: not part of the latency figures
     shared: str | None = None  # who else used the device while it was timed (this session only, not stored)
+    load: float | None = None  # other processes' mean CPU use (cores) while it ran (this session only, not stored)
 
     @property
     def stop(self) -> int:

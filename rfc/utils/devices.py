@@ -18,6 +18,14 @@ own registration file; the kernel drops it when the job dies however it dies, so
 recognised as gone (its file is removed by the next reader) and never blocks anyone's latency.
 A generation counter, bumped by every arrival and departure, reveals a job that came and went
 inside one batch.
+
+A third source sees processes that are not the harness's (:class:`LoadSample`): on a CPU device,
+the CPU time the whole machine spent on processes other than this one during the batch, from
+``/proc/stat`` and ``/proc/self/stat`` (the same clock ticks, so the difference is the others');
+a batch during which they used more than ``QUIET_CORES`` cores on average is not timed. On a GPU,
+NVML's list of processes on the device (when ``pynvml`` is installed): a batch during which
+another process ran there is not timed. Every timed batch keeps what was measured, so the row can
+say how quiet the device was.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import re
 import socket
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +50,11 @@ if TYPE_CHECKING:
     import torch
 
 SERIAL_LAUNCHERS = ("basic",)
+# Other processes' mean CPU use during a batch above which a CPU timing counts as shared, beyond
+# the cores the job leaves idle (cores minus torch's threads): a quarter of a core is far above an
+# idle machine's background (kernel threads, a shell: under 0.05 here) and far below one busy
+# process (1.0).
+QUIET_CORES = 0.25
 
 
 def concurrency(launcher: str, n_jobs: int | None = None, processes: int = 1) -> str | None:
@@ -78,10 +92,84 @@ def device_key(device: torch.device) -> str:
     return "cuda-" + re.sub(r"[^A-Za-z0-9_.-]", "_", str(ident))
 
 
+@dataclass(frozen=True)
+class LoadSample:
+    """What other processes had used of the device by one moment: CPU clock ticks of the whole
+    machine and of this process (Linux; None elsewhere), or the other processes NVML saw on the GPU."""
+
+    wall: float
+    machine_ticks: int | None = None  # busy ticks of every CPU (user, nice, system, irq, softirq)
+    own_ticks: int | None = None  # this process's ticks (every thread)
+    spare_cores: int = 0  # cores this job leaves idle: the machine's minus torch's threads
+    gpu_others: tuple[str, ...] | None = None  # processes NVML lists on the GPU besides this one
+
+    @staticmethod
+    def take(device_kind: str, index: int | None = None) -> LoadSample:
+        now = time.monotonic()
+        if device_kind == "cpu":
+            import torch
+
+            machine, own = _proc_ticks()
+            return LoadSample(now, machine, own, max(0, (os.cpu_count() or 1) - torch.get_num_threads()))
+        return LoadSample(now, gpu_others=_nvml_others(index or 0) if device_kind == "cuda" else None)
+
+
+def others_load(before: LoadSample | None, after: LoadSample | None) -> tuple[float | None, str | None]:
+    """Between two samples: other processes' mean CPU use in cores (None where not measurable)
+    and, when that or the GPU's process list says the device was shared, why."""
+    if before is None or after is None:
+        return None, None
+    if after.gpu_others:
+        return None, f"other processes on the GPU: {', '.join(after.gpu_others[:3])}"
+    if None in (before.machine_ticks, after.machine_ticks, before.own_ticks, after.own_ticks):
+        return None, None
+    seconds = max(after.wall - before.wall, 1e-9)
+    ticks = (after.machine_ticks - before.machine_ticks) - (after.own_ticks - before.own_ticks)
+    cores = max(ticks, 0) / _TICKS_PER_S / seconds
+    limit = QUIET_CORES + after.spare_cores
+    # two ticks of slack: the tick counters quantise a short batch
+    if ticks > 2 and cores > limit:
+        return cores, f"other processes used {cores:.2f} of {os.cpu_count()} CPU cores on average, more than {limit:g}"
+    return cores, None
+
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_ticks() -> tuple[int | None, int | None]:
+    """(busy ticks of the machine, ticks of this process), or (None, None) without /proc."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return user + nice + system + irq + softirq, int(own[11]) + int(own[12])  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def _nvml_others(index: int) -> tuple[str, ...] | None:
+    """Other processes NVML lists on GPU ``index``; None when NVML is missing or cannot see this
+    process (a container's PID namespace: its list is then no evidence either way)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        pids = {p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
+    except Exception:  # noqa: BLE001 - NVML's errors are its own classes; any of them means "unknown"
+        return None
+    if pids and os.getpid() not in pids:
+        return None
+    return tuple(f"pid {pid}" for pid in sorted(pids - {os.getpid()}))
+
+
 @dataclass
 class Snapshot:
     generation: int
     others: list[str]  # descriptions of the other live jobs on the device
+    load: LoadSample | None = None
 
 
 class DeviceUse:
@@ -90,6 +178,9 @@ class DeviceUse:
     def __init__(self, device: torch.device | str, root: str | Path | None = None) -> None:
         """``device``: a torch device, or a device key as :func:`device_key` makes it ("cpu")."""
         self.dir = Path(root or registry_root()) / (device if isinstance(device, str) else device_key(device))
+        kind = device if isinstance(device, str) else device.type
+        self.kind = kind.split(":")[0]
+        self.index = getattr(device, "index", None)
         self.me: Path | None = None
         self._fd: int | None = None
 
@@ -147,17 +238,23 @@ class DeviceUse:
             info = _alive(path)
             if info is not None:
                 others.append(info)
-        return Snapshot(generation, others)
+        return Snapshot(generation, others, LoadSample.take(self.kind, self.index))
 
     @staticmethod
     def shared(before: Snapshot, after: Snapshot) -> str | None:
         """Who shared the device between two snapshots (None: nobody did)."""
         others = before.others or after.others
         if others:
-            return others[0] + (f" and {len(others) - 1} more" if len(others) > 1 else "")
+            return "another job of this harness: " + others[0] + (f" and {len(others) - 1} more" if len(others) > 1
+                                                                   else "")
         if after.generation != before.generation:
-            return "a job that started and ended meanwhile"
-        return None
+            return "another job of this harness, which started and ended meanwhile"
+        return others_load(before.load, after.load)[1]
+
+    @staticmethod
+    def load(before: Snapshot, after: Snapshot) -> float | None:
+        """Other processes' mean CPU use (cores) between two snapshots, where measured."""
+        return others_load(before.load, after.load)[0]
 
 
 def _read_int(path: Path) -> int:
