@@ -86,7 +86,9 @@ def _npy_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dty
 
 
 def check_statistics(arrays: dict[str, np.ndarray], path: str | Path) -> None:
-    """mu / sigma (and mu_s / sigma_s) come in pairs, with matching shapes and finite values."""
+    """mu / sigma (and mu_s / sigma_s) come in pairs, with matching shapes and finite values, and
+    each sigma is a covariance: symmetric and positive semi-definite (up to float rounding). A
+    matrix that is not would give a Frechet distance that is a number, and wrong."""
     for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
         has_mu, has_sigma = mu_key in arrays, sigma_key in arrays
         if has_mu != has_sigma:
@@ -101,6 +103,22 @@ def check_statistics(arrays: dict[str, np.ndarray], path: str | Path) -> None:
         for key, value in ((mu_key, mu), (sigma_key, sigma)):
             if not np.isfinite(value).all():
                 raise NonFiniteError(f"{path}: {key} holds NaN or inf; the statistics are damaged, compute them again")
+        check_covariance(sigma.astype(np.float64), f"{path}: {sigma_key}")
+
+
+def check_covariance(sigma: np.ndarray, what: str) -> None:
+    """Refuse a matrix that is not a covariance: asymmetric beyond 1e-6 of its largest entry, or
+    with an eigenvalue below -1e-6 of its largest (a sample covariance is PSD; rounding leaves
+    eigenvalues of about 1e-12 of the largest below zero)."""
+    scale = float(np.abs(sigma).max()) or 1.0
+    asym = float(np.abs(sigma - sigma.T).max())
+    if asym > 1e-6 * scale:
+        raise NpzError(f"{what} is not symmetric (max |sigma - sigma^T| = {asym:.3g}, largest entry {scale:.3g}): "
+                       "not a covariance; compute the statistics again")
+    eig = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if eig[0] < -1e-6 * max(abs(eig[-1]), abs(eig[0])):
+        raise NpzError(f"{what} is not positive semi-definite (smallest eigenvalue {eig[0]:.3g}, largest "
+                       f"{eig[-1]:.3g}): not a covariance; compute the statistics again")
 
 
 def check_features(feats: dict[str, np.ndarray], extractor: str, what: str) -> None:

@@ -134,6 +134,10 @@ def _checkpoint(tmp_path: Path, kind: str) -> Path:
         path.write_bytes(CHECKPOINT.read_bytes()[: CHECKPOINT.stat().st_size // 2])
     elif kind == "folder":
         path.mkdir()
+    elif kind == "device":
+        return Path("/dev/zero")  # reads forever: hashing it must not start
+    elif kind == "fifo":
+        os.mkfifo(path)  # a read blocks until a writer comes
     elif kind == "nan":
         state = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
         state["blocks.3.mlp.fc1.weight"][5, 7] = float("nan")
@@ -144,6 +148,7 @@ def _checkpoint(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind, name", [
     ("text", "cannot read checkpoint"), ("empty", "cannot read checkpoint"), ("truncated", "cannot read checkpoint"),
     ("folder", "is a folder"), ("missing", "does not exist"), ("nan", "blocks.3.mlp.fc1.weight holds 1 non-finite"),
+    ("device", "not a regular file"), ("fifo", "not a regular file"),
 ])
 def test_unusable_checkpoint_is_named(make_cfg, tmp_path, capsys, earlier, kind, name):
     path = _checkpoint(tmp_path, kind)
@@ -164,6 +169,12 @@ def _reference(tmp_path: Path, kind: str) -> Path:
     elif kind == "nan-sigma":
         sigma[3, 3] = np.nan
         np.savez(path, mu=mu, sigma=sigma)
+    elif kind == "asymmetric-sigma":
+        sigma[2, 5] = 0.5
+        np.savez(path, mu=mu, sigma=sigma)
+    elif kind == "non-psd-sigma":
+        sigma[7, 7] = -1.0
+        np.savez(path, mu=mu, sigma=sigma)
     elif kind == "float-images":
         np.savez(path, arr_0=np.zeros((4, 8, 8, 1), np.float32))
     elif kind == "empty-npz":
@@ -173,6 +184,7 @@ def _reference(tmp_path: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize("kind, name", [
     ("text", "is not a readable .npz"), ("mu-only", "has mu but no sigma"), ("nan-sigma", "sigma holds NaN"),
+    ("asymmetric-sigma", "sigma is not symmetric"), ("non-psd-sigma", "sigma is not positive semi-definite"),
     ("float-images", "arr_0 must hold uint8 images"), ("empty-npz", "neither statistics"),
 ])
 def test_unusable_reference_is_named_before_sampling(make_cfg, tmp_path, capsys, earlier, kind, name):

@@ -27,6 +27,9 @@ def require_file(path: str | Path, what: str, hint: str = FETCH_HINT) -> Path:
                                 f"(assets folder: set paths.assets=... or the RFC_ASSETS environment variable).")
     if p.is_dir():
         raise MissingAssetError(f"{what} {p} is a folder, not a file: point the setting at the file itself")
+    if not p.is_file():  # a device, a pipe or a socket: reading it could block or never end
+        raise MissingAssetError(f"{what} {p} is not a regular file (a device, pipe or socket): point the setting "
+                                "at the file itself")
     return p
 
 

@@ -21,7 +21,10 @@ import numpy as np
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB chunks (weights are gigabytes)."""
+    """Hex digest of a file, read in 1 MiB chunks (weights are gigabytes). Only a regular file: a
+    device such as /dev/zero or a pipe would be read forever or block."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path} is not a regular file: nothing to hash")
     digest = hashlib.new(algorithm)
     with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
