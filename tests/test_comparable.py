@@ -107,6 +107,12 @@ def test_a_job_sharing_the_device_records_no_latency(make_cfg, tmp_path):
     assert alone.latency_s > 0 and alone.timed_batches == 1 and alone.notes.startswith("timed on a quiet cpu")
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="other processes' CPU time is read from /proc (Linux)")
 def test_a_cpu_burning_process_beside_a_timed_run_leaves_its_latency_empty(make_cfg, tmp_path):
     """Another program (not the harness) burning a core during the timed batches: the row has no
     latency and says which load it saw; the same run alone records its latency and how quiet the
@@ -119,7 +125,9 @@ def test_a_cpu_burning_process_beside_a_timed_run_leaves_its_latency_empty(make_
     burn = "import time\nend = time.time() + 120\nwhile time.time() < end: pass"
     burner = subprocess.Popen([sys.executable, "-c", burn])
     try:
-        time.sleep(0.5)  # the burner is running before the first batch
+        deadline = time.monotonic() + 30
+        while _cpu_seconds(burner.pid) < 0.3 and time.monotonic() < deadline:  # burning before the first batch
+            time.sleep(0.05)
         busy = run(cfg, tmp_path / "busy", progress=False)
     finally:
         burner.kill()

@@ -342,6 +342,33 @@ def test_corrupt_foreign_and_misnamed_shards_are_named_and_redrawn(make_cfg, tmp
     assert "resumed: 2 of 8" in read_runs(tmp_path / "runs.csv")[-1]["notes"]
 
 
+def test_a_foreign_shard_with_the_right_name_is_refused_listed_or_not(make_cfg, tmp_path, capsys):
+    """Another run's shard (seed 1) under the right name and range, not listed in the manifest, or
+    listed with its checksum: its provenance (the configuration id inside it) differs, so the resume
+    sets it aside and redraws the batch; the samples equal an untouched run's."""
+    folder, other = tmp_path / "out", tmp_path / "other"
+    assert job(make_cfg, tmp_path, *UNSCORED) == 0
+    whole = _samples(folder)
+    assert job(make_cfg, tmp_path, *UNSCORED, "seed=1", out="other") == 0
+    shards = sorted((folder / "shards").glob("*.npz"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for i, listed in ((1, False), (2, True)):
+        shards[i].write_bytes((other / "shards" / shards[i].name).read_bytes())
+        if listed:  # the manifest even vouches for its bytes
+            manifest["shards"][shards[i].name]["sha256"] = files.file_digest(shards[i])
+        else:
+            del manifest["shards"][shards[i].name]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+
+    assert job(make_cfg, tmp_path, *UNSCORED, f"resume={folder}") == 0
+    err = capsys.readouterr().err
+    for shard in shards[1:3]:
+        assert f"shard {shard} rejected: it was drawn by another configuration" in err, err
+    again = _samples(folder)
+    assert np.array_equal(again[0], whole[0]) and np.array_equal(again[1], whole[1])
+
+
 def test_full_disk_mid_run_is_one_line_leaves_no_partial_file_and_resumes(make_cfg, tmp_path, capsys,
                                                                            monkeypatch):
     """ENOSPC on the fourth file written (manifest, shard, manifest, then the second shard): half

@@ -11,13 +11,17 @@ A shard is one sampling batch [start, stop) of the global index space. Batches a
 index 0 in steps of eval.batch_size whatever the number of processes, so batch b holds the same
 samples (and, with per-sample noise streams, the same numbers) in every layout; rank r draws
 batches r, r + K, r + 2K, ... Each shard is written under a temporary name and renamed, so a
-shard either exists whole or not at all; it carries its own index range, and the manifest records
-every shard's range and sha256. A resume verifies every shard against that record before trusting
-it: a truncated, bit-flipped, foreign or misnamed shard is set aside and redrawn.
+shard either exists whole or not at all. It carries its own provenance: its index range, the id of
+the configuration that drew it (a hash of the manifest's ``config``: sample setting, seed, method)
+and the sha256 of its images and labels; the manifest records every shard's range and file sha256.
+A resume verifies every shard before trusting it, listed in the manifest or not: a truncated,
+bit-flipped, misnamed shard, or one drawn by another configuration (another seed, say) under the
+right name, is set aside and redrawn.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -92,6 +96,7 @@ class ShardStore:
         self.dir = self.folder / SHARD_DIR
         self.manifest = self.folder / MANIFEST
         self.config, self.num_samples, self.batch_size = config, num_samples, batch_size
+        self.config_id = config_id(config)
         self.layout = {s: min(s + batch_size, num_samples) for s in batch_starts(num_samples, batch_size)}
 
     # -- manifest --------------------------------------------------------------------------
@@ -154,9 +159,10 @@ class ShardStore:
                 problem = f"its range [{start}, {stop}) is not a batch of this run ({self.batch_size} per batch)"
             elif entry is not None:
                 digest = file_digest(path)
-                problem = None if digest == entry.get("sha256") else "its checksum differs from the manifest's"
+                problem = (_foreign(path, self.config_id) if digest == entry.get("sha256")
+                           else "its checksum differs from the manifest's")
             else:
-                problem = _shard_content_problem(path, start, stop)
+                problem = _shard_content_problem(path, start, stop, self.config_id)
                 digest = None if problem else file_digest(path)
             if problem:
                 problems.append(f"shard {path} rejected: {problem}; moved to {self._reject(path)}, it will be "
@@ -202,7 +208,9 @@ class ShardStore:
         manifest."""
         path = self.path(batch.start, batch.stop)
         digest = atomic_savez(path, images=batch.images, labels=batch.labels, start=np.int64(batch.start),
-                              stop=np.int64(batch.stop), latency=np.float64(batch.latency),
+                              stop=np.int64(batch.stop), config_id=np.array(self.config_id),
+                              content_sha256=np.array(content_digest(batch.images, batch.labels)),
+                              latency=np.float64(batch.latency),
                               vae_latency=np.float64(np.nan if batch.vae_latency is None else batch.vae_latency),
                               timed=np.bool_(batch.timed), stats=np.array(json.dumps(asdict(batch.stats))))
         with FileLock(str(self.dir / ".manifest.lock"), timeout=120):  # ranks share the manifest
@@ -218,6 +226,8 @@ class ShardStore:
                 other = _other_range(z, start, stop)
                 if other:
                     raise ValueError(other)
+                if "config_id" in z.files and str(z["config_id"]) != self.config_id:
+                    raise ValueError(f"it was drawn by another configuration ({str(z['config_id'])})")
                 vae = float(z["vae_latency"])
                 return Batch(start, z["images"], z["labels"].astype(np.int64),
                              MethodStats(**json.loads(str(z["stats"]))), float(z["latency"]),
@@ -237,25 +247,58 @@ class ShardStore:
         return [self.load(s, e) for s, e in ranges]
 
 
-SHARD_KEYS = {"images", "labels", "latency", "vae_latency", "timed", "stats"}
+SHARD_KEYS = {"images", "labels", "latency", "vae_latency", "timed", "stats", "config_id", "content_sha256"}
 
 
-def _shard_content_problem(path: Path, start: int, stop: int) -> str | None:
-    """Why a shard the manifest does not list cannot be used (None: it can): it must load whole and
-    hold the samples its name says."""
+def config_id(config: dict) -> str:
+    """The id of a sample configuration (the manifest's ``config``), as shards record it."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def content_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of a batch's images and labels (shape, dtype and bytes), as its shard records it."""
+    h = hashlib.sha256()
+    for a in (np.ascontiguousarray(images), np.ascontiguousarray(labels)):
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _foreign(path: Path, want: str) -> str | None:
+    """Why a shard the manifest lists was drawn by another configuration (None: it was not, or it
+    predates the record and the manifest's checksum vouches for it)."""
+    try:
+        with np.load(path) as z:
+            if "config_id" in z.files and str(z["config_id"]) != want:
+                return f"it was drawn by another configuration ({str(z['config_id'])}, this run's is {want})"
+    except Exception as err:
+        return f"it is unreadable ({reason(err)})"
+    return None
+
+
+def _shard_content_problem(path: Path, start: int, stop: int, want: str) -> str | None:
+    """Why a shard the manifest does not list cannot be used (None: it can): it must load whole,
+    carry this run's configuration id, hold the samples its name says, and its images and labels
+    must match the checksum it carries."""
     try:
         with np.load(path) as z:
             if not SHARD_KEYS <= set(z.files):
-                return f"it lacks {', '.join(sorted(SHARD_KEYS - set(z.files)))}"
+                return f"it lacks {', '.join(sorted(SHARD_KEYS - set(z.files)))} (no provenance: cannot tell which " \
+                       "run drew it)"
             other = _other_range(z, start, stop)
             if other:
                 return other
+            if str(z["config_id"]) != want:
+                return f"it was drawn by another configuration ({str(z['config_id'])}, this run's is {want})"
             images, labels = z["images"], z["labels"]
+            recorded = str(z["content_sha256"])
             json.loads(str(z["stats"]))
     except Exception as err:
         return f"it is unreadable ({reason(err)})"
     if len(images) != stop - start or len(labels) != stop - start or images.dtype != np.uint8:
         return f"it holds {len(images)} {images.dtype} images and {len(labels)} labels, not {stop - start}"
+    if content_digest(images, labels) != recorded:
+        return "its images or labels differ from the checksum it carries"
     return None
 
 
