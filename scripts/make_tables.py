@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.csv.exists():
         print(f"error: {args.csv} does not exist: run `python run.py` first", file=sys.stderr)
         return 2
-    table = read_table(args.csv, args.experiment, args.model)
+    try:
+        table = read_table(args.csv, args.experiment, args.model)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if table.empty:
         print("error: no rows match the filters", file=sys.stderr)
         return 2

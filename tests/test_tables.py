@@ -288,3 +288,19 @@ def test_rfc_table2_sweep_composes_every_variant():
                 keys[variant] = tau_key(cfg, t)
     GlobalHydra.instance().clear()
     assert len(set(keys.values())) == 4
+
+
+def test_make_tables_is_strict_about_its_csv(tmp_path):
+    """An empty CSV and text in a numeric cell end in one line naming the file (and the run and
+    column), exit 2, no table; a numeric cell is never shown as a silent '-'."""
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    proc = _run(str(ROOT / "scripts" / "make_tables.py"), "--csv", str(empty), "--out", str(tmp_path / "a"))
+    assert proc.returncode == 2 and f"{empty} is empty" in proc.stderr and "Traceback" not in proc.stderr
+    path = tmp_path / "runs.csv"
+    append_csv(path, RunRecord(run_id="r1", method="none", model="m", variant="Full", nfc=50.0, fid=3.0))
+    text = path.read_text().replace(",3.0,", ",abc,", 1)
+    path.write_text(text)
+    proc = _run(str(ROOT / "scripts" / "make_tables.py"), "--csv", str(path), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "run r1: column fid holds 'abc', not a number" in proc.stderr
+    assert not (tmp_path / "b").exists()

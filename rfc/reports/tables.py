@@ -104,9 +104,22 @@ def label_of(row: pd.Series) -> str:
 
 def load(csv_path: Path, experiment: str | None, model: str | None) -> pd.DataFrame:
     """The complete rows (torn records skipped), setting columns as their CSV text (so keys compare
-    exactly as rfc.run.setting writes them; columns older CSVs lack are empty) and metrics as floats."""
-    df = pd.read_csv(io.StringIO(split_csv(read_raw(csv_path)).clean), dtype=str, keep_default_na=False)
+    exactly as rfc.run.setting writes them; columns older CSVs lack are empty) and metrics as floats.
+    Raises ValueError naming the file for an empty CSV, and naming the run and the column for a
+    numeric cell that holds text (a table never shows such a cell as a silent '-')."""
+    text = split_csv(read_raw(csv_path)).clean
+    if not text.strip():
+        raise ValueError(f"{csv_path} is empty (no header, no rows): run `python run.py` first, or point --csv at "
+                         "a runs.csv")
+    df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     numeric = numeric_columns()
+    for col in [c for c in numeric if c in df.columns]:
+        bad = df[(df[col] != "") & pd.to_numeric(df[col], errors="coerce").isna() & (df[col].str.lower() != "nan")]
+        if len(bad):
+            row = bad.iloc[0]
+            raise ValueError(f"{csv_path}: run {row.get('run_id') or '(no run_id)'}: column {col} holds "
+                             f"{row[col]!r}, not a number ({len(bad)} such cell(s) in that column); fix or remove "
+                             "the row")
     for col in {*TEXT, *numeric} - set(df.columns):
         df[col] = ""
     df["experiment"] = df["experiment"].where(df["experiment"] != "", "runs")
