@@ -38,8 +38,13 @@ def _join_slurm_tasks(device: str) -> None:
         distributed.init_from_env(device)
 
 
+_JOB_STARTED = False  # Hydra composed a config and called the job (not a composition error)
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="run")
 def main(cfg: DictConfig) -> None:
+    global _JOB_STARTED
+    _JOB_STARTED = True
     from rfc.run.cli import run_job
 
     hc = HydraConfig.get()
@@ -72,5 +77,12 @@ if __name__ == "__main__":
     distributed.share_run_stamp()
     try:
         main()
+    except SystemExit as exit_:
+        # Hydra reports a config it cannot compose (an unknown option such as method=rfcc, a comma
+        # list without -m, a mistyped value) on stderr and exits 1; that is a bad input, exit 2,
+        # not a bug of the harness (the code 1 of run_job).
+        if exit_.code == 1 and not _JOB_STARTED:
+            sys.exit(2)
+        raise
     finally:
         distributed.shutdown()

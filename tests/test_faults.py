@@ -544,3 +544,15 @@ def test_evaluate_script_writes_stats_into_a_new_folder(tmp_path, capsys, digit_
     stats = tmp_path / "new" / "stats.npz"
     assert _evaluate(digit_samples, digit_samples, "--save-stats", stats) == 0
     assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(0, abs=1e-3) and stats.exists()
+
+
+@pytest.mark.parametrize("override, says", [("method=rfcc", "Could not find 'method/rfcc'"),
+                                            ("method=none,fora", "Ambiguous value for argument 'method=none,fora'")])
+def test_a_config_hydra_cannot_compose_is_a_bad_input(tmp_path, override, says):
+    """Exit 2 (a bad input, as documented), not 1 (a bug); the list of methods Hydra prints shows
+    methods only, not their typed schemas."""
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), override, f"paths.outputs={tmp_path}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and says in proc.stderr
+    if "Could not find" in says:
+        assert "\trfc\n" in proc.stderr and "_schema" not in proc.stderr

@@ -2,8 +2,9 @@
 
 A method file declares its config with ``@method_config("name")``: a dataclass whose
 ``_target_`` builds the method and whose fields are the method's settings, typed. The
-decorator stores it in Hydra's ConfigStore, group ``method``, as ``<name>_schema``; the
-method's YAML file (``configs/method/<name>.yaml``) starts with ``defaults: [<name>_schema,
+decorator stores it in Hydra's ConfigStore, group ``schema/method``, as ``<name>`` (a group of its
+own, so Hydra's list of methods shows methods only); the method's YAML file
+(``configs/method/<name>.yaml``) starts with ``defaults: [/schema/method/<name>@_here_,
 _self_]``, so a mistyped value (``method.interval=abc``) or an unknown key is refused while the
 config is composed, naming the key, before anything is built. Range checks (an interval >= 1)
 stay in the constructors, which run before any sampling. A method without a YAML file (one
@@ -34,6 +35,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "method"
 METHOD_PACKAGES = ("baselines",)
 METHOD_MODULES = ("rfc.cache.base", "rfc.method")
 
+SCHEMA_GROUP = "schema/method"  # a method's YAML extends /schema/method/<name>@_here_
 _METHODS: dict[str, type] = {}
 
 
@@ -43,7 +45,7 @@ def register_method(name: str, config: type) -> None:
         raise TypeError(f"the config of method {name!r} must be a dataclass with a _target_ field")
     _METHODS[name] = config
     store = ConfigStore.instance()
-    store.store(group="method", name=f"{name}_schema", node=config)
+    store.store(group=SCHEMA_GROUP, name=name, node=config)  # its own group: not listed among the methods
     if not (CONFIG_DIR / f"{name}.yaml").is_file():
         store.store(group="method", name=name, node=config)
 
