@@ -4,9 +4,10 @@
                                [--cache DIR]
 
 REF.npz: an ADM reference batch (arr_0 and/or mu, sigma, mu_s, sigma_s), statistics written by
---save-stats or by a run (stats.npz), or any sample set (arr_0). SAMPLES.npz: arr_0 uint8 NHWC
-images (a run's samples.npz). Prints one JSON line with fid, sfid, inception_score, precision,
-recall (null where the extractor cannot give one, with the reason in "notes").
+--save-stats or by a run (stats.npz), any sample set (arr_0), or a builtin reference's name, as a
+run's eval.reference takes it (``digits``: the 1,797 bundled digits that dit-tiny rows score
+against). SAMPLES.npz: arr_0 uint8 NHWC images (a run's samples.npz). Prints one JSON line with
+fid, sfid, inception_score, precision, recall (null where the extractor cannot give one, with the reason in "notes").
 --save-stats writes the samples' statistics in the same layout, reusable as REF.npz (a
 full-compute run's statistics become the reference for FID2FC).
 --cache DIR keeps REF.npz's extracted features there (a run's paths.store works), keyed by the
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=None, help="folder for the reference's extracted features")
     args = p.parse_args(argv)
 
-    from eval.extractors import get_extractor, resolve_reference
+    from eval.extractors import BUILTIN_REFERENCES, get_extractor, resolve_reference
     from eval.stats import (
         check_features,
         check_images,
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = get_extractor(args.extractor)
     try:
         # Everything that can be checked cheaply, before any feature is extracted.
-        check_reference_file(args.reference)
+        if str(args.reference) not in BUILTIN_REFERENCES:  # a builtin data set is no file to check
+            check_reference_file(args.reference)
         images = read_npz(args.samples, "samples").get("arr_0")
         if images is None:
             raise ConfigError(f"{args.samples} has no arr_0 images")

@@ -145,6 +145,15 @@ def test_evaluate_script_with_digits_extractor_and_saved_stats(tmp_path):
         assert again[key] == pytest.approx(first[key], rel=1e-9, abs=1e-9), key
 
 
+def test_evaluate_script_takes_the_builtin_reference_runs_use(tmp_path):
+    """`digits`, the reference of every dit-tiny row, is a name, not a file: evaluate.py takes it as
+    a run's eval.reference does."""
+    images, _ = load_digits_uint8()
+    np.savez(tmp_path / "samples.npz", arr_0=images[:300])
+    got = _evaluate("digits", str(tmp_path / "samples.npz"), "--extractor", "digits")
+    assert got["reference"] == "digits" and got["fid"] > 0 and 0 < got["precision"] <= 1
+
+
 def test_evaluate_script_cache_reuses_the_reference_features(tmp_path):
     """--cache: the reference's images are featurised into the cache once; a second evaluation
     reads them back and gives the same numbers."""
