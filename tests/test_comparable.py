@@ -190,6 +190,32 @@ def test_pairing_never_crosses_precision_or_batch_size(make_cfg, tmp_path):
         assert other.fid2fc is None and other.psnr is None and "paired metrics missing" in other.notes
 
 
+def test_a_replaced_or_edited_full_compute_set_is_refused(make_cfg, tmp_path, capsys):
+    """The store's set carries the sha256 it was published with: replaced by another setting's set
+    with the same labels (another step count), or edited in place through the run folder it is
+    hard-linked from, a cached run refuses it naming the entry, instead of pairing with it."""
+    from rfc.run.cli import run_job
+    from rfc.run.store import store_root
+
+    cfg = make_cfg(*TINY, "eval.score=false")
+    assert run_job(cfg, tmp_path / "full", []) == 0
+    entry = next(p for p in store_root(cfg.paths).iterdir() if p.is_dir())
+    other = make_cfg("eval.num_samples=8", "eval.batch_size=4", "sampler.num_steps=5", "eval.score=false")
+    assert run_job(other, tmp_path / "other", []) == 0
+    original = (entry / "samples.npz").read_bytes()
+    (entry / "samples.npz").unlink()  # replaced: same labels, other images
+    (entry / "samples.npz").write_bytes((tmp_path / "other" / "samples.npz").read_bytes())
+    capsys.readouterr()
+    cached = make_cfg(*TINY, "method=fora", "eval.paired=find")
+    assert run_job(cached, tmp_path / "cached", []) == 2
+    err = capsys.readouterr().err
+    assert f"is not the set published for setting {entry.name}" in err and f"delete {entry}" in err
+
+    (entry / "samples.npz").unlink()
+    (entry / "samples.npz").write_bytes(original)  # the published bytes again: accepted
+    assert run_job(cached, tmp_path / "cached2", []) == 0
+
+
 def test_setting_ids_follow_their_keys():
     row = {k: f"v-{k}" for k in SAMPLE_KEYS}
     assert setting_id(row) == setting_id(dict(row))

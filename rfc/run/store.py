@@ -5,7 +5,7 @@ noise. The full-compute set depends only on the sample setting (``rfc.run.settin
 on the method, so it is drawn once per setting and kept in ``<paths.store>/full_compute/<id>/``
 (``id`` = ``setting_id`` of the setting, also the ``setting_id`` column of every row of it)::
 
-    setting.json      the setting, who drew the set, a publication token
+    setting.json      the setting, who drew the set, a publication token, the set's sha256
     samples.npz       ADM layout: arr_0 images, arr_1 labels (present = complete)
     stats-<extractor>-<weights digest>-<token>.npz   the set's feature statistics, per extractor
     manifest.json, shards/   only while a draw is under way (resumable like a run folder)
@@ -20,6 +20,12 @@ lock while it samples, so cached jobs of the same setting wait for it instead of
 otherwise the first cached job that needs the set draws it under the lock, from its shards if an
 earlier draw was killed, while every other job of the setting waits and then reuses it. Deleting
 the folder (or one entry) is safe when no job is running: the next run that needs a set draws it.
+
+Every use of a set checks it against the sha256 recorded when it was published (remembered per
+file identity in ``digests.json``, so a set is hashed once, not on every run): a set that was
+replaced, or edited in place through the run folder it is hard-linked from, is refused, naming the
+entry to delete. An entry published before sets carried their sha256 gets it recorded at its
+first use.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import numpy as np
 from rfc.run.setting import SAMPLE_KEYS, key, setting_id
 from rfc.run.shards import MANIFEST, SHARD_DIR
 from rfc.utils.errors import FolderLockedError, NonFiniteError, RunError
-from rfc.utils.files import FolderLock, atomic_write_text
+from rfc.utils.files import DIGESTS, FolderLock, atomic_write_text, memo_digest
 
 FULL_COMPUTE = "full_compute"
 META = "setting.json"
@@ -69,6 +75,7 @@ class FullComputeEntry:
         self.folder = Path(root) / self.id
         self.samples = self.folder / SAMPLES
         self.meta_path = self.folder / META
+        self.digests = Path(root).parent / DIGESTS  # the store's memo of file digests
         self._lock = FolderLock(self.folder)
         self.held = False
 
@@ -112,6 +119,7 @@ class FullComputeEntry:
             arrays = read_npz(self.samples, "full-compute set")
         except NpzError as err:
             raise RunError(f"{err}; delete {self.folder} and run again to redraw it") from err
+        self.verify()
         images, labels = arrays.get("arr_0"), arrays.get("arr_1")
         if images is None or labels is None:
             raise RunError(f"full-compute set {self.samples} lacks arr_0 or arr_1; delete {self.folder} and run "
@@ -121,6 +129,19 @@ class FullComputeEntry:
             raise RunError(f"full-compute set {self.samples} holds {len(images)} images, not the setting's "
                            f"{self.setting['num_samples']}; delete {self.folder} and run again to redraw it")
         return images, labels.astype(np.int64)
+
+    def verify(self) -> None:
+        """Refuse a set whose bytes are not those published (replaced by another set, or edited);
+        an entry published without a checksum gets the current one recorded."""
+        actual = memo_digest(self.samples, self.digests)
+        meta = self.meta() or {}
+        recorded = meta.get("samples_sha256")
+        if recorded is None:
+            atomic_write_text(self.meta_path, json.dumps({**meta, "samples_sha256": actual}, indent=1) + "\n")
+        elif recorded != actual:
+            raise RunError(f"full-compute set {self.samples} is not the set published for setting {self.id} "
+                           f"(sha256 {actual[:16]}, published {recorded[:16]}): it was replaced or edited; delete "
+                           f"{self.folder} and run again to redraw it")
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -149,7 +170,9 @@ class FullComputeEntry:
         link_or_copy(samples, self.samples)
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         atomic_write_text(self.meta_path, json.dumps({"id": self.id, "setting": self.setting, "source": source,
-                                                     "time": stamp, "token": uuid.uuid4().hex}, indent=1) + "\n")
+                                                     "time": stamp, "token": uuid.uuid4().hex,
+                                                     "samples_sha256": memo_digest(self.samples, self.digests)},
+                                                    indent=1) + "\n")
         shutil.rmtree(self.folder / SHARD_DIR, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             (self.folder / MANIFEST).unlink()
