@@ -556,3 +556,15 @@ def test_a_config_hydra_cannot_compose_is_a_bad_input(tmp_path, override, says):
     assert proc.returncode == 2 and says in proc.stderr
     if "Could not find" in says:
         assert "\trfc\n" in proc.stderr and "_schema" not in proc.stderr
+
+
+def test_an_unusable_device_registry_names_its_variable(make_cfg, tmp_path, capsys, earlier, monkeypatch):
+    """RFC_DEVICE_REGISTRY pointing at a file: one line naming the variable, exit 2, and no resume
+    command (nothing was drawn, and resume= would be refused)."""
+    registry = tmp_path / "registry-file"
+    registry.write_text("")
+    monkeypatch.setenv("RFC_DEVICE_REGISTRY", str(registry))
+    code = job(make_cfg, tmp_path)
+    err = capsys.readouterr().err
+    refused(code, err, "RFC_DEVICE_REGISTRY", tmp_path, earlier)
+    assert "resume" not in err

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rfc.utils.errors import RunError
+
 if TYPE_CHECKING:
     import torch
 
@@ -187,10 +189,16 @@ class DeviceUse:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def __enter__(self) -> DeviceUse:
-        self.dir.mkdir(parents=True, exist_ok=True)
         name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging = self.dir / f".{name}.tmp"
-        fd = os.open(staging, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(staging, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            where = ("$RFC_DEVICE_REGISTRY" if os.environ.get("RFC_DEVICE_REGISTRY")
+                     else "the default device registry (set RFC_DEVICE_REGISTRY to move it)")
+            raise RunError(f"cannot use the device registry {self.dir} ({where}): {err.strerror or err}; point "
+                           "RFC_DEVICE_REGISTRY at a writable folder") from err
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until this job ends: the sign that it is alive
         since = datetime.datetime.now().isoformat(timespec="seconds")
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since,
