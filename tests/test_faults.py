@@ -568,3 +568,22 @@ def test_an_unusable_device_registry_names_its_variable(make_cfg, tmp_path, caps
     err = capsys.readouterr().err
     refused(code, err, "RFC_DEVICE_REGISTRY", tmp_path, earlier)
     assert "resume" not in err
+
+
+def test_a_checkpoint_of_another_resolution_is_refused_or_noted(make_cfg, tmp_path, capsys, earlier):
+    """The rule (docs/runs.md): a checkpoint's resolution is its pos_embed's (another one is a shape
+    mismatch) or the NNNxNNN of its name (another one is refused before anything is built); with
+    neither, the run goes on and the row says the resolution is unknown."""
+    state = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
+    named = tmp_path / "dit-tiny-16x16.pt"
+    torch.save(state, named)
+    code = job(make_cfg, tmp_path, f"model.checkpoint={named}")
+    refused(code, capsys.readouterr().err, "is a 16 px checkpoint (its name says so)", tmp_path, earlier)
+    code = job(make_cfg, tmp_path, f"model.checkpoint={named}", "model.image_size=16", out="other")
+    err = capsys.readouterr().err
+    assert code == 2 and "pos_embed: checkpoint" in err  # its pos_embed is of 8 px: a shape mismatch
+    bare = tmp_path / "no-pos-embed.pt"
+    torch.save({k: v for k, v in state.items() if k != "pos_embed"}, bare)
+    assert job(make_cfg, tmp_path, f"model.checkpoint={bare}", "eval.score=false", out="bare") == 0
+    row = read_runs(tmp_path / "runs.csv")[-1]
+    assert "native resolution unknown: checkpoint no-pos-embed.pt has no pos_embed" in row["notes"]

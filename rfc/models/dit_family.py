@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from rfc.models.dit import DiT, DiTConfig, dit_config
 from rfc.models.family import ModelFamily, random_weights_id, register_family
 from rfc.models.flops import CostModel, dit_cost
-from rfc.models.load import build_dit, require_file
+from rfc.models.load import build_dit, checkpoint_keys, require_file, stated_resolution
 from rfc.models.vae import LATENT_DOWNSAMPLE, check_vae_folder, load_vae, random_vae, vae_folder
 from rfc.utils.errors import ConfigError
 from rfc.utils.files import digest_memo, memo_digest
@@ -87,8 +88,25 @@ class DiTFamily(ModelFamily):
             raise ConfigError("guidance needs a null class: model.class_dropout_prob must be > 0 when cfg_scale > 1")
         if m.pretrained:
             require_file(m.checkpoint, f"{m.name} checkpoint (model.checkpoint)")
+            stated = stated_resolution(m.checkpoint)
+            if stated is not None and stated != int(m.image_size):
+                raise ConfigError(f"model.checkpoint {m.checkpoint} is a {stated} px checkpoint (its name says so) "
+                                  f"and model.image_size is {m.image_size}: set model.image_size={stated}, or use "
+                                  f"a {m.image_size} px checkpoint")
         if m.vae != "none" and m.vae_pretrained:
             check_vae_folder(vae_folder(paths["assets"], m.vae))
+
+    def notes(self, cfg: DictConfig, arch: DiTConfig) -> list[str]:
+        """The native resolution of a checkpoint is its pos_embed's (a checkpoint of another
+        resolution is then refused as a shape mismatch) or the NNNxNNN in its file name (refused
+        in ``check``); when it has neither, the run goes on and every row says so."""
+        m = cfg.model
+        if not m.pretrained or stated_resolution(m.checkpoint) is not None:
+            return []
+        if "pos_embed" in checkpoint_keys(m.checkpoint):
+            return []
+        return [f"native resolution unknown: checkpoint {Path(str(m.checkpoint)).name} has no pos_embed and its name "
+                f"states no resolution; sampled at {m.image_size} px"]
 
     def random_note(self, m: DictConfig) -> str:
         vae_note = "" if m.vae == "none" else (" and a random VAE" if not m.vae_pretrained else "")

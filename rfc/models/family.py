@@ -67,6 +67,11 @@ class ModelFamily:
         """The prompt set of a text-conditioned family (sample i is drawn for prompt i), else None."""
         return None
 
+    def notes(self, cfg: DictConfig, arch: Any) -> list[str]:
+        """What every row of this setting must say about it (read before sampling, cheaply): a
+        checkpoint whose native resolution cannot be known, say. Empty by default."""
+        return []
+
     def random_note(self, m: DictConfig) -> str:
         """What ``model.pretrained=false`` means for this family, for the person at the terminal."""
         return "random weights (timing is real, images are not)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -75,6 +76,24 @@ def read_checkpoint(path: str | Path) -> object:
         raise CheckpointError(f"cannot read checkpoint {path} ({reason(err)}); it is "
                               "damaged or not a PyTorch weights file: download it again "
                               f"(`{FETCH_HINT}`) or point model.checkpoint at a valid file") from err
+
+
+def stated_resolution(path: str | Path) -> int | None:
+    """The resolution a checkpoint's file name states, as the official release names them
+    (DiT-XL-2-256x256.pt: 256), or None."""
+    match = re.search(r"(?<!\d)(\d{2,5})x(\d{2,5})(?!\d)", Path(str(path)).name)
+    return int(match.group(1)) if match and match.group(1) == match.group(2) else None
+
+
+def checkpoint_keys(path: str | Path) -> set[str]:
+    """The parameter names of a checkpoint, read without loading its tensors where the format
+    allows (memory-mapped); a file that cannot be read is left to ``read_checkpoint`` to report
+    when the model is built, so this returns the empty set."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return set(extract_state_dict(obj))
+    except Exception:  # noqa: BLE001 - read_checkpoint names the file and the damage at build time
+        return set()
 
 
 def check_finite(state: dict[str, torch.Tensor], source: str, fix: str) -> None:

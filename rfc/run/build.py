@@ -140,6 +140,7 @@ class RunPlan:
     prompts: PromptSet | None = None  # text-to-image models: sample i's prompt is prompts.for_samples(n)[i]
     skipped_metrics: dict = field(default_factory=dict)  # text-to-image metric -> why it is not computed
     family: ModelFamily | None = None  # the model's family (from the model config when not given)
+    notes: list[str] = field(default_factory=list)  # what the row's notes must say of the setting (the family's)
 
     def __post_init__(self) -> None:
         if self.family is None:
@@ -198,8 +199,11 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     if not m.pretrained:
         _note(f"model.pretrained=false: {family.random_note(m)}"
               + ("" if score else "; quality metrics skipped (eval.score=false)"))
+    notes = family.notes(cfg, arch)
+    for line in notes:
+        _note(line)
     plan = RunPlan(cfg, device, arch, num_samples, batch_size, score, extractor, out, method, sampler, paths,
-                   prompts=prompts, skipped_metrics=skipped, family=family)
+                   prompts=prompts, skipped_metrics=skipped, family=family, notes=notes)
     plan.setting = sample_setting(plan)
     return plan
 

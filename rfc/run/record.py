@@ -60,7 +60,7 @@ def make_record(plan: RunPlan, samples: SampleSet, denoiser: CFGDenoiser, proces
 
     cost = plan.family.cost(plan.arch)  # each site kind at its own cost, the rows that ran
     flops = [cost.flops(s, denoiser.batch_multiplier) for s in samples.stats]
-    notes = []
+    notes = list(plan.notes)
     # Latency: batches timed while the job had the device to itself (a resumed run may combine
     # several such sessions); none at all when this session shared it.
     timed = samples.timed if busy is None and not session.shared else []
