@@ -22,10 +22,31 @@ ROOT = str(Path(__file__).resolve().parent)
 sys.path.insert(0, ROOT)
 # Jobs that submitit starts in fresh interpreters (launcher=local/slurm) import the project too.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+import hydra.core.utils  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
 from rfc.run.config import register_resolvers  # noqa: E402
 from rfc.utils import distributed  # noqa: E402
+from rfc.utils.files import atomic_write_text  # noqa: E402
 
 register_resolvers()
+
+
+def _save_hydra_file(cfg: object, filename: str, output_dir: Path) -> None:
+    """Hydra's own files of the run folder (.hydra/config.yaml, hydra.yaml, overrides.yaml),
+    written whole or not at all: a full disk or an unwritable folder is one line naming the
+    file and exit 2, not a traceback and a 0-byte file (Hydra writes them before the job starts)."""
+    path = Path(output_dir) / filename
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, OmegaConf.to_yaml(cfg))
+    except OSError as err:
+        print(f"error: cannot write {path}: {err.strerror or err}; free space or fix the folder "
+              "(hydra.run.dir), then run again", file=sys.stderr)
+        sys.exit(2)
+
+
+hydra.core.utils._save_config = _save_hydra_file  # the function Hydra's run_job calls for them
 
 
 def _join_slurm_tasks(device: str) -> None:

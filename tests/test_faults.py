@@ -587,3 +587,40 @@ def test_a_checkpoint_of_another_resolution_is_refused_or_noted(make_cfg, tmp_pa
     assert job(make_cfg, tmp_path, f"model.checkpoint={bare}", "eval.score=false", out="bare") == 0
     row = read_runs(tmp_path / "runs.csv")[-1]
     assert "native resolution unknown: checkpoint no-pos-embed.pt has no pos_embed" in row["notes"]
+
+
+def test_hydras_own_files_unwritable_is_one_line(tmp_path):
+    """Hydra writes .hydra/config.yaml before the job starts: a folder where it cannot (here
+    .hydra is a file; a full disk takes the same path) is one line naming the file, exit 2, no
+    traceback, no 0-byte file."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".hydra").write_text("")
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *FAST, f"hydra.run.dir={run_dir}",
+                           f"paths.runs_csv={tmp_path}/runs.csv"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: cannot write {run_dir / '.hydra' / 'config.yaml'}" in proc.stderr
+    assert not (tmp_path / "runs.csv").exists()
+
+
+def test_a_csv_write_cut_short_by_a_full_disk_leaves_no_partial_record(tmp_path, monkeypatch):
+    """The disk fills after part of the row reached it: the file is truncated back, byte for byte,
+    and the error names the CSV."""
+    from rfc.run import loggers
+
+    csv_path = tmp_path / "runs.csv"
+    append_csv(csv_path, RunRecord(method="none", fid=1.0))
+    before = csv_path.read_bytes()
+    real = os.write
+
+    def half_then_full(fd: int, data: bytes) -> int:
+        if len(data) > 8:
+            return real(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loggers.os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space") as err:
+        append_csv(csv_path, RunRecord(method="fora", fid=2.0))
+    assert err.value.filename == str(csv_path)
+    monkeypatch.setattr(loggers.os, "write", real)
+    assert csv_path.read_bytes() == before

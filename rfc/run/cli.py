@@ -9,6 +9,7 @@ the command that resumes; 1 an unexpected failure (a bug), with its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import shlex
@@ -67,10 +68,19 @@ class _ConsoleHandler(logging.StreamHandler):
 
 
 class _QuietFileHandler(logging.FileHandler):
-    """The run log; a log write that fails (the disk is full) must not hide the real error."""
+    """The run log; a log write that fails (the disk is full) must not hide the real error, and
+    neither may its flush or close at the end of the job."""
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
         pass
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            super().flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            super().close()
 
 
 class _WarningsIntoLog(logging.Handler):

@@ -141,18 +141,25 @@ def append_csv(path: str | Path, record: RunRecord) -> Path:
 
 
 def _append_text(path: Path, text: str) -> None:
-    size = path.stat().st_size
-    with path.open("a", encoding="utf-8", newline="") as f:
+    """Append ``text`` whole or not at all: written with the file descriptor itself (a buffered
+    file would retry its flush on the truncate and on close, and fail again on a full disk,
+    leaving the part that reached the disk), and truncated back to its old size on any failure."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        size = os.fstat(fd).st_size
         try:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            view = memoryview(text.encode("utf-8"))
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
         except BaseException as err:
             with contextlib.suppress(OSError):
-                f.truncate(size)  # never leave half a row behind
+                os.ftruncate(fd, size)  # never leave half a row behind
             if isinstance(err, OSError) and err.filename is None:
                 err.filename = str(path)
             raise
+    finally:
+        os.close(fd)
 
 
 class JobLogger:
