@@ -129,6 +129,52 @@ def test_command_line_writes_one_figure_per_table(tmp_path, capsys):
     assert main(["--runs", str(tmp_path / "none.csv")]) == 2
 
 
+def test_kept_samples_redraw_a_figure_whose_run_folders_are_gone(tmp_path, capsys):
+    """--keep-samples keeps the first samples of every column beside the results; with the run
+    folders gone (a fresh clone: rows point at another machine's folders) the same figure is
+    drawn from them, pixel for pixel."""
+    import shutil
+
+    path, kept = _csv(tmp_path), tmp_path / "kept"
+    args = ["--runs", str(path), "--samples", "2", "--experiment", "rfc_table1", "--kept", str(kept)]
+    assert main([*args, "--out", str(tmp_path / "a"), "--keep-samples"]) == 0
+    assert len(list(kept.glob("*.npz"))) == 2
+    shutil.rmtree(tmp_path / "out")
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert "(2 methods x 2 samples)" in capsys.readouterr().out
+    a, b = (next((tmp_path / d).glob("*_samples.png")) for d in "ab")
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert main([*args, "--out", str(tmp_path / "c"), "--kept", str(tmp_path / "nowhere")]) == 0
+    assert "none of its 2 rows has samples" in capsys.readouterr().out
+
+
+def test_a_fresh_clone_redraws_the_committed_comparison_figures(tmp_path):
+    """The repository's own results: in a clone (whose rows point at the run folders of the machine
+    that drew them, none of which it has), make_figures draws every committed comparison figure
+    again, from the samples kept in results/samples, with the same runs in the same columns."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    committed = sorted((root / "results" / "figures").glob("*_samples.json"))
+    if not committed or not (root / ".git").exists():
+        pytest.skip("no committed comparison figures, or not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{root}", str(clone)], check=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(clone / "scripts" / "make_figures.py"), "--out", str(tmp_path / "f")],
+                          capture_output=True, text=True, timeout=300, cwd=clone)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for manifest in committed:
+        if not (clone / "results" / "figures" / manifest.name).exists():
+            continue  # drawn after the commit this clone has
+        want = json.loads((clone / "results" / "figures" / manifest.name).read_text())
+        got_path = tmp_path / "f" / manifest.name
+        assert got_path.is_file(), f"{manifest.name} not redrawn: {proc.stdout[-1500:]}"
+        got = json.loads(got_path.read_text())
+        assert [c["run_id"] for c in got["columns"]] == [c["run_id"] for c in want["columns"]]
+
+
 # ---- quality against speed -----------------------------------------------------------------------
 
 TS = '{"interval": %d, "order": %d, "warmup": 2}'

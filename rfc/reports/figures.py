@@ -53,7 +53,7 @@ from rfc.reports.tables import (
     table_name,
     table_rows,
 )
-from rfc.utils.files import atomic_path, atomic_write_text
+from rfc.utils.files import atomic_path, atomic_savez, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,12 +172,39 @@ def read_samples(path: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
+KEPT_SAMPLES = Path("results") / "samples"  # <run_id>.npz: the first samples of committed rows
+KEEP = 8  # samples kept per row: what a comparison figure shows, with room to spare
+
+
 def samples_path(output_dir: str, root: Path = ROOT) -> Path | None:
     """A row's samples.npz (a relative output_dir is taken from the repository root)."""
     if not output_dir:
         return None
     path = Path(output_dir)
     return (path if path.is_absolute() else root / path) / "samples.npz"
+
+
+def find_samples(row: dict, kept_dir: Path | None = None, root: Path = ROOT) -> tuple[Path | None, str]:
+    """Where a row's samples are: its run folder's samples.npz, else the small set kept for it
+    under results/samples/<run_id>.npz (what a fresh clone has: committed rows point at run
+    folders of the machine that drew them). Returns (path or None, why not)."""
+    own = samples_path(row["output_dir"], root)
+    if own is not None and own.is_file():
+        return own, ""
+    kept = (kept_dir or root / KEPT_SAMPLES) / f"{row['run_id']}.npz"
+    if row.get("run_id") and kept.is_file():
+        return kept, ""
+    return None, f"no samples.npz ({own or 'no output_dir recorded'}) and none kept in {kept}"
+
+
+def keep_samples(source: Path, run_id: str, kept_dir: Path | None = None, k: int = KEEP) -> Path:
+    """Write the first ``k`` samples (images and labels) of a row to results/samples/<run_id>.npz,
+    the set a fresh clone redraws its figures from."""
+    images, labels = read_samples(source, k)
+    target = (kept_dir or ROOT / KEPT_SAMPLES) / f"{run_id}.npz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_savez(target, arr_0=images, arr_1=labels)
+    return target
 
 
 def _caption(group: pd.DataFrame) -> str:
@@ -196,7 +223,7 @@ def _rows(group: pd.DataFrame) -> list[dict]:
     return sorted(rows, key=lambda r: not r["is_full"])  # stable
 
 
-def plan_figure(group: pd.DataFrame, k: int) -> FigurePlan:
+def plan_figure(group: pd.DataFrame, k: int, kept_dir: Path | None = None) -> FigurePlan:
     """The comparison figure of one table's rows (one setting, one seed, with_latency applied): the
     columns with a samples.npz, full compute first then the table's order, and the first k sample
     indices every column has. A row whose labels (classes or prompt indices) differ from the first
@@ -206,9 +233,9 @@ def plan_figure(group: pd.DataFrame, k: int) -> FigurePlan:
     reference: np.ndarray | None = None
     available: list[int] = []
     for r in _rows(group):
-        path = samples_path(r["output_dir"])
-        if path is None or not path.is_file():
-            plan.skipped.append((r["label"], f"no samples.npz ({path or 'no output_dir recorded'})"))
+        path, why = find_samples(r, kept_dir)
+        if path is None:
+            plan.skipped.append((r["label"], why))
             continue
         images, labels = read_samples(path, k)
         if reference is None:
