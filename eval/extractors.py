@@ -44,6 +44,7 @@ class ExtractorSpec:
     check: Callable[[dict], None]  # fails fast (before sampling) when an input file is missing
     build: Callable[[dict, str], Extractor]
     weights: Callable[[dict], Path]  # the weights file: its digest is part of the feature space's identity
+    dim: int | None = None  # length of its feature vectors (a reference's mu must have it)
 
 
 def inception_weights(paths: dict) -> Path:
@@ -79,8 +80,8 @@ def _digits_build(paths: dict, device: str) -> Extractor:
 
 
 EXTRACTORS: dict[str, ExtractorSpec] = {
-    "digits": ExtractorSpec("digits-classifier", _digits_check, _digits_build, _digits_weights),
-    "inception": ExtractorSpec("inception-v3-tf", inception_weights, _inception_build, inception_weights),
+    "digits": ExtractorSpec("digits-classifier", _digits_check, _digits_build, _digits_weights, dim=64),
+    "inception": ExtractorSpec("inception-v3-tf", inception_weights, _inception_build, inception_weights, dim=2048),
 }
 
 BUILTIN_REFERENCES = {"digits": "sklearn-digits-1797"}
@@ -97,15 +98,16 @@ def get_extractor(name: str) -> ExtractorSpec:
     return EXTRACTORS[name]
 
 
-def check_reference(reference: str) -> None:
+def check_reference(reference: str, spec: ExtractorSpec | None = None) -> None:
     """Before sampling: a bundled reference's name, or an .npz that loads and holds usable
-    statistics or images (``eval.reference``)."""
+    statistics or images (``eval.reference``); with the run's extractor ``spec``, statistics of
+    its feature space (the extractor they name, the length of its features)."""
     if reference in ("None", ""):
         raise ValueError(f"eval.reference is not set: name a bundled set ({', '.join(BUILTIN_REFERENCES)}) or an "
                          "ADM-layout .npz, or set eval.score=false")
     if reference not in BUILTIN_REFERENCES:
         require_file(reference, "reference batch (eval.reference)")
-        check_reference_file(reference)
+        check_reference_file(reference, None if spec is None else spec.name, None if spec is None else spec.dim)
 
 
 def resolve_reference(reference: str, spec: ExtractorSpec, extract: Extractor,

@@ -138,14 +138,20 @@ def check_images(shape: tuple[int, ...], dtype: np.dtype, path: str | Path) -> N
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "extractor")
 
 
-def check_reference_file(path: str | Path) -> None:
+def check_reference_file(path: str | Path, extractor: str | None = None, dim: int | None = None) -> None:
     """What can be checked of a reference before any sampling, without reading its images: it
-    opens, it holds statistics or images, its statistics are whole and finite, its images are
-    uint8 NHWC."""
+    opens, it holds statistics or images, its statistics are whole, finite and covariances, its
+    images are uint8 NHWC; with the run's ``extractor`` and its feature length ``dim``, statistics
+    of that feature space (the extractor they name, mu of that length)."""
     arrays = read_npz(path, "reference", keys=STAT_KEYS)
     headers = arrays.pop("__headers__")
     if "mu" not in arrays and "sigma" not in arrays and "arr_0" not in headers:
         raise NpzError(f"reference {path} has neither statistics (mu, sigma) nor images (arr_0)")
+    if extractor is not None and "extractor" in arrays and str(arrays["extractor"]) != extractor:
+        raise NpzError(f"{path} holds statistics of the {arrays['extractor']} extractor, not {extractor}")
+    if dim is not None and "mu" in arrays and np.asarray(arrays["mu"]).shape != (dim,):
+        raise NpzError(f"{path}: mu has {np.asarray(arrays['mu']).shape} entries, the {extractor or 'run'}'s "
+                       f"features have {dim}: statistics of another feature space")
     check_statistics(arrays, path)
     if "arr_0" in headers:
         check_images(*headers["arr_0"], path)

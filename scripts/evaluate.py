@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Everything that can be checked cheaply, before any feature is extracted.
         if str(args.reference) not in BUILTIN_REFERENCES:  # a builtin data set is no file to check
-            check_reference_file(args.reference)
+            check_reference_file(args.reference, spec.name, spec.dim)
         images = read_npz(args.samples, "samples").get("arr_0")
         if images is None:
             raise ConfigError(f"{args.samples} has no arr_0 images")

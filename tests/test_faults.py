@@ -169,6 +169,10 @@ def _reference(tmp_path: Path, kind: str) -> Path:
     elif kind == "nan-sigma":
         sigma[3, 3] = np.nan
         np.savez(path, mu=mu, sigma=sigma)
+    elif kind == "wrong-length":
+        np.savez(path, mu=np.zeros(32), sigma=np.eye(32))
+    elif kind == "other-extractor":
+        np.savez(path, mu=mu, sigma=sigma, extractor=np.array("inception-v3-tf"))
     elif kind == "asymmetric-sigma":
         sigma[2, 5] = 0.5
         np.savez(path, mu=mu, sigma=sigma)
@@ -185,6 +189,8 @@ def _reference(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind, name", [
     ("text", "is not a readable .npz"), ("mu-only", "has mu but no sigma"), ("nan-sigma", "sigma holds NaN"),
     ("asymmetric-sigma", "sigma is not symmetric"), ("non-psd-sigma", "sigma is not positive semi-definite"),
+    ("wrong-length", "mu has (32,) entries, the digits-classifier's features have 64"),
+    ("other-extractor", "holds statistics of the inception-v3-tf extractor, not digits-classifier"),
     ("float-images", "arr_0 must hold uint8 images"), ("empty-npz", "neither statistics"),
 ])
 def test_unusable_reference_is_named_before_sampling(make_cfg, tmp_path, capsys, earlier, kind, name):

@@ -137,3 +137,42 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     assert sorted(r["method"] for r in rows) == ["fora", "none"]
     assert all(r["latency_s"] == "" and "launcher=submitit_local" in r["notes"] for r in rows)
     assert len({r["sweep"] for r in rows}) == 1 and list((tmp_path / "outputs").rglob(".submitit"))
+
+
+def _submitit_tasks() -> list[int]:
+    """Pids of running submitit task processes (``python -m submitit.core._submit <folder>``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"submitit.core._submit" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the submitit task through /proc (Linux)")
+def test_a_preempted_submitit_job_is_requeued_and_resumes_from_its_shards(tmp_path):
+    """launcher=local (submitit's local executor): the job gets the preemption signal (SIGUSR2, as
+    SLURM sends it before a preemption or time limit) after its first shards; submitit requeues it
+    (Hydra's launcher checkpoints the job as submitted), and the requeued job resumes in the same
+    folder from the shards already written, recording one row that says so."""
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", "launcher=local", "method=none", "model=dit-tiny",
+           "eval.num_samples=40", "eval.batch_size=2", "sampler.num_steps=20", "eval.warmup_batches=0",
+           "eval.score=false", f"paths.outputs={tmp_path}/outputs", f"paths.runs_csv={tmp_path}/runs.csv"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=_env())
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if len(list((tmp_path / "outputs").rglob("shards/*.npz"))) >= 2:
+            break
+        time.sleep(0.05)
+    tasks = _submitit_tasks()
+    assert proc.poll() is None and len(tasks) == 1, "the job ended before it could be preempted"
+    os.kill(tasks[0], signal.SIGUSR2)
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    rows = _rows(tmp_path / "runs.csv")
+    assert len(rows) == 1 and "resumed: " in rows[0]["notes"] and "of 40 samples" in rows[0]["notes"]
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "outputs").rglob(".submitit/*/*.out"))
+    assert "Requeued job" in logs or "requeue" in logs.lower()

@@ -194,7 +194,7 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     elif score:
         extractor = str(ev.extractor)
         get_extractor(extractor).check(paths)
-        check_reference(str(ev.reference))
+        check_reference(str(ev.reference), get_extractor(extractor))
     out = prepare_outputs(cfg, out_dir, paths)
     if not m.pretrained:
         _note(f"model.pretrained=false: {family.random_note(m)}"
