@@ -120,7 +120,7 @@ def test_a_cpu_burning_process_beside_a_timed_run_leaves_its_latency_empty(make_
     from rfc.run.runner import run
     from rfc.utils.devices import QUIET_CORES
 
-    cfg = make_cfg("eval.num_samples=8", "eval.batch_size=4", "sampler.num_steps=40", "eval.warmup_batches=0",
+    cfg = make_cfg("eval.num_samples=16", "eval.batch_size=8", "sampler.num_steps=50", "eval.warmup_batches=0",
                    "eval.score=false")
     burn = "import time\nend = time.time() + 120\nwhile time.time() < end: pass"
     burner = subprocess.Popen([sys.executable, "-c", burn])
@@ -133,10 +133,11 @@ def test_a_cpu_burning_process_beside_a_timed_run_leaves_its_latency_empty(make_
         burner.kill()
         burner.wait()
     assert busy.latency_s is None and busy.timed_batches == 0
-    assert "was shared during 2 timed batch(es) (other processes used" in busy.notes
+    # each batch long enough for the per-batch test, or all of them together for the row's
+    assert "(other processes used" in busy.notes or "over the timed batches" in busy.notes, busy.notes
     alone = run(cfg, tmp_path / "alone", progress=False)
     assert alone.latency_s > 0 and alone.timed_batches == 2
-    quiet = float(alone.notes.split("other processes used at most ")[1].split()[0])
+    quiet = float(alone.notes.split("other processes used ")[1].split()[0])
     assert quiet <= QUIET_CORES + max(0, (os.cpu_count() or 1) - torch.get_num_threads())
 
 

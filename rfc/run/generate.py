@@ -240,7 +240,7 @@ class Session:
     drawn: int = 0
     seconds: float = 0.0
     shared: list[str] = field(default_factory=list)
-    loads: list[float] = field(default_factory=list)  # other processes' CPU use (cores) in each timed batch
+    loads: list[tuple[float, float]] = field(default_factory=list)  # (other processes' cores, seconds) per timed batch
 
 
 def sample_into(store: ShardStore, draw: Callable[[list[int], bool], Iterator[Batch]], grp: Group,
@@ -256,7 +256,7 @@ def sample_into(store: ShardStore, draw: Callable[[list[int], bool], Iterator[Ba
         if batch.shared:
             session.shared.append(batch.shared)
         elif batch.load is not None:
-            session.loads.append(batch.load)
+            session.loads.append((batch.load, batch.latency))
     barrier()
     session.seconds = time.perf_counter() - t0
     session.drawn = sum(_batch_len(s, store.batch_size, store.num_samples) for s in todo)

@@ -23,6 +23,7 @@ from rfc.run.runlog import log_result
 from rfc.run.setting import setting_id
 from rfc.run.shards import ShardStore
 from rfc.samplers.sampling import CFGDenoiser
+from rfc.utils.devices import quiet_limit
 from rfc.utils.files import atomic_savez, atomic_write_text
 from rfc.utils.images import save_grid
 
@@ -63,7 +64,12 @@ def make_record(plan: RunPlan, samples: SampleSet, denoiser: CFGDenoiser, proces
     notes = list(plan.notes)
     # Latency: batches timed while the job had the device to itself (a resumed run may combine
     # several such sessions); none at all when this session shared it.
-    timed = samples.timed if busy is None and not session.shared else []
+    # Short batches can each slip under the per-batch test (a clock tick is 10 ms of CPU): the
+    # other processes' mean use over all the timed batches decides too.
+    load = (sum(c * t for c, t in session.loads) / max(sum(t for _, t in session.loads), 1e-9)
+            if session.loads else None)
+    loaded = load is not None and load > quiet_limit()
+    timed = samples.timed if busy is None and not session.shared and not loaded else []
     latency = spread = images_per_s = None
     if timed:
         latencies = [b.latency for b in timed]
@@ -77,11 +83,15 @@ def make_record(plan: RunPlan, samples: SampleSet, denoiser: CFGDenoiser, proces
     elif session.shared:
         notes.append(f"latency not measured: {device} was shared during {len(session.shared)} timed batch(es) "
                      f"({session.shared[0]}); images_per_s is this session's throughput")
+    elif loaded:
+        notes.append(f"latency not measured: other processes used {load:.2f} of {os.cpu_count()} CPU cores on "
+                     f"average over the timed batches, more than {quiet_limit():g}; images_per_s is this session's "
+                     "throughput")
     elif not timed:
         notes.append("latency not measured: no batch of this run was timed with the device to itself")
-    elif session.loads:
-        notes.append(f"timed on a quiet {device}: other processes used at most {max(session.loads):.2f} of "
-                     f"{os.cpu_count()} CPU cores during the timed batches")
+    elif load is not None:
+        notes.append(f"timed on a quiet {device}: other processes used {load:.2f} of {os.cpu_count()} CPU cores on "
+                     "average during the timed batches")
     if resumed:
         notes.append(f"resumed: {resumed} of {plan.num_samples} samples drawn by an earlier session")
     vae_times = [b.vae_latency for b in timed if b.vae_latency is not None]

@@ -138,6 +138,14 @@ def others_load(before: LoadSample | None, after: LoadSample | None) -> tuple[fl
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def quiet_limit() -> float:
+    """Other processes' mean CPU use (cores) above which a CPU timing counts as shared, now:
+    ``QUIET_CORES`` beyond the cores the job leaves idle (the machine's minus torch's threads)."""
+    import torch
+
+    return QUIET_CORES + max(0, (os.cpu_count() or 1) - torch.get_num_threads())
+
+
 def _proc_ticks() -> tuple[int | None, int | None]:
     """(busy ticks of the machine, ticks of this process), or (None, None) without /proc."""
     try:
