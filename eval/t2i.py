@@ -171,7 +171,9 @@ def weights_missing(metric: str) -> tuple[str, str] | None:
         return None
     if metric == "image_reward":
         if importlib.util.find_spec(IMAGE_REWARD_MODULE) is None:
-            return "the image-reward package is not installed", IMAGE_REWARD_INSTALL
+            return ("the image-reward package is not installed (its newest release, 1.5, installs beside this "
+                    "project's transformers 5 but does not import there: install it where transformers < 5)",
+                    IMAGE_REWARD_INSTALL)
         try:
             importlib.import_module(IMAGE_REWARD_MODULE)
         except Exception as err:  # any import failure makes the metric unavailable
