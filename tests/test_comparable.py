@@ -351,3 +351,16 @@ def test_a_killed_full_compute_draw_resumes_from_its_shards(make_cfg, tmp_path, 
         holder.release()
     assert store_cli.main(["--store", root, "clear", "--all"]) == 0 and not entry.exists()
     assert not (tmp_path / "outputs" / "store" / "references").exists()
+
+
+def test_the_mean_load_needs_more_than_a_stray_tick():
+    """One clock tick of another process in a 20 ms batch reads as half a core: not enough to call
+    the run shared; a core's worth over the timed batches is."""
+    from rfc.utils.devices import _TICKS_PER_S, mean_load, quiet_limit
+
+    cores = quiet_limit() + 0.5
+    assert mean_load([]) == (None, False)
+    stray, loaded = mean_load([(cores, 1 / _TICKS_PER_S / cores)])  # one tick in a very short batch
+    assert stray > quiet_limit() and not loaded
+    busy, loaded = mean_load([(quiet_limit() + 1.0, 0.5), (quiet_limit() + 1.0, 0.5)])
+    assert loaded and busy == pytest.approx(quiet_limit() + 1.0)

@@ -23,7 +23,7 @@ from rfc.run.runlog import log_result
 from rfc.run.setting import setting_id
 from rfc.run.shards import ShardStore
 from rfc.samplers.sampling import CFGDenoiser
-from rfc.utils.devices import quiet_limit
+from rfc.utils.devices import mean_load, quiet_limit
 from rfc.utils.files import atomic_savez, atomic_write_text
 from rfc.utils.images import save_grid
 
@@ -66,9 +66,7 @@ def make_record(plan: RunPlan, samples: SampleSet, denoiser: CFGDenoiser, proces
     # several such sessions); none at all when this session shared it.
     # Short batches can each slip under the per-batch test (a clock tick is 10 ms of CPU): the
     # other processes' mean use over all the timed batches decides too.
-    load = (sum(c * t for c, t in session.loads) / max(sum(t for _, t in session.loads), 1e-9)
-            if session.loads else None)
-    loaded = load is not None and load > quiet_limit()
+    load, loaded = mean_load(session.loads)
     timed = samples.timed if busy is None and not session.shared and not loaded else []
     latency = spread = images_per_s = None
     if timed:

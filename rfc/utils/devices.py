@@ -138,6 +138,19 @@ def others_load(before: LoadSample | None, after: LoadSample | None) -> tuple[fl
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def mean_load(loads: list[tuple[float, float]]) -> tuple[float | None, bool]:
+    """Other processes' mean CPU use over several timed batches ((cores, seconds) each) and whether
+    it exceeds ``quiet_limit``: the same test as one batch's, with the same two ticks of slack
+    (a single tick attributed a moment late to another process reads as half a core in a 20 ms
+    batch)."""
+    seconds = sum(t for _, t in loads)
+    if not loads or seconds <= 0:
+        return None, False
+    ticks = sum(c * t for c, t in loads) * _TICKS_PER_S
+    mean = ticks / _TICKS_PER_S / seconds
+    return mean, ticks > 2 and mean > quiet_limit()
+
+
 def quiet_limit() -> float:
     """Other processes' mean CPU use (cores) above which a CPU timing counts as shared, now:
     ``QUIET_CORES`` beyond the cores the job leaves idle (the machine's minus torch's threads)."""
