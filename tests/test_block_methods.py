@@ -58,26 +58,32 @@ def test_nfc_falls_as_the_threshold_rises(tiny, method_cls):
     assert nfc[-1] < nfc[0] and nfc[-1] >= 2, nfc
 
 
-def test_cached_step_at_unchanged_inputs_reproduces_the_full_output(tiny):
-    """Two steps at the same x and t: the second is cached (no change in block 0's residual or
-    input) and adds the stored residual, which gives the full output back up to rounding."""
-    x, t, y = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((3,), 500), \
-        torch.tensor([1, 2, 10])
+def _second_step_at_the_same_input_is_cached_and_full(model, x, t, y) -> None:
+    """Two steps at the same x and t under each block-level method: the first is full and equals
+    the model's output, the second is cached and gives it back up to rounding."""
     with torch.no_grad():
-        full = tiny(x, t, y)
+        full = model(x, t, y)
         for method in (FBCache(threshold=0.01), TeaCache(threshold=0.01)):
-            method.attach(tiny)
+            method.attach(model)
             try:
                 outs = []
                 for step in steps(3)[:2]:
                     method.begin_step(step)
-                    outs.append(tiny(x, t, y))
+                    outs.append(model(x, t, y))
                     method.end_step(step)
             finally:
                 method.detach()
             assert method.stats().full_indices == [0] and method.stats().cached_steps == 1
             assert torch.equal(outs[0], full)
             torch.testing.assert_close(outs[1], full, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_step_at_unchanged_inputs_reproduces_the_full_output(tiny):
+    """Two steps at the same x and t: the second is cached (no change in block 0's residual or
+    input) and adds the stored residual, which gives the full output back up to rounding."""
+    x, t, y = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((3,), 500), \
+        torch.tensor([1, 2, 10])
+    _second_step_at_the_same_input_is_cached_and_full(tiny, x, t, y)
 
 
 # ---- the official decision rules ---------------------------------------------------------------
@@ -309,18 +315,4 @@ def test_flux_cached_step_at_unchanged_inputs_reproduces_the_full_output(flux):
     read are those of the full step, so a cached step at the same x and t gives the full output."""
     model, x, y = flux
     t = torch.full((2,), 0.5)
-    with torch.no_grad():
-        full = model(x, t, y)
-        for method in (FBCache(threshold=0.01), TeaCache(threshold=0.01)):
-            method.attach(model)
-            try:
-                outs = []
-                for step in steps(3)[:2]:
-                    method.begin_step(step)
-                    outs.append(model(x, t, y))
-                    method.end_step(step)
-            finally:
-                method.detach()
-            assert method.stats().full_indices == [0] and method.stats().cached_steps == 1
-            assert torch.equal(outs[0], full)
-            torch.testing.assert_close(outs[1], full, rtol=1e-5, atol=1e-5)
+    _second_step_at_the_same_input_is_cached_and_full(model, x, t, y)

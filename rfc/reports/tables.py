@@ -113,23 +113,23 @@ def load(csv_path: Path, experiment: str | None, model: str | None) -> pd.DataFr
                          "a runs.csv")
     df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     numeric = numeric_columns()
-    for col in [c for c in numeric if c in df.columns]:
-        bad = df[(df[col] != "") & pd.to_numeric(df[col], errors="coerce").isna() & (df[col].str.lower() != "nan")]
+    for col in {*TEXT, *numeric} - set(df.columns):
+        df[col] = ""
+    for col in numeric:  # every row checked, before the filters: one bad cell anywhere is named
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = df[(df[col] != "") & values.isna() & (df[col].str.lower() != "nan")]
         if len(bad):
             row = bad.iloc[0]
             raise ValueError(f"{csv_path}: run {row.get('run_id') or '(no run_id)'}: column {col} holds "
                              f"{row[col]!r}, not a number ({len(bad)} such cell(s) in that column); fix or remove "
                              "the row")
-    for col in {*TEXT, *numeric} - set(df.columns):
-        df[col] = ""
+        df[col] = values
     df["experiment"] = df["experiment"].where(df["experiment"] != "", "runs")
     if experiment:
         df = df[df["experiment"] == experiment]
     if model:
         df = df[df["model"] == model]
     df = df.copy()
-    for col in numeric:
-        df[col] = pd.to_numeric(df[col], errors="coerce")
     df["label"] = df.apply(label_of, axis=1)
     df["is_full"] = df["method"] == "none"
     df["timing_key"] = df.apply(lambda r: setting_id(r, TIMING_KEYS), axis=1)

@@ -226,8 +226,9 @@ class ShardStore:
                 other = _other_range(z, start, stop)
                 if other:
                     raise ValueError(other)
-                if "config_id" in z.files and str(z["config_id"]) != self.config_id:
-                    raise ValueError(f"it was drawn by another configuration ({str(z['config_id'])})")
+                other = _other_config(z, self.config_id)
+                if other:
+                    raise ValueError(other)
                 vae = float(z["vae_latency"])
                 return Batch(start, z["images"], z["labels"].astype(np.int64),
                              MethodStats(**json.loads(str(z["stats"]))), float(z["latency"]),
@@ -269,10 +270,16 @@ def _foreign(path: Path, want: str) -> str | None:
     predates the record and the manifest's checksum vouches for it)."""
     try:
         with np.load(path) as z:
-            if "config_id" in z.files and str(z["config_id"]) != want:
-                return f"it was drawn by another configuration ({str(z['config_id'])}, this run's is {want})"
+            return _other_config(z, want)
     except Exception as err:
         return f"it is unreadable ({reason(err)})"
+
+
+def _other_config(z: np.lib.npyio.NpzFile, want: str) -> str | None:
+    """The configuration id a shard records, when it is not this run's (None: it is, or the shard
+    predates the record)."""
+    if "config_id" in z.files and str(z["config_id"]) != want:
+        return f"it was drawn by another configuration ({str(z['config_id'])}, this run's is {want})"
     return None
 
 
@@ -285,11 +292,9 @@ def _shard_content_problem(path: Path, start: int, stop: int, want: str) -> str 
             if not SHARD_KEYS <= set(z.files):
                 return f"it lacks {', '.join(sorted(SHARD_KEYS - set(z.files)))} (no provenance: cannot tell which " \
                        "run drew it)"
-            other = _other_range(z, start, stop)
+            other = _other_range(z, start, stop) or _other_config(z, want)
             if other:
                 return other
-            if str(z["config_id"]) != want:
-                return f"it was drawn by another configuration ({str(z['config_id'])}, this run's is {want})"
             images, labels = z["images"], z["labels"]
             recorded = str(z["content_sha256"])
             json.loads(str(z["stats"]))

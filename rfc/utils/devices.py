@@ -102,17 +102,13 @@ class LoadSample:
     wall: float
     machine_ticks: int | None = None  # busy ticks of every CPU (user, nice, system, irq, softirq)
     own_ticks: int | None = None  # this process's ticks (every thread)
-    spare_cores: int = 0  # cores this job leaves idle: the machine's minus torch's threads
     gpu_others: tuple[str, ...] | None = None  # processes NVML lists on the GPU besides this one
 
     @staticmethod
     def take(device_kind: str, index: int | None = None) -> LoadSample:
         now = time.monotonic()
         if device_kind == "cpu":
-            import torch
-
-            machine, own = _proc_ticks()
-            return LoadSample(now, machine, own, max(0, (os.cpu_count() or 1) - torch.get_num_threads()))
+            return LoadSample(now, *_proc_ticks())
         return LoadSample(now, gpu_others=_nvml_others(index or 0) if device_kind == "cuda" else None)
 
 
@@ -125,13 +121,11 @@ def others_load(before: LoadSample | None, after: LoadSample | None) -> tuple[fl
         return None, f"other processes on the GPU: {', '.join(after.gpu_others[:3])}"
     if None in (before.machine_ticks, after.machine_ticks, before.own_ticks, after.own_ticks):
         return None, None
-    seconds = max(after.wall - before.wall, 1e-9)
     ticks = (after.machine_ticks - before.machine_ticks) - (after.own_ticks - before.own_ticks)
-    cores = max(ticks, 0) / _TICKS_PER_S / seconds
-    limit = QUIET_CORES + after.spare_cores
-    # two ticks of slack: the tick counters quantise a short batch
-    if ticks > 2 and cores > limit:
-        return cores, f"other processes used {cores:.2f} of {os.cpu_count()} CPU cores on average, more than {limit:g}"
+    cores, shared = _over_limit(max(ticks, 0), after.wall - before.wall)
+    if shared:
+        return cores, (f"other processes used {cores:.2f} of {os.cpu_count()} CPU cores on average, more than "
+                       f"{quiet_limit():g}")
     return cores, None
 
 
@@ -146,9 +140,15 @@ def mean_load(loads: list[tuple[float, float]]) -> tuple[float | None, bool]:
     seconds = sum(t for _, t in loads)
     if not loads or seconds <= 0:
         return None, False
-    ticks = sum(c * t for c, t in loads) * _TICKS_PER_S
-    mean = ticks / _TICKS_PER_S / seconds
-    return mean, ticks > 2 and mean > quiet_limit()
+    return _over_limit(sum(c * t for c, t in loads) * _TICKS_PER_S, seconds)
+
+
+def _over_limit(ticks: float, seconds: float) -> tuple[float, bool]:
+    """Other processes' mean use in cores from their clock ticks over ``seconds``, and whether it
+    exceeds ``quiet_limit`` by more than the counters' quantisation (two ticks of slack: a short
+    batch reads a stray tick as a large fraction of a core)."""
+    cores = ticks / _TICKS_PER_S / max(seconds, 1e-9)
+    return cores, ticks > 2 and cores > quiet_limit()
 
 
 def quiet_limit() -> float:
