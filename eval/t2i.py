@@ -13,13 +13,13 @@ no number ever comes from random or half-fetched weights. Where each metric's we
 - ``clip``: the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``), openai/clip-vit-large-patch14:
   config.json, model.safetensors (or pytorch_model.bin), vocab.json, merges.txt.
   ``fetch_assets.py clip-vit-large-patch14``.
-- ``image_reward``: the ``image-reward`` package, and in the Hugging Face cache THUDM/ImageReward's
-  ImageReward.pt and med_config.json plus bert-base-uncased's tokenizer, which BLIP loads by name.
-  ``fetch_assets.py image-reward``. image-reward 1.5 (the newest release) installs beside torch 2.14
-  and transformers 5 but does not import with transformers 5 (its BLIP text encoder imports
-  ``apply_chunking_to_forward`` from ``transformers.modeling_utils``, which transformers 5 removed,
-  and it imports OpenAI's ``clip`` package, which it does not declare); ``check_metrics`` tries the
-  import and reports the failure as it would missing weights.
+- ``image_reward``: the ``image-reward`` package (1.5, this project's ``imagereward`` extra), and in the
+  Hugging Face cache THUDM/ImageReward's ImageReward.pt and med_config.json plus bert-base-uncased's
+  tokenizer, which BLIP loads by name. ``fetch_assets.py image-reward``. image-reward 1.5 was written
+  for transformers 4; ``eval.image_reward`` imports it under transformers 5 with six small adapters
+  (what transformers moved or removed, OpenAI's ``clip`` it imports but does not declare) that leave
+  its arithmetic untouched (tested against the unmodified package under transformers 4.43).
+  ``check_metrics`` tries the import and reports a failure as it would missing weights.
 - ``psnr``, ``ssim``: no weights.
 
 PSNR and SSIM are ``eval.metrics.psnr_ssim``'s, so that DiT and FLUX rows mean the same thing (mean
@@ -75,7 +75,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eval import registry
+from eval import image_reward, registry
 from eval.registry import MISSING_CHOICES as MISSING_CHOICES  # re-exported: eval.missing_metrics' choices
 from eval.registry import T2I, MetricInputs
 from rfc.models.hub import FLUX_FETCH_NAME as FLUX_FETCH_NAME  # re-exported: fetch_assets and tests read them here
@@ -119,8 +119,8 @@ IMAGE_REWARD_REPO = "THUDM/ImageReward"
 IMAGE_REWARD_FILES = ("ImageReward.pt", "med_config.json")
 BLIP_TOKENIZER_REPO = "bert-base-uncased"  # BLIP's init_tokenizer: BertTokenizer.from_pretrained('bert-base-uncased')
 BLIP_TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json")
-IMAGE_REWARD_INSTALL = "pip install image-reward"
-IMAGE_REWARD_MODULE = "ImageReward"  # what the image-reward package installs
+IMAGE_REWARD_INSTALL = image_reward.INSTALL
+IMAGE_REWARD_MODULE = image_reward.MODULE  # what the image-reward package installs
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet_Weights.IMAGENET1K_V1 (= DEFAULT)
 ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"
@@ -171,18 +171,15 @@ def weights_missing(metric: str) -> tuple[str, str] | None:
         return None
     if metric == "image_reward":
         if importlib.util.find_spec(IMAGE_REWARD_MODULE) is None:
-            return ("the image-reward package is not installed (its newest release, 1.5, installs beside this "
-                    "project's transformers 5 but does not import there: install it where transformers < 5)",
-                    IMAGE_REWARD_INSTALL)
-        try:
-            importlib.import_module(IMAGE_REWARD_MODULE)
-        except Exception as err:  # any import failure makes the metric unavailable
-            return (f"the image-reward package does not import ({reason(err)})",
-                    f"{IMAGE_REWARD_INSTALL} in an environment where it imports (1.5 needs transformers < 5)")
+            return "the image-reward package is not installed", IMAGE_REWARD_INSTALL
         for repo, files in ((IMAGE_REWARD_REPO, IMAGE_REWARD_FILES), (BLIP_TOKENIZER_REPO, BLIP_TOKENIZER_FILES)):
             missing = hub_missing(repo, files)
             if missing:
                 return f"{repo} is not in the Hugging Face cache {hub_cache()} ({', '.join(missing)} missing)", fetch
+        try:  # last: importing the package takes seconds, and is pointless without its weights
+            image_reward.import_package(IMAGE_REWARD_MODULE)
+        except Exception as err:  # any import failure makes the metric unavailable
+            return f"the image-reward package does not import ({reason(err)})", IMAGE_REWARD_INSTALL
         return None
     raise ValueError(f"unknown text-to-image metric {metric!r}")
 
@@ -312,17 +309,16 @@ def lpips_score(images: np.ndarray, reference: np.ndarray, device: torch.device)
 
 def image_reward_score(images: np.ndarray, prompts: Sequence[str], device: torch.device) -> float:
     """Mean ImageReward of each image with its prompt: the package's model loaded from the cached
-    THUDM/ImageReward files (local paths, so the package downloads nothing), ``score(prompt, image)``
-    per image."""
+    THUDM/ImageReward files (local paths, so the package downloads nothing; ``eval.image_reward.load``),
+    ``score(prompt, PIL image)`` per image in fp32."""
     from PIL import Image
 
     problem = weights_missing("image_reward")
     if problem is not None:
         raise RunError(f"cannot score image_reward: {problem[0]}; fix: `{problem[1]}`")
-    image_reward = importlib.import_module(IMAGE_REWARD_MODULE)
     ckpt, med_config = (hub_file(IMAGE_REWARD_REPO, f) for f in IMAGE_REWARD_FILES)
-    model = image_reward.load(str(ckpt), device=device, med_config=str(med_config))
-    with _exact_fp32(device):
+    model = image_reward.load(ckpt, med_config, device, IMAGE_REWARD_MODULE)  # type: ignore[arg-type]
+    with _exact_fp32(device), image_reward.quiet():
         scores = [float(model.score(p, Image.fromarray(img)))
                   for img, p in bar(iterable=zip(images, prompts, strict=True), total=len(images), unit="img",
                                     desc="ImageReward", secondary=True)]

@@ -21,22 +21,10 @@ import torch
 from eval import t2i
 from eval.metrics import psnr_ssim
 from rfc.utils.errors import ConfigError, RunError
+from scripts.image_reward_reference import cache_repo
 
 CPU = torch.device("cpu")
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
-
-
-def cache_repo(cache: Path, repo_id: str, files: dict[str, bytes | str]) -> Path:
-    """Lay out ``files`` as the main revision of ``repo_id`` in a Hugging Face cache; the snapshot folder."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(sha)
-    snap = repo / "snapshots" / sha
-    for name, data in files.items():
-        (snap / name).parent.mkdir(parents=True, exist_ok=True)
-        (snap / name).write_bytes(data if isinstance(data, bytes) else data.encode())
-    return snap
 
 
 @pytest.fixture
@@ -132,7 +120,7 @@ def test_columns_are_result_row_fields():
     ("clip", "openai/clip-vit-large-patch14 is not in the Hugging Face cache .*`python scripts/fetch_assets.py "
              "clip-vit-large-patch14`"),
     ("lpips", "AlexNet weights .*alexnet-owt-7be5be79.pth are missing.*`python scripts/fetch_assets.py lpips`"),
-    ("image_reward", "the image-reward package is not installed.*`pip install image-reward`"),
+    ("image_reward", r"the image-reward package is not installed.*`pip install -e \"\.\[imagereward\]\"`"),
 ])
 def test_missing_weights_error_in_one_line(hf_cache, hub_dir, tmp_path: Path, metric: str, needle: str):
     with pytest.raises(ConfigError) as info:
@@ -373,7 +361,9 @@ def test_image_reward_from_cached_files(hf_cache, monkeypatch, tmp_path: Path):
     assert values["image_reward"] == pytest.approx(np.mean([imgs[0].mean() + 2, imgs[1].mean() + 1, imgs[2].mean()]))
 
 
-def test_image_reward_that_does_not_import(monkeypatch, tmp_path: Path):
+def test_image_reward_that_does_not_import(hf_cache, monkeypatch, tmp_path: Path):
+    cache_repo(hf_cache, t2i.IMAGE_REWARD_REPO, {"ImageReward.pt": b"x", "med_config.json": "{}"})
+    cache_repo(hf_cache, t2i.BLIP_TOKENIZER_REPO, {"vocab.txt": "[PAD]\n", "tokenizer_config.json": "{}"})
     module = types.ModuleType(FAKE_MODULE)
     module.__spec__ = ModuleSpec(FAKE_MODULE, None)
     monkeypatch.setitem(sys.modules, FAKE_MODULE, module)
@@ -386,7 +376,7 @@ def test_image_reward_that_does_not_import(monkeypatch, tmp_path: Path):
 
     monkeypatch.setattr(t2i.importlib, "import_module", broken)
     with pytest.raises(ConfigError, match=r"image-reward package does not import \(ImportError: cannot import name "
-                                          r"'apply_chunking_to_forward'.*pip install image-reward"):
+                                          r"'apply_chunking_to_forward'.*pip install -e \"\.\[imagereward\]\""):
         t2i.check_metrics(["image_reward"], "error", tmp_path)
 
 
