@@ -30,6 +30,16 @@ torch.set_num_threads(2)
 # test run's device, and the suite's jobs (subprocesses too) see each other.
 os.environ["RFC_DEVICE_REGISTRY"] = tempfile.mkdtemp(prefix="rfc-device-registry-")
 atexit.register(shutil.rmtree, os.environ["RFC_DEVICE_REGISTRY"], True)
+# Other processes' CPU load on a shared build machine must not decide tests about something else:
+# any load passes here (subprocesses too); the tests about the limit itself set it back
+# (tests/test_comparable.py, fixture real_quiet_limit).
+os.environ["RFC_QUIET_CORES"] = "1000"
+
+
+@pytest.fixture
+def real_quiet_limit(monkeypatch):
+    """The quiet-device limit a run has outside this suite (rfc.utils.devices.QUIET_CORES)."""
+    monkeypatch.delenv("RFC_QUIET_CORES", raising=False)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from rfc.run.loggers import append_csv
 from rfc.run.row import RunRecord
 from rfc.run.setting import SAMPLE_KEYS, TIMING_KEYS, setting_id
 from rfc.utils.devices import DeviceUse, concurrency
+from rfc.utils.errors import RunError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["eval.num_samples=8", "eval.batch_size=4", "sampler.num_steps=6"]
@@ -113,7 +114,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="other processes' CPU time is read from /proc (Linux)")
-def test_a_cpu_burning_process_beside_a_timed_run_leaves_its_latency_empty(make_cfg, tmp_path):
+def test_a_cpu_burning_process_beside_a_timed_run_leaves_its_latency_empty(make_cfg, tmp_path, real_quiet_limit):
     """Another program (not the harness) burning a core during the timed batches: the row has no
     latency and says which load it saw; the same run alone records its latency and how quiet the
     CPU was."""
@@ -353,7 +354,20 @@ def test_a_killed_full_compute_draw_resumes_from_its_shards(make_cfg, tmp_path, 
     assert not (tmp_path / "outputs" / "store" / "references").exists()
 
 
-def test_the_mean_load_needs_more_than_a_stray_tick():
+def test_the_quiet_limit_can_be_set_by_name(monkeypatch):
+    from rfc.utils.devices import QUIET_CORES, quiet_cores
+
+    monkeypatch.delenv("RFC_QUIET_CORES")
+    assert quiet_cores() == QUIET_CORES == 0.25
+    monkeypatch.setenv("RFC_QUIET_CORES", "0.5")
+    assert quiet_cores() == 0.5
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv("RFC_QUIET_CORES", bad)
+        with pytest.raises(RunError, match=rf"^RFC_QUIET_CORES='{bad}' is not a number of CPU cores >= 0"):
+            quiet_cores()
+
+
+def test_the_mean_load_needs_more_than_a_stray_tick(real_quiet_limit):
     """One clock tick of another process in a 20 ms batch reads as half a core: not enough to call
     the run shared; a core's worth over the timed batches is."""
     from rfc.utils.devices import _TICKS_PER_S, mean_load, quiet_limit

@@ -57,6 +57,7 @@ SERIAL_LAUNCHERS = ("basic",)
 # idle machine's background (kernel threads, a shell: under 0.05 here) and far below one busy
 # process (1.0).
 QUIET_CORES = 0.25
+QUIET_CORES_ENV = "RFC_QUIET_CORES"  # overrides QUIET_CORES (a test suite on a shared machine raises it)
 
 
 def concurrency(launcher: str, n_jobs: int | None = None, processes: int = 1) -> str | None:
@@ -153,10 +154,26 @@ def _over_limit(ticks: float, seconds: float) -> tuple[float, bool]:
 
 def quiet_limit() -> float:
     """Other processes' mean CPU use (cores) above which a CPU timing counts as shared, now:
-    ``QUIET_CORES`` beyond the cores the job leaves idle (the machine's minus torch's threads)."""
+    ``quiet_cores()`` beyond the cores the job leaves idle (the machine's minus torch's threads)."""
     import torch
 
-    return QUIET_CORES + max(0, (os.cpu_count() or 1) - torch.get_num_threads())
+    return quiet_cores() + max(0, (os.cpu_count() or 1) - torch.get_num_threads())
+
+
+def quiet_cores() -> float:
+    """``QUIET_CORES``, or ``$RFC_QUIET_CORES`` where set (a number of cores >= 0; refused by name
+    otherwise). Rows say the load they measured either way."""
+    value = os.environ.get(QUIET_CORES_ENV)
+    if value is None:
+        return QUIET_CORES
+    try:
+        cores = float(value)
+    except ValueError:
+        cores = -1.0
+    if not cores >= 0:  # also refuses nan
+        raise RunError(f"{QUIET_CORES_ENV}={value!r} is not a number of CPU cores >= 0 (unset it for the default "
+                       f"{QUIET_CORES})")
+    return cores
 
 
 def _proc_ticks() -> tuple[int | None, int | None]:
