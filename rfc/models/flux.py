@@ -332,14 +332,16 @@ def single_total_from_attention(total: SingleTotal, x: torch.Tensor, attn: torch
 
 class GroupedModulation(nn.Module):
     """The adaLN vectors ``kinds`` (of shift, scale, gate) of every site of the model, for each
-    token group (text, image), from one matmul of the blocks' stacked weights, copied once when
-    built: forward(c) -> (B, sites, len(kinds), 2, C). A double-stream site's text vectors are
+    token group (text then image; image then text with ``text_first=False``, HunyuanVideo's order),
+    from one matmul of the blocks' stacked weights, copied once when built:
+    forward(c) -> (B, sites, len(kinds), 2, C). A double-stream site's text vectors are
     ``norm1_context``'s rows and its image vectors ``norm1``'s; a single-stream site has one
     vector, the same for both groups, computed once. The values equal each block's own
     ``modulation(c)`` (the same rows of the same weights), which is how the step programs run
     FLUX's blocks without calling them."""
 
-    def __init__(self, blocks: Sequence[DoubleStreamBlock | SingleStreamBlock], kinds: tuple[str, ...]) -> None:
+    def __init__(self, blocks: Sequence[DoubleStreamBlock | SingleStreamBlock], kinds: tuple[str, ...],
+                 text_first: bool = True) -> None:
         super().__init__()
         fields = BranchModulation._fields
         unknown = set(kinds) - set(fields)
@@ -356,11 +358,12 @@ class GroupedModulation(nn.Module):
         with torch.no_grad():
             for block in blocks:
                 b = block.block
-                if isinstance(block, DoubleStreamBlock):
+                if len(block.branches) == 2:  # a double-stream block (FLUX's, or HunyuanVideo's: the same names)
                     for site in (0, 1):
                         for kind in kinds:
                             chunk = 3 * site + fields.index(kind)
-                            index += [row(b.norm1_context.linear, 6, chunk), row(b.norm1.linear, 6, chunk)]
+                            txt, img = row(b.norm1_context.linear, 6, chunk), row(b.norm1.linear, 6, chunk)
+                            index += [txt, img] if text_first else [img, txt]
                 else:
                     for kind in kinds:
                         r = row(b.norm.linear, 3, fields.index(kind))

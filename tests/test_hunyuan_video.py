@@ -1,0 +1,126 @@
+"""HunyuanVideo through diffusers, on a tiny random configuration (offline, CPU).
+
+The model view (embed / blocks / head over diffusers' HunyuanVideoTransformer3DModel) equals the
+transformer's own forward bit for bit; the harness's loop equals HunyuanVideoPipeline's on the same
+weights, prompt embeddings and noise; every method at its degenerate setting equals full compute.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from baselines.fbcache import FBCache
+from baselines.fora import FORA
+from baselines.taylorseer import TaylorSeer
+from baselines.teacache import TeaCache
+from rfc.cache import NoCache
+from rfc.method import RFC
+from rfc.models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoModel, random_prompt_table, random_transformer
+from rfc.samplers.flow import FlowMatchEulerSampler
+from rfc.samplers.sampling import CFGDenoiser
+
+# 9 frames of 64x64 pixels: 3 x 8 x 8 latents, 48 image tokens; 8 text tokens, 2 + 2 blocks
+TINY = HunyuanVideoConfig(height=64, width=64, frames=9, hidden_size=32, num_heads=2, depth_double=2,
+                          depth_single=2, refiner_depth=1, text_tokens=8, text_dim=32, pooled_dim=16,
+                          rope_axes=(4, 6, 6))
+SHIFT = 7.0  # hunyuanvideo-community/HunyuanVideo's scheduler
+GUIDANCE = 6.0  # HunyuanVideoPipeline's default embedded guidance
+PROMPTS = ("a cat on grass", "waves")  # 6 and 3 of the 8 text tokens: padding on both
+STEPS = 6  # FORA N=3, TaylorSeer N=3 and RFC reach cached steps
+
+
+def tiny_hunyuan() -> HunyuanVideoModel:
+    table = random_prompt_table(list(PROMPTS), TINY.text_tokens, TINY.text_dim, TINY.pooled_dim)
+    return HunyuanVideoModel(random_transformer(TINY, seed=0), table, TINY, guidance=GUIDANCE)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_hunyuan()
+    x = torch.randn(2, 16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    return model, x, torch.tensor([0, 1])
+
+
+def sampler(steps: int) -> FlowMatchEulerSampler:
+    return FlowMatchEulerSampler(num_steps=steps, dynamic_shift=False, shift=SHIFT, sigma_grid="hunyuan",
+                                 timestep_input="train")
+
+
+def sample(model, x, y, method, steps=STEPS):
+    method.attach(model)
+    try:
+        with torch.no_grad():
+            out = sampler(steps).sample(CFGDenoiser(model, 1.0, 0, 16), x.clone(), y, listener=method)
+    finally:
+        method.detach()
+    return out, method.stats()
+
+
+def test_model_view_equals_the_transformers_own_forward(tiny):
+    """embed / blocks (double-stream attn + mlp, single-stream total) / head reproduce
+    HunyuanVideoTransformer3DModel.forward bit for bit, padding mask and all."""
+    model, x, y = tiny
+    t = torch.tensor([700.0, 700.0])
+    table = model.prompt_table
+    with torch.no_grad():
+        ours = model(x, t, y)
+        theirs = model.transformer(hidden_states=x, timestep=t, encoder_hidden_states=table.embeds[y],
+                                   encoder_attention_mask=table.mask[y], pooled_projections=table.pooled[y],
+                                   guidance=torch.full((2,), GUIDANCE) * 1000, return_dict=False)[0]
+    assert ours.shape == x.shape and torch.equal(ours, theirs)
+    assert table.mask.sum(dim=1).tolist() == [6.0, 3.0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """Full compute on the tiny model, STEPS steps: what every method is compared with."""
+    model, x, y = tiny
+    return sample(model, x, y, NoCache())[0]
+
+
+@pytest.mark.parametrize("steps", [1, STEPS])
+def test_harness_steps_equal_hunyuan_video_pipeline(tiny, steps):
+    """The harness's loop (its sampler with the pipeline's sigma grid, shift and timestep) equals
+    HunyuanVideoPipeline's on the same tiny weights, prompt embeddings and initial latents
+    (output_type latent), within 1e-5 of max |latent| (0 on the build machine, for 1, 6 and 50 steps:
+    the schedule is the scheduler's own, the timestep the pipeline's, the update the same fp32 step)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+
+    model, x, y = tiny
+    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=model.transformer, vae=None,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), text_encoder_2=None,
+                                tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    table = model.prompt_table
+    theirs = pipe(prompt_embeds=table.embeds[y], pooled_prompt_embeds=table.pooled[y],
+                  prompt_attention_mask=table.mask[y], height=64, width=64, num_frames=9, num_inference_steps=steps,
+                  guidance_scale=GUIDANCE, latents=x.clone(), output_type="latent", return_dict=False)[0]
+    ours, stats = sample(model, x, y, NoCache(), steps)
+    assert stats.full_steps == steps
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+DEGENERATE = [("fora N=1", lambda: FORA(interval=1)),
+              ("taylorseer N=1", lambda: TaylorSeer(interval=1, order=1, warmup=1)),
+              ("rfc tau=0", lambda: RFC(tau=0.0)), ("rfc per-site", lambda: RFC(tau=0.0, fused=False)),
+              ("fbcache 0", lambda: FBCache(threshold=0.0)), ("teacache 0", lambda: TeaCache(threshold=0.0))]
+
+
+@pytest.mark.parametrize("name,make", DEGENERATE, ids=[d[0] for d in DEGENERATE])
+def test_degenerate_settings_equal_full_compute_bit_for_bit(tiny, reference, name, make):
+    model, x, y = tiny
+    out, stats = sample(model, x, y, make())
+    assert stats.full_steps == STEPS
+    assert torch.equal(out, reference), name
+
+
+@pytest.mark.parametrize("make", [lambda: FORA(interval=3), lambda: TaylorSeer(interval=3, order=1, warmup=1),
+                                  lambda: RFC(tau=0.3)], ids=["fora N=3", "taylorseer N=3", "rfc tau=0.3"])
+def test_cached_methods_run_on_video_tokens(tiny, reference, make):
+    """At usual settings FORA, TaylorSeer and RFC skip steps and stay near full compute (the tiny
+    random model's outputs: a sanity bound, 20 % of the mean |latent|, not a quality claim)."""
+    model, x, y = tiny
+    out, stats = sample(model, x, y, make())
+    assert stats.full_steps < STEPS and torch.isfinite(out).all()
+    assert (out - reference).abs().mean() < 0.2 * reference.abs().mean()
