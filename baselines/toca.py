@@ -241,7 +241,8 @@ class TokenCache(Predictor):
     single-stream blocks through their cached attention). ``recomputed`` is the number of tokens
     the last ``predict`` recomputed (0: the site was reused whole), for the method's accounting.
     The model's modules are used by the names the cache protocol gives them (``with_received``,
-    ``with_attention``, ``from_attention``, a double-stream MLP's ``ff_txt`` / ``ff_img``)."""
+    ``with_attention``, ``from_attention``, a double-stream MLP's ``spans``: its token groups and their
+    MLPs, the image MLP first)."""
 
     def __init__(self, method: ToCa) -> None:
         self.method = method
@@ -326,9 +327,8 @@ class TokenCache(Predictor):
     def _flux_partial_mlp(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
         """img_mlp on the fresh image tokens, then txt_mlp on the fresh text tokens, each chosen
         within its own stream; the other tokens keep the cached MLP outputs."""
-        n, T = module.ctx.n_txt, inp.x.shape[1]
         out, recomputed = self.cache[site], 0
-        for lo, hi, ff in ((n, T, module.ff_img), (0, n, module.ff_txt)):
+        for lo, hi, ff in module.spans(inp.x.shape[1]):
             idx = self._flux_fresh(site, lo, hi)
             if idx.shape[1]:
                 out = scatter_tokens(out, idx, ff(inp.tokens(idx)))

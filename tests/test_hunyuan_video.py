@@ -14,6 +14,7 @@ from baselines.fbcache import FBCache
 from baselines.fora import FORA
 from baselines.taylorseer import TaylorSeer
 from baselines.teacache import TeaCache
+from baselines.toca import ToCa
 from rfc.cache import NoCache
 from rfc.method import RFC
 from rfc.models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoModel, random_prompt_table, random_transformer
@@ -103,6 +104,7 @@ def test_harness_steps_equal_hunyuan_video_pipeline(tiny, steps):
 
 DEGENERATE = [("fora N=1", lambda: FORA(interval=1)),
               ("taylorseer N=1", lambda: TaylorSeer(interval=1, order=1, warmup=1)),
+              ("toca N=1 R=0", lambda: ToCa(interval=1, fresh_ratio=0.0)),
               ("rfc tau=0", lambda: RFC(tau=0.0)), ("rfc per-site", lambda: RFC(tau=0.0, fused=False)),
               ("fbcache 0", lambda: FBCache(threshold=0.0)), ("teacache 0", lambda: TeaCache(threshold=0.0))]
 
@@ -116,11 +118,49 @@ def test_degenerate_settings_equal_full_compute_bit_for_bit(tiny, reference, nam
 
 
 @pytest.mark.parametrize("make", [lambda: FORA(interval=3), lambda: TaylorSeer(interval=3, order=1, warmup=1),
-                                  lambda: RFC(tau=0.3)], ids=["fora N=3", "taylorseer N=3", "rfc tau=0.3"])
+                                  lambda: RFC(tau=0.3), lambda: ToCa(interval=3, fresh_ratio=0.1)],
+                         ids=["fora N=3", "taylorseer N=3", "rfc tau=0.3", "toca N=3 R=0.1"])
 def test_cached_methods_run_on_video_tokens(tiny, reference, make):
-    """At usual settings FORA, TaylorSeer and RFC skip steps and stay near full compute (the tiny
+    """At usual settings FORA, TaylorSeer, RFC and ToCa skip steps and stay near full compute (the tiny
     random model's outputs: a sanity bound, 20 % of the mean |latent|, not a quality claim)."""
     model, x, y = tiny
     out, stats = sample(model, x, y, make())
     assert stats.full_steps < STEPS and torch.isfinite(out).all()
     assert (out - reference).abs().mean() < 0.2 * reference.abs().mean()
+
+
+def test_attention_with_an_explicit_softmax_equals_the_modules(tiny):
+    """What ToCa scores tokens by: the joint and single-stream attention recomputed with the softmax
+    written out (padding mask, rotary embedding on the image tokens) equal the fused modules to 1e-5,
+    and no padding token receives attention."""
+    model, x, y = tiny
+    with torch.no_grad():
+        tokens, c = model.embed(x, torch.tensor([700.0, 700.0]), y)
+        double, single = model.blocks[0], model.blocks[-1]
+        fused, (explicit, received) = double.attn(tokens), double.attn.with_received(tokens)
+        assert (explicit - fused).abs().max() <= 1e-5 * fused.abs().max()
+        total, attn, received_single = single.total.with_attention(tokens)
+        assert (total - single.total(tokens)).abs().max() <= 1e-5 * total.abs().max()
+    n_img = TINY.image_tokens
+    assert attn.shape == tokens.shape and received.shape == tokens.shape[:2]
+    assert received[0, n_img + 6:].abs().max() == 0 and received[1, n_img + 3:].abs().max() == 0
+    assert torch.allclose(received.sum(dim=1), torch.ones(2)) and torch.allclose(received_single.sum(dim=1),
+                                                                                  torch.ones(2))
+
+
+@pytest.mark.parametrize("interval,nfc", [(5, 10), (6, 9), (8, 7)])
+def test_taylorseer_official_hunyuan_video_schedule(tiny, interval, nfc):
+    """TaylorSeer-HunyuanVideo: one warm-up step, then a full step every N: N = 5 / 6 / 8 give
+    NFC 10 / 9 / 7 on 50 steps (the paper's Table 3 rows)."""
+    model, x, y = tiny
+    out, stats = sample(model, x[:1], y[:1], TaylorSeer(interval=interval, order=1, warmup=1), steps=50)
+    assert stats.full_steps == nfc and stats.full_indices[:3] == [0, interval, 2 * interval]
+    assert torch.isfinite(out).all()
+
+
+def test_toca_recomputes_fresh_tokens_of_both_streams(tiny):
+    """ToCa's partial steps (the FLUX recipe: step counting up) recompute some image and text tokens
+    of the double-stream MLPs and some tokens of every single-stream block."""
+    model, x, y = tiny
+    _, stats = sample(model, x, y, ToCa(interval=3, fresh_ratio=0.3))
+    assert stats.partial_sites > 0 and sum(stats.partial_mlp_tokens) > 0 and sum(stats.partial_total_tokens) > 0

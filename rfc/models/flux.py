@@ -176,6 +176,12 @@ class StreamMlp(nn.Module):
         n = self.ctx.n_txt
         return torch.cat([self.ff_txt(x[:, :n]), self.ff_img(x[:, n:])], dim=1)
 
+    def spans(self, tokens: int) -> tuple[tuple[int, int, nn.Module], ...]:
+        """(first, end, MLP) of each token group of a ``tokens``-long stream, the image MLP first
+        (the official FLUX ToCa code's order: img_mlp, then txt_mlp)."""
+        n = self.ctx.n_txt
+        return (n, tokens, self.ff_img), (0, n, self.ff_txt)
+
 
 class SingleTotal(nn.Module):
     """A single-stream block's whole output before its gate: proj_out([attn(x), gelu(proj_mlp(x))])."""

@@ -153,6 +153,14 @@ class JointAttention(nn.Module):
                               image_rotary_emb=self.ctx.rope)
         return torch.cat([img, txt], dim=1)
 
+    def with_received(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self(x)`` with an explicit softmax, and the attention each token receives (B, T): what
+        token-wise caching (ToCa) scores tokens by."""
+        n = self.ctx.n_img
+        out, received = attention_with_received(self.inner, x, n, self.ctx.mask, self.ctx.rope)
+        img = self.inner.to_out[1](self.inner.to_out[0](out[:, :n].contiguous()))
+        return torch.cat([img, self.inner.to_add_out(out[:, n:].contiguous())], dim=1), received
+
 
 class StreamMlp(nn.Module):
     """A double-stream block's two MLPs as one branch: ``ff`` on the image tokens, ``ff_context`` on
@@ -168,6 +176,11 @@ class StreamMlp(nn.Module):
         n = self.ctx.n_img
         return torch.cat([self.ff_img(x[:, :n]), self.ff_txt(x[:, n:])], dim=1)
 
+    def spans(self, tokens: int) -> tuple[tuple[int, int, nn.Module], ...]:
+        """(first, end, MLP) of each token group of a ``tokens``-long stream, the image MLP first."""
+        n = self.ctx.n_img
+        return (0, n, self.ff_img), (n, tokens, self.ff_txt)
+
 
 class SingleTotal(nn.Module):
     """A single-stream block's whole output before its gate: proj_out([attn(x), gelu(proj_mlp(x))]),
@@ -180,10 +193,60 @@ class SingleTotal(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n = self.block, self.ctx.n_img
-        mlp = b.act_mlp(b.proj_mlp(x))
         img, txt = b.attn(hidden_states=x[:, :n], encoder_hidden_states=x[:, n:], attention_mask=self.ctx.mask,
                           image_rotary_emb=self.ctx.rope)
-        return b.proj_out(torch.cat([torch.cat([img, txt], dim=1), mlp], dim=2))
+        return self.from_attention(x, torch.cat([img, txt], dim=1))
+
+    def with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``self(x)`` with its attention computed by an explicit softmax, the attention output
+        before proj_out (B, T, C) and the attention each token receives (B, T): what ToCa keeps."""
+        attn, received = attention_with_received(self.block.attn, x, self.ctx.n_img, self.ctx.mask, self.ctx.rope)
+        return self.from_attention(x, attn), attn, received
+
+    def from_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The output for tokens x (B, k, C) with their attention output given: proj_out([attn,
+        gelu(proj_mlp(x))]), as ToCa's partial step forms it from the attention of the last full step."""
+        b = self.block
+        return b.proj_out(torch.cat([attn, b.act_mlp(b.proj_mlp(x))], dim=2))
+
+
+def attention_with_received(attn: nn.Module, x: torch.Tensor, n_img: int, mask: torch.Tensor | None,
+                            rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' HunyuanVideoAttnProcessor2_0 on the stream x = [image, text] (B, T, C) with the
+    softmax written out: the attention output before any output projection (B, T, C), image then text
+    tokens, and the attention each token receives (B, T). Everything but the softmax is the module's
+    own: its projections (the text tokens through the ``add_*`` ones where the block has them), RMS
+    norms on q and k, diffusers' ``apply_rotary_emb`` on the image tokens only, the padding mask on
+    the keys. The map follows the official FLUX ToCa code (no HunyuanVideo ToCa exists): q k^T, times
+    1/sqrt(D), softmax over keys; ``received`` is its mean over heads, then over queries. Equal to
+    the fused module's output to rounding (tests: 1e-5)."""
+    import math
+
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (attn.heads, -1))
+
+    img, txt = x[:, :n_img], x[:, n_img:]
+    if attn.add_q_proj is None:  # a single-stream block: one set of projections for every token
+        q, k, v = heads(attn.to_q(x)), heads(attn.to_k(x)), heads(attn.to_v(x))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    else:
+        q, k, v = heads(attn.to_q(img)), heads(attn.to_k(img)), heads(attn.to_v(img))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        tq, tk, tv = heads(attn.add_q_proj(txt)), heads(attn.add_k_proj(txt)), heads(attn.add_v_proj(txt))
+        tq, tk = attn.norm_added_q(tq), attn.norm_added_k(tk)
+        q, k, v = torch.cat([q, tq], dim=1), torch.cat([k, tk], dim=1), torch.cat([v, tv], dim=1)
+    if rope is not None:
+        q = torch.cat([apply_rotary_emb(q[:, :n_img], rope, sequence_dim=1), q[:, n_img:]], dim=1)
+        k = torch.cat([apply_rotary_emb(k[:, :n_img], rope, sequence_dim=1), k[:, n_img:]], dim=1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (1 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.matmul(probs, v).transpose(1, 2).flatten(2, 3).to(q.dtype)
+    return out, probs.mean(dim=1).mean(dim=1)
 
 
 class DoubleStreamBlock:
@@ -368,5 +431,5 @@ def random_transformer(config: HunyuanVideoConfig, seed: int) -> nn.Module:
             rope_axes_dim=tuple(config.rope_axes)).eval()
 
 
-__all__ = ["HunyuanVideoConfig", "HunyuanVideoModel", "PromptTable", "random_prompt_table", "random_transformer",
-           "unpatchify"]
+__all__ = ["HunyuanVideoConfig", "HunyuanVideoModel", "PromptTable", "attention_with_received", "random_prompt_table",
+           "random_transformer", "unpatchify"]
