@@ -129,10 +129,13 @@ def check_features(feats: dict[str, np.ndarray], extractor: str, what: str) -> N
                              "damaged (fetch them again)")
 
 
-def check_images(shape: tuple[int, ...], dtype: np.dtype, path: str | Path) -> None:
-    """ADM's sample layout: uint8 (N, H, W, C) with N >= 1."""
-    if dtype != np.uint8 or len(shape) != 4 or shape[0] == 0:
-        raise NpzError(f"{path}: arr_0 must hold uint8 images (N, H, W, C) with N >= 1, got {dtype} {shape}")
+def check_images(shape: tuple[int, ...], dtype: np.dtype, path: str | Path, videos: bool = False) -> None:
+    """ADM's sample layout: uint8 (N, H, W, C) with N >= 1; with ``videos``, also uint8 videos
+    (N, F, H, W, C) (a text-to-video family's samples, as the full-compute store keeps them)."""
+    ranks = (4, 5) if videos else (4,)
+    if dtype != np.uint8 or len(shape) not in ranks or shape[0] == 0:
+        layout = "images (N, H, W, C) or videos (N, F, H, W, C)" if videos else "images (N, H, W, C)"
+        raise NpzError(f"{path}: arr_0 must hold uint8 {layout} with N >= 1, got {dtype} {shape}")
 
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "extractor")

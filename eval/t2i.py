@@ -337,7 +337,10 @@ def score_t2i(images: np.ndarray, prompts: Sequence[str], reference: np.ndarray 
               skipped: Mapping[str, str], device: torch.device,
               assets: Path) -> tuple[dict[str, float | None], list[str]]:
     """Score a text-to-image sample set: {column: value} for every metric in ``names`` and the note
-    lines for the row. ``images``: uint8 (N, H, W, 3); ``prompts[i]``: image i's prompt;
+    lines for the row. ``images``: uint8 (N, H, W, 3), or videos (N, F, H, W, 3) scored per frame
+    (the mean over all N x F frames, each frame with its video's prompt and paired with the same
+    frame of the full-compute video: how the papers' video baselines report PSNR, SSIM and LPIPS);
+    ``prompts[i]``: sample i's prompt;
     ``reference``: the full-compute images of the same noise (same shape) or None; ``skipped``:
     ``check_metrics``' answer. A skipped metric, and a paired one (psnr, ssim, lpips) without a
     reference, is None with its reason in the notes; nothing is guessed. ``assets`` as in
@@ -346,8 +349,9 @@ def score_t2i(images: np.ndarray, prompts: Sequence[str], reference: np.ndarray 
 
     del assets
     chosen = registry.check_names(names, T2I, KEY)
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"text-to-image metrics need uint8 (N, H, W, 3) images, got "
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim not in (4, 5) or \
+            images.shape[-1] != 3:
+        raise ValueError(f"text-to-image metrics need uint8 (N, H, W, 3) images or (N, F, H, W, 3) videos, got "
                          f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}")
     if len(images) == 0 or len(prompts) != len(images):
         raise ValueError(f"text-to-image metrics need one prompt per image, got {len(images)} images "
@@ -355,5 +359,10 @@ def score_t2i(images: np.ndarray, prompts: Sequence[str], reference: np.ndarray 
     if reference is not None and (reference.shape != images.shape or reference.dtype != np.uint8):
         raise ValueError(f"the full-compute images ({reference.dtype} {reference.shape}) do not pair with "
                          f"the samples ({images.dtype} {images.shape})")
+    if images.ndim == 5:  # videos, per frame: each frame an image of its video's prompt, paired frame by frame
+        frames = images.shape[1]
+        images = images.reshape(-1, *images.shape[2:])
+        reference = None if reference is None else reference.reshape(-1, *reference.shape[2:])
+        prompts = [p for p in prompts for _ in range(frames)]
     inputs = MetricInputs(T2I, images, device=device, prompts=prompts, pair=reference)
     return registry.compute(chosen, inputs, skipped)

@@ -19,6 +19,7 @@ diffusers, transformers and the runner find it by repository id, and where a cop
 already fetched is reused instead of downloaded again: the DiT VAEs (``vae-ema``, ``vae-mse``:
 config.json and the safetensors weights of stabilityai/sd-vae-ft-ema / -mse, with
 huggingface_hub.hf_hub_download) and whole repositories (``flux-dev``, ``flux-schnell``,
+``hunyuan-video`` (hunyuanvideo-community/HunyuanVideo, HunyuanVideo in diffusers format),
 ``clip-vit-large-patch14``, ``image-reward``, with snapshot_download; only the files a run loads:
 FLUX's diffusers folders, not the 24 GB single-file checkpoint beside them). A VAE that an earlier
 version downloaded into <assets>/sd-vae-ft-ema counts as present (the runner still loads it when
@@ -53,6 +54,7 @@ from eval.t2i import (
     hub_cache,
     hub_missing,
 )
+from rfc.models.hub import HUNYUAN_FETCH_NAME, hunyuan_weights_missing
 from rfc.models.vae import VAE_CONFIG, VAE_REPOS, VAE_WEIGHTS, cached_vae_folder, check_vae_folder, legacy_vae_folder
 from rfc.utils.files import file_digest
 
@@ -125,6 +127,7 @@ HUB: tuple[HubFiles | HubRepo, ...] = (
     *VAES,
     HubRepo("flux-dev", _FLUX_REPO["flux-dev"], _FLUX_PATTERNS, gated=True),
     HubRepo("flux-schnell", _FLUX_REPO["flux-schnell"], _FLUX_PATTERNS),
+    HubRepo("hunyuan-video", *HUNYUAN_FETCH_NAME, _FLUX_PATTERNS),  # the same components as FLUX's folders
     HubRepo("clip-vit-large-patch14", CLIP_REPO,
             (*CLIP_FILES, CLIP_WEIGHTS[0], "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json"), required=(*CLIP_FILES, CLIP_WEIGHTS[0])),
@@ -163,6 +166,8 @@ def hub_state(repo: HubRepo) -> str | None:
     """None when ``repo``'s files are all in the Hugging Face cache, else what is missing (offline)."""
     if repo.repo_id in FLUX_FETCH_NAME:
         return flux_weights_missing(repo.repo_id)
+    if repo.repo_id in HUNYUAN_FETCH_NAME:
+        return hunyuan_weights_missing(repo.repo_id)
     missing = hub_missing(repo.repo_id, repo.required)
     return f"{', '.join(missing)} missing" if missing else None
 

@@ -136,8 +136,11 @@ def test_a_cpu_burning_process_beside_a_timed_run_leaves_its_latency_empty(make_
     assert busy.latency_s is None and busy.timed_batches == 0
     # each batch long enough for the per-batch test, or all of them together for the row's
     assert "(other processes used" in busy.notes or "over the timed batches" in busy.notes, busy.notes
-    alone = run(cfg, tmp_path / "alone", progress=False)
-    assert alone.latency_s > 0 and alone.timed_batches == 2
+    for attempt in range(3):  # a shared build machine's own load comes and goes: the same run, alone, again
+        alone = run(cfg, tmp_path / f"alone{attempt}", progress=False)
+        if alone.latency_s is not None:
+            break
+    assert alone.latency_s is not None and alone.latency_s > 0 and alone.timed_batches == 2, alone.notes
     quiet = float(alone.notes.split("other processes used ")[1].split()[0])
     assert quiet <= QUIET_CORES + max(0, (os.cpu_count() or 1) - torch.get_num_threads())
 

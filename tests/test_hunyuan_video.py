@@ -164,3 +164,82 @@ def test_toca_recomputes_fresh_tokens_of_both_streams(tiny):
     model, x, y = tiny
     _, stats = sample(model, x, y, ToCa(interval=3, fresh_ratio=0.3))
     assert stats.partial_sites > 0 and sum(stats.partial_mlp_tokens) > 0 and sum(stats.partial_total_tokens) > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The family: python run.py model=hunyuan-video-tiny, videos end to end
+
+
+def test_a_hunyuan_video_tiny_run_writes_videos_a_preview_and_per_frame_metrics(make_cfg, tmp_path):
+    """python run.py model=hunyuan-video-tiny method=rfc eval=smoke, offline on the CPU: samples.npz
+    holds (N, F, H, W, 3) uint8 videos, grid.png one strip of frames per video, preview.gif the videos
+    playing; the row's PSNR and SSIM are per frame against the full-compute videos of the same
+    noise and prompts (drawn into the store by the pairing)."""
+    import numpy as np
+    from PIL import Image
+
+    from eval.metrics import psnr_ssim
+    from rfc.run.runner import run
+
+    cfg = make_cfg("model=hunyuan-video-tiny", "method=rfc", "eval=smoke", "eval.num_samples=2",
+                   "eval.batch_size=2", "sampler.num_steps=6", "eval.warmup_batches=0")
+    rec = run(cfg, tmp_path / "rfc", progress=False)
+    videos = np.load(tmp_path / "rfc" / "samples.npz")["arr_0"]
+    assert videos.shape == (2, 9, 64, 64, 3) and videos.dtype == np.uint8
+    assert rec.arch == "hunyuan-video-tiny 9x64x64" and rec.model == "hunyuan-video-tiny" and rec.nfc < 6
+    with Image.open(tmp_path / "rfc" / "preview.gif") as gif:
+        assert gif.n_frames == 9
+    assert Image.open(tmp_path / "rfc" / "grid.png").size[0] > 8 * 64
+    store = next((tmp_path / "outputs" / "store" / "full_compute").iterdir())
+    full = np.load(store / "samples.npz")["arr_0"]
+    psnr, ssim = psnr_ssim(videos.reshape(-1, 64, 64, 3), full.reshape(-1, 64, 64, 3), torch.device("cpu"))
+    assert rec.psnr == pytest.approx(psnr, rel=1e-9) and rec.ssim == pytest.approx(ssim, rel=1e-9)
+    assert rec.image_reward is None and rec.clip_score is None  # images' metrics: not a video row's
+    # the row's table and its figure of the same samples (each video's middle frame), from the CSV
+    from scripts.make_figures import main as make_figures
+    from scripts.make_tables import main as make_tables
+
+    assert make_tables(["--csv", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "tables")]) in (0, None)
+    assert make_figures(["--runs", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "figures")]) in (0, None)
+    assert len(list((tmp_path / "tables").glob("*.md"))) == 1 and len(list((tmp_path / "figures").glob("*.png"))) == 1
+
+
+def test_hunyuan_video_without_weights_is_refused_before_loading(make_cfg, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from rfc.run.build import plan_run
+    from rfc.utils.errors import MissingAssetError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    says = r"HunyuanVideo is not complete in the Hugging Face cache .* `python scripts/fetch_assets.py hunyuan-video`"
+    with pytest.raises(MissingAssetError, match=says):
+        plan_run(make_cfg("model=hunyuan-video"), tmp_path / "out")
+
+
+@pytest.mark.parametrize("override,says", [
+    ("model.frames=19", "model.frames 19 is not 4k \\+ 1 .* 5 latent frames and decode 17; ask for that many"),
+    ("model.height=72", "model.height 72 is not a multiple of 16"),
+    ("model.rope_axes=[4,4,4]", r"model.rope_axes \[4, 4, 4\] must be 3 sizes .* summing to the head size 16"),
+])
+def test_video_geometry_is_checked_naming_the_key(make_cfg, tmp_path, override, says):
+    from rfc.run.build import plan_run
+    from rfc.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        plan_run(make_cfg("model=hunyuan-video-tiny", override), tmp_path / "out")
+
+
+def test_hunyuan_video_default_setting_and_its_flops(make_cfg):
+    """model=hunyuan-video: 544x960, 17 frames (TaylorSeer's scripts' 19 as the pipeline samples them),
+    10,200 image tokens and 256 text tokens; its blocks counted as FLUX's: 11,137.76 T for 50 full
+    steps (docs/hunyuan_video.md), against the paper's 7,520.00 T, which no natural setting gives."""
+    from rfc.models.family import family_of
+    from rfc.models.flops import flux_full_step_flops
+
+    cfg = make_cfg("model=hunyuan-video")
+    family = family_of(cfg.model)
+    arch = family.arch(cfg.model)
+    assert (arch.latent_frames, arch.image_tokens, arch.text_tokens) == (5, 10200, 256)
+    assert family.latent_shape(arch) == (16, 5, 68, 120) and len(family.sites(arch)) == 80
+    full = 50 * flux_full_step_flops(1, arch.image_tokens, arch.text_tokens, 3072, 24, 20, 40) / 1e12
+    assert full == pytest.approx(11137.76, abs=0.01)

@@ -1,6 +1,6 @@
 """Offline lookups in the Hugging Face cache (file checks only: they run while a run is planned,
-before anything is loaded or sampled, and never touch the network), and the completeness check of
-FLUX.1's diffusers folder. Here, below eval and the run layer, because a model family checks its
+before anything is loaded or sampled, and never touch the network), and the completeness checks of
+FLUX.1's and HunyuanVideo's diffusers folders. Here, below eval and the run layer, because a model family checks its
 own weights (rfc.models.flux_family) and the metrics check theirs (eval.t2i) with the same lookups.
 """
 
@@ -61,7 +61,34 @@ def flux_weights_missing(repo_id: str) -> str | None:
     missing = hub_missing(repo_id, FLUX_FILES)
     if all(hub_file(repo_id, f"tokenizer_2/{f}") is None for f in ("spiece.model", "tokenizer.json")):
         missing.append("tokenizer_2/spiece.model")
-    for component, stem in FLUX_WEIGHTS.items():
+    return _folder_line(repo_id, missing + weights_missing(repo_id, FLUX_WEIGHTS), FLUX_FETCH_NAME.get(repo_id))
+
+
+HUNYUAN_FETCH_NAME = {"hunyuanvideo-community/HunyuanVideo": "hunyuan-video"}
+HUNYUAN_WEIGHTS = FLUX_WEIGHTS  # the same components (LLaMA as text_encoder, CLIP as text_encoder_2)
+HUNYUAN_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/tokenizer.json",
+    "tokenizer_2/vocab.json",
+    "tokenizer_2/merges.txt",
+)
+
+
+def hunyuan_weights_missing(repo_id: str) -> str | None:
+    """HunyuanVideo's diffusers folder, checked as FLUX's is (``flux_weights_missing``): the
+    scheduler, the LLaMA and CLIP tokenizers, and config plus every weights shard of the transformer,
+    the VAE and both text encoders."""
+    missing = hub_missing(repo_id, HUNYUAN_FILES) + weights_missing(repo_id, HUNYUAN_WEIGHTS)
+    return _folder_line(repo_id, missing, HUNYUAN_FETCH_NAME.get(repo_id))
+
+
+def weights_missing(repo_id: str, weights: dict[str, str]) -> list[str]:
+    """The files of a diffusers folder's components (component -> stem of its weights) not in the
+    cache: each component's config.json and its weights, one file or every shard its index names."""
+    missing: list[str] = []
+    for component, stem in weights.items():
         missing += hub_missing(repo_id, [f"{component}/config.json"])
         index = hub_file(repo_id, f"{component}/{stem}.safetensors.index.json")
         if index is None:
@@ -73,10 +100,14 @@ def flux_weights_missing(repo_id: str) -> str | None:
             missing.append(f"{component}/{index.name} (unreadable: {reason(err)})")
             continue
         missing += hub_missing(repo_id, [f"{component}/{s}" for s in shards])
+    return missing
+
+
+def _folder_line(repo_id: str, missing: list[str], fetch_name: str | None) -> str | None:
+    """None for nothing missing, else the one line naming the first missing file and the fetch command."""
     if not missing:
         return None
-    name = FLUX_FETCH_NAME.get(repo_id)
-    fix = f"{FETCH} {name}" if name else f"hf download {repo_id}"
+    fix = f"{FETCH} {fetch_name}" if fetch_name else f"hf download {repo_id}"
     more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
     return (
         f"{repo_id} is not complete in the Hugging Face cache {hub_cache()}: {missing[0]} missing{more}; "

@@ -431,5 +431,83 @@ def random_transformer(config: HunyuanVideoConfig, seed: int) -> nn.Module:
             rope_axes_dim=tuple(config.rope_axes)).eval()
 
 
-__all__ = ["HunyuanVideoConfig", "HunyuanVideoModel", "PromptTable", "attention_with_received", "random_prompt_table",
-           "random_transformer", "unpatchify"]
+class HunyuanVideoVAE(nn.Module):
+    """HunyuanVideo's causal 3-D VAE with the pipeline's latent scaling: decode_images(latents
+    (B, 16, f, h, w)) -> videos (B, 3, 4(f - 1) + 1, 8h, 8w) in about [-1, 1], as HunyuanVideoPipeline
+    decodes them (latents / scaling_factor, no shift)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.vae.config.scaling_factor
+        return self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0].float()
+
+
+def random_vae(seed: int) -> HunyuanVideoVAE:
+    """A small random AutoencoderKLHunyuanVideo with HunyuanVideo's latent layout (16 channels, 8x
+    spatial and 4x temporal compression) and scaling: the tiny model's decoder (its videos are not
+    meaningful, only their shape)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKLHunyuanVideo(latent_channels=LATENT_CHANNELS, block_out_channels=(8, 8, 8, 8),
+                                        layers_per_block=1, norm_num_groups=4, mid_block_add_attention=False)
+    return HunyuanVideoVAE(vae.eval())
+
+
+REPO = "hunyuanvideo-community/HunyuanVideo"  # diffusers format of tencent/HunyuanVideo
+
+
+def load_transformer(repo: str, dtype: torch.dtype) -> nn.Module:
+    """The transformer from the Hugging Face cache (never downloads)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from rfc.models.flux import hf_snapshot
+
+    return HunyuanVideoTransformer3DModel.from_pretrained(hf_snapshot(repo), subfolder="transformer",
+                                                          torch_dtype=dtype).eval()
+
+
+def load_vae(repo: str) -> HunyuanVideoVAE:
+    """The VAE in fp32 from the Hugging Face cache, tiled as the pipeline recommends for memory."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from rfc.models.flux import hf_snapshot
+
+    vae = AutoencoderKLHunyuanVideo.from_pretrained(hf_snapshot(repo), subfolder="vae", torch_dtype=torch.float32)
+    vae.enable_tiling()
+    return HunyuanVideoVAE(vae.eval())
+
+
+@torch.no_grad()
+def encode_prompts(repo: str, prompts: Sequence[str], max_tokens: int, device: torch.device, dtype: torch.dtype,
+                   batch: int = 8) -> PromptTable:
+    """The prompts through HunyuanVideo's LLaMA and CLIP encoders (HunyuanVideoPipeline.encode_prompt,
+    so the prompt template, its cropped prefix, tokenisation and mask are the pipeline's), once per
+    run; the encoders are freed after."""
+    from diffusers import HunyuanVideoPipeline
+
+    from rfc.models.flux import hf_snapshot
+
+    pipe = HunyuanVideoPipeline.from_pretrained(hf_snapshot(repo), transformer=None, vae=None, torch_dtype=dtype)
+    pipe.text_encoder.to(device)
+    pipe.text_encoder_2.to(device)
+    embeds, masks, pooled = [], [], []
+    for start in range(0, len(prompts), batch):
+        chunk = list(prompts[start:start + batch])
+        e, p, m = pipe.encode_prompt(prompt=chunk, prompt_2=None, device=device, max_sequence_length=max_tokens)
+        embeds.append(e)
+        pooled.append(p)
+        masks.append(m)
+    del pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return PromptTable(torch.cat(embeds), torch.cat(masks), torch.cat(pooled))
+
+
+__all__ = ["REPO", "HunyuanVideoConfig", "HunyuanVideoModel", "HunyuanVideoVAE", "PromptTable",
+           "attention_with_received", "encode_prompts", "load_transformer", "load_vae", "random_prompt_table",
+           "random_transformer", "random_vae", "unpatchify"]

@@ -256,7 +256,7 @@ def plan_figure(group: pd.DataFrame, k: int, kept_dir: Path | None = None) -> Fi
 def draw(plan: FigurePlan, path: Path) -> list[list[np.ndarray]]:
     """Draw the plan's grid (rows: sample indices; columns: methods) to ``path`` and its manifest
     to the same name with .json; returns the images drawn, [row][column], read afresh from the
-    columns' samples.npz."""
+    columns' samples.npz (a video's cell shows its middle frame)."""
     plt = _pyplot()
     k = max(plan.indices) + 1
     images = [read_samples(c.samples, k)[0] for c in plan.columns]
@@ -267,6 +267,8 @@ def draw(plan: FigurePlan, path: Path) -> list[list[np.ndarray]]:
     for i, row in enumerate(grid):
         for j, img in enumerate(row):
             ax = axes[i][j]
+            if img.ndim == 4:  # a video (F, H, W, C): its middle frame, the same one under every method
+                img = img[img.shape[0] // 2]
             gray = img.shape[-1] == 1
             ax.imshow(img[..., 0] if gray else img, cmap="gray" if gray else None, vmin=0, vmax=255,
                       interpolation="nearest")

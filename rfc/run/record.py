@@ -25,7 +25,7 @@ from rfc.run.shards import ShardStore
 from rfc.samplers.sampling import CFGDenoiser
 from rfc.utils.devices import mean_load, quiet_limit
 from rfc.utils.files import atomic_savez, atomic_write_text
-from rfc.utils.images import save_grid
+from rfc.utils.images import save_grid, save_video_preview
 
 LOG = logging.getLogger("rfc")
 
@@ -42,6 +42,8 @@ def merge_shards(plan: RunPlan, store: ShardStore) -> tuple[SampleSet, Path, Pat
     npz_path = plan.out_dir / "samples.npz"
     atomic_savez(npz_path, arr_0=samples.images, arr_1=samples.labels)  # ADM layout: images, labels
     grid_path = save_grid(samples.images, plan.out_dir / "grid.png", n=int(plan.cfg.eval.grid_size))
+    if samples.images.ndim == 5:  # videos: one a person can watch beside the grid of frame strips
+        save_video_preview(samples.images, plan.out_dir / "preview.gif")
     schedules = [{"batch": b.start // plan.batch_size, "first_index": b.start, "full_steps": b.stats.full_indices}
                  for b in samples.batches]  # forward-order indices of the full steps
     atomic_write_text(plan.out_dir / "schedules.json", json.dumps(schedules) + "\n")

@@ -124,7 +124,7 @@ class FullComputeEntry:
         if images is None or labels is None:
             raise RunError(f"full-compute set {self.samples} lacks arr_0 or arr_1; delete {self.folder} and run "
                            "again to redraw it")
-        check_images(images.shape, images.dtype, self.samples)
+        check_images(images.shape, images.dtype, self.samples, videos=True)
         if len(images) != int(self.setting["num_samples"]) or len(labels) != len(images):
             raise RunError(f"full-compute set {self.samples} holds {len(images)} images, not the setting's "
                            f"{self.setting['num_samples']}; delete {self.folder} and run again to redraw it")
