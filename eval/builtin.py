@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
-from eval import t2i
+from eval import t2i, vbench
 from eval.metrics import psnr_ssim
-from eval.registry import CLASS, T2I, Metric, MetricInputs, register
+from eval.registry import CLASS, T2I, T2V, Metric, MetricInputs, register
 from eval.stats import distances, quality_metrics
 from rfc.utils.progress import task
 
@@ -46,15 +47,23 @@ def _to_full_compute(inputs: MetricInputs) -> tuple[float, float | None]:
 
 def _psnr_ssim(inputs: MetricInputs) -> tuple[float, float]:
     """Mean PSNR and SSIM against full compute, computed once. Text-to-image images (1024 px) go
-    on the run's device (t2i.psnr_ssim_on); class-conditional rows keep their CPU float64 numbers."""
+    on the run's device (t2i.psnr_ssim_on), videos frame by frame (``frames``); class-conditional
+    rows keep their CPU float64 numbers."""
 
     def run() -> tuple[float, float]:
         with task("PSNR/SSIM"):
-            if inputs.kind == T2I:
-                return t2i.psnr_ssim_on(inputs.images, inputs.pair, torch.device(inputs.device))
+            if inputs.kind in (T2I, T2V):
+                return t2i.psnr_ssim_on(frames(inputs.images), frames(inputs.pair), torch.device(inputs.device))
             return psnr_ssim(inputs.images, inputs.pair)
 
     return inputs.shared("psnr_ssim", run)
+
+
+def frames(images: np.ndarray) -> np.ndarray:
+    """Videos (N, F, H, W, C) as their N x F frames, each an image paired with the same frame of
+    the full-compute video (how the video caching papers report PSNR, SSIM and LPIPS: per frame,
+    averaged); images as they are."""
+    return images.reshape(-1, *images.shape[2:]) if images.ndim == 5 else images
 
 
 def _class_acc(inputs: MetricInputs) -> float | None:
@@ -185,14 +194,14 @@ BUILTIN = (
         column="psnr",
         compute=_part(_psnr_ssim, 0),
         needs=("images", "pair"),
-        rows=(CLASS, T2I),
+        rows=(CLASS, T2I, T2V),
         better=1,
         label="PSNR",
         axis="PSNR vs full compute (dB)",
         log_format="{:.4g} dB",
-        tables=(T2I,),
+        tables=(T2I, T2V),
         table_order=0,
-        figures=(T2I,),
+        figures=(T2I, T2V),
         figure_order=0,
         min_samples=FLOOR_MEAN,
     ),
@@ -202,12 +211,12 @@ BUILTIN = (
         column="ssim",
         compute=_part(_psnr_ssim, 1),
         needs=("images", "pair"),
-        rows=(CLASS, T2I),
+        rows=(CLASS, T2I, T2V),
         better=1,
         label="SSIM",
         axis="SSIM vs full compute",
         log_format="{:.4f}",
-        tables=(T2I,),
+        tables=(T2I, T2V),
         table_order=1,
         min_samples=FLOOR_MEAN,
     ),
@@ -215,16 +224,16 @@ BUILTIN = (
     Metric(
         name="lpips",
         column="lpips",
-        compute=lambda i: t2i.lpips_score(i.images, i.pair, torch.device(i.device)),
+        compute=lambda i: t2i.lpips_score(frames(i.images), frames(i.pair), torch.device(i.device)),
         needs=("images", "pair"),
-        rows=(T2I,),
+        rows=(T2I, T2V),
         better=-1,
         label="LPIPS",
         axis="LPIPS vs full compute",
         log_format="{:.4f}",
-        tables=(T2I,),
+        tables=(T2I, T2V),
         table_order=2,
-        figures=(T2I,),
+        figures=(T2I, T2V),
         figure_order=3,
         min_samples=FLOOR_MEAN,
         check=lambda: t2i.weights_missing("lpips"),
@@ -263,6 +272,24 @@ BUILTIN = (
         figure_order=2,
         min_samples=FLOOR_MEAN,
         check=lambda: t2i.weights_missing("clip"),
+    ),
+    # VBench's total score of each video with its prompt (text-to-video rows; eval/vbench.py)
+    Metric(
+        name="vbench",
+        column="vbench",
+        compute=lambda i: vbench.vbench_score(i.images, i.prompts, torch.device(i.device)),
+        needs=("images", "prompts"),
+        rows=(T2V,),
+        better=1,
+        label="VBench (%)",
+        axis="VBench total score (%)",
+        log_format="{:.2f}",
+        tables=(T2V,),
+        table_order=3,
+        figures=(T2V,),
+        figure_order=1,
+        min_samples=FLOOR_MEAN,
+        check=vbench.missing,
     ),
     # the domain classifier's agreement with the conditioning labels
     Metric(

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 CLASS = "class"  # class-conditional rows (DiT): features against a reference, labels
 T2I = "t2i"  # text-to-image rows (FLUX): a prompt per image
-KINDS = (CLASS, T2I)
+T2V = "t2v"  # text-to-video rows (HunyuanVideo): a prompt per video, images (N, F, H, W, C)
+KINDS = (CLASS, T2I, T2V)
 # what a metric may need: the MetricInputs fields a compute function reads
 INPUTS = ("images", "labels", "prompts", "pair", "features", "stats", "reference", "pair_stats")
 PAIR_INPUTS = ("pair", "pair_stats")  # a metric needing one of these is measured against full compute

@@ -77,7 +77,7 @@ from typing import TYPE_CHECKING, Any
 
 from eval import image_reward, registry
 from eval.registry import MISSING_CHOICES as MISSING_CHOICES  # re-exported: eval.missing_metrics' choices
-from eval.registry import T2I, MetricInputs
+from eval.registry import T2I, T2V, MetricInputs
 from rfc.models.hub import FLUX_FETCH_NAME as FLUX_FETCH_NAME  # re-exported: fetch_assets and tests read them here
 from rfc.models.hub import FLUX_FILES as FLUX_FILES
 from rfc.models.hub import FLUX_WEIGHTS as FLUX_WEIGHTS
@@ -184,7 +184,7 @@ def weights_missing(metric: str) -> tuple[str, str] | None:
     raise ValueError(f"unknown text-to-image metric {metric!r}")
 
 
-def check_metrics(names: Sequence[str], missing: str, assets: Path) -> dict[str, str]:
+def check_metrics(names: Sequence[str], missing: str, assets: Path, kind: str = T2I) -> dict[str, str]:
     """Validate ``eval.t2i_metrics`` and find, before any sampling, the metrics that cannot be
     scored on this machine: weights (or the image-reward package) not available offline.
 
@@ -195,9 +195,10 @@ def check_metrics(names: Sequence[str], missing: str, assets: Path) -> dict[str,
     since an installed package that cannot import is as unusable as a missing one). ``assets`` is
     the run's assets folder: none of these weights live there (each sits where its own library's
     loader looks, see the module docstring); it is taken so that every checker is called alike.
-    The names and checks are the registry's (eval.registry), so a registered metric is checked too."""
+    The names and checks are the registry's (eval.registry), so a registered metric is checked too;
+    ``kind``: the rows' kind, T2I or (a text-to-video family's) T2V."""
     del assets
-    return registry.check_metrics(names, missing, T2I, KEY)
+    return registry.check_metrics(names, missing, kind, KEY)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -337,10 +338,9 @@ def score_t2i(images: np.ndarray, prompts: Sequence[str], reference: np.ndarray 
               skipped: Mapping[str, str], device: torch.device,
               assets: Path) -> tuple[dict[str, float | None], list[str]]:
     """Score a text-to-image sample set: {column: value} for every metric in ``names`` and the note
-    lines for the row. ``images``: uint8 (N, H, W, 3), or videos (N, F, H, W, 3) scored per frame
-    (the mean over all N x F frames, each frame with its video's prompt and paired with the same
-    frame of the full-compute video: how the papers' video baselines report PSNR, SSIM and LPIPS);
-    ``prompts[i]``: sample i's prompt;
+    lines for the row. ``images``: uint8 (N, H, W, 3), or videos (N, F, H, W, 3): a text-to-video row
+    (eval.registry.T2V: PSNR, SSIM and LPIPS per frame against the same frame of the full-compute
+    video, VBench per video); ``prompts[i]``: sample i's prompt;
     ``reference``: the full-compute images of the same noise (same shape) or None; ``skipped``:
     ``check_metrics``' answer. A skipped metric, and a paired one (psnr, ssim, lpips) without a
     reference, is None with its reason in the notes; nothing is guessed. ``assets`` as in
@@ -348,7 +348,8 @@ def score_t2i(images: np.ndarray, prompts: Sequence[str], reference: np.ndarray 
     import numpy as np
 
     del assets
-    chosen = registry.check_names(names, T2I, KEY)
+    kind = T2V if getattr(images, "ndim", 0) == 5 else T2I
+    chosen = registry.check_names(names, kind, KEY)
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim not in (4, 5) or \
             images.shape[-1] != 3:
         raise ValueError(f"text-to-image metrics need uint8 (N, H, W, 3) images or (N, F, H, W, 3) videos, got "
@@ -359,10 +360,5 @@ def score_t2i(images: np.ndarray, prompts: Sequence[str], reference: np.ndarray 
     if reference is not None and (reference.shape != images.shape or reference.dtype != np.uint8):
         raise ValueError(f"the full-compute images ({reference.dtype} {reference.shape}) do not pair with "
                          f"the samples ({images.dtype} {images.shape})")
-    if images.ndim == 5:  # videos, per frame: each frame an image of its video's prompt, paired frame by frame
-        frames = images.shape[1]
-        images = images.reshape(-1, *images.shape[2:])
-        reference = None if reference is None else reference.reshape(-1, *reference.shape[2:])
-        prompts = [p for p in prompts for _ in range(frames)]
-    inputs = MetricInputs(T2I, images, device=device, prompts=prompts, pair=reference)
+    inputs = MetricInputs(kind, images, device=device, prompts=prompts, pair=reference)
     return registry.compute(chosen, inputs, skipped)

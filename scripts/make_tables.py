@@ -45,7 +45,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from eval.registry import T2I
+from eval.registry import T2I, T2V
 from rfc.reports.tables import (
     MISSING,
     caption_of,
@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = table_kind(group)
         columns = table_columns(kind)  # the costs, then the registered metrics of this kind of table
         rows = table_rows(group, args.aggregate, columns, paired_columns(kind))
-        if kind == T2I:
+        if kind in (T2I, T2V):
             caption, marks = t2i_caption(group, rows, args.aggregate)
-            missing, what = MISSING, ", text-to-image"
+            missing, what = MISSING, ", text-to-video" if kind == T2V else ", text-to-image"
         else:
             caption, marks = caption_of(group, rows, args.aggregate)
             missing, what = "-", ""

@@ -52,6 +52,7 @@ class ModelFamily:
     name: ClassVar[str]
     tiny: ClassVar[str]
     model_class: ClassVar[type[nn.Module]]
+    row_kind: ClassVar[str] = "class"  # the kind of its rows (eval.registry: class, t2i, t2v): their metrics
 
     # ---- the model config ----------------------------------------------------------------------
     def arch(self, m: DictConfig) -> Any:

@@ -78,6 +78,7 @@ class FluxFamily(ModelFamily):
     name: ClassVar[str] = "flux"
     tiny: ClassVar[str] = "flux-tiny"
     model_class: ClassVar[type[nn.Module]] = FluxModel
+    row_kind: ClassVar[str] = "t2i"
 
     def arch(self, m: DictConfig) -> FluxConfig:
         return flux_arch(m)

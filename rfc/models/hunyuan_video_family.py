@@ -81,6 +81,7 @@ class HunyuanVideoFamily(ModelFamily):
     name: ClassVar[str] = "hunyuan_video"
     tiny: ClassVar[str] = "hunyuan-video-tiny"
     model_class: ClassVar[type[nn.Module]] = HunyuanVideoModel
+    row_kind: ClassVar[str] = "t2v"
 
     def arch(self, m: DictConfig) -> HunyuanVideoConfig:
         return hunyuan_arch(m)
@@ -102,7 +103,8 @@ class HunyuanVideoFamily(ModelFamily):
 
     def setting(self, cfg: DictConfig, arch: HunyuanVideoConfig, paths: Mapping[str, Any]) -> dict[str, object]:
         """As FLUX.1's, with the video's geometry in ``arch`` (frames x height x width: two runs of
-        other lengths or sizes never share a setting) and its height as ``image_size``."""
+        other lengths or sizes never share a setting), its height as ``image_size`` and its frame
+        count as ``frames`` (what makes a row a video row)."""
         m = cfg.model
         if m.pretrained:
             weights = f"hf:{m.repo}@{Path(hf_snapshot(str(m.repo))).name[:12]}"
@@ -117,6 +119,7 @@ class HunyuanVideoFamily(ModelFamily):
             guided_channels=None,
             checkpoint=weights,
             prompts=self.prompts(cfg).id,
+            frames=arch.frames,
         )
 
     def guidance_line(self, setting: Mapping[str, object]) -> str:

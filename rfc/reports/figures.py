@@ -199,8 +199,12 @@ def find_samples(row: dict, kept_dir: Path | None = None, root: Path = ROOT) -> 
 
 def keep_samples(source: Path, run_id: str, kept_dir: Path | None = None, k: int = KEEP) -> Path:
     """Write the first ``k`` samples (images and labels) of a row to results/samples/<run_id>.npz,
-    the set a fresh clone redraws its figures from."""
+    the set a fresh clone redraws its figures from; of a video, the one frame its figures show (the
+    middle one, kept as a 1-frame video so that it is still the middle frame)."""
     images, labels = read_samples(source, k)
+    if images.ndim == 5:
+        middle = images.shape[1] // 2
+        images = images[:, middle:middle + 1]
     target = (kept_dir or ROOT / KEPT_SAMPLES) / f"{run_id}.npz"
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_savez(target, arr_0=images, arr_1=labels)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from eval import registry
-from eval.registry import CLASS, KINDS, T2I
+from eval.registry import CLASS, KINDS, T2I, T2V
 from rfc.run.loggers import read_raw, split_csv
 from rfc.run.setting import (
     METHOD_KEYS,
@@ -44,6 +44,7 @@ Column = tuple[str, str, int]  # (header, CSV column, better: -1 lower, +1 highe
 COST_COLUMNS = {
     CLASS: [("NFC", "nfc", 0), ("TFLOPs", "tflops", 0), ("Latency (s)", "latency_s", -1), ("Speedup", "speedup", 1)],
     T2I: [("NFC", "nfc", 0), ("FLOPs (T)", "tflops", 0), ("Latency (s)", "latency_s", -1), ("Speedup", "speedup", 1)],
+    T2V: [("NFC", "nfc", 0), ("FLOPs (T)", "tflops", 0), ("Latency (s)", "latency_s", -1), ("Speedup", "speedup", 1)],
 }
 # a table is one setting and, for text-to-image rows, one prompt set ("" for class-conditional rows)
 GROUP_KEYS = [*TABLE_KEYS, *(["prompts"] if "prompts" not in TABLE_KEYS else [])]
@@ -52,10 +53,11 @@ TEXT = sorted({*GROUP_KEYS, *TIMING_KEYS, *METHOD_KEYS, "seed", "variant", "swee
 
 
 def table_columns(kind: str) -> list[Column]:
-    """The columns of a table of ``kind`` (eval.registry.CLASS or T2I): the costs, then the
+    """The columns of a table of ``kind`` (eval.registry.CLASS, T2I or T2V): the costs, then the
     registry's metrics of that table in their table order (class-conditional: RFC's Table 1,
     FID, sFID, FID2FC, sFID2FC, IS; text-to-image: its Table 2, PSNR, SSIM, LPIPS, ImageReward,
-    CLIP), read when asked so that a metric registered since is a column too."""
+    CLIP; text-to-video: its Table 3, PSNR, SSIM, LPIPS, VBench), read when asked so that a metric
+    registered since is a column too."""
     return [*COST_COLUMNS[kind], *((m.label, m.column, m.better) for m in registry.table_metrics(kind))]
 
 
@@ -205,12 +207,16 @@ def _table_of(row: pd.Series) -> tuple[str, ...]:
 
 
 def is_t2i(group: pd.DataFrame) -> bool:
-    """A text-to-image table: its rows name a prompt set (all of a table's rows share it)."""
+    """A text-to-image (or text-to-video) table: its rows name a prompt set (all of a table's rows
+    share it)."""
     return bool(group["prompts"].iloc[0])
 
 
 def table_kind(group: pd.DataFrame) -> str:
-    """The kind of a table's rows (eval.registry.T2I or CLASS), which picks its columns."""
+    """The kind of a table's rows (eval.registry.T2V for videos: its rows have frames; T2I; CLASS),
+    which picks its columns: RFC's Table 3, 2 or 1."""
+    if "frames" in group and str(group["frames"].iloc[0]):
+        return T2V
     return T2I if is_t2i(group) else CLASS
 
 
@@ -380,23 +386,25 @@ def _timing_caption(group: pd.DataFrame, rows: list[dict]) -> tuple[list[str], d
 
 
 def t2i_caption(group: pd.DataFrame, rows: list[dict], aggregate: bool) -> tuple[list[str], dict[str, str]]:
-    """A text-to-image table's caption: the setting and the prompt set, what the metrics compare,
-    the latency lines, and why cells read "missing" where the rows' notes say."""
+    """A text-to-image (or text-to-video) table's caption: the setting and the prompt set, what the
+    metrics compare, the latency lines, and why cells read "missing" where the rows' notes say."""
     first = group.iloc[0]
+    kind = table_kind(group)
+    frames = f" x {first['frames']} frames" if kind == T2V else ""
     seeds = "mean ± std over seeds" if aggregate else f"seed {first['seed']}"
     guidance = f", guidance {float(first['cfg_scale']):g}" if first["cfg_scale"] else ""
-    lines = [f"{first['experiment']}: {first['model']} {first['image_size']}px, {first['sampler'].upper()}-"
+    lines = [f"{first['experiment']}: {first['model']} {first['image_size']}px{frames}, {first['sampler'].upper()}-"
              f"{first['num_steps']}{guidance}, {first['num_samples']} samples, sample i from prompt i of "
              f"{first['prompts']}, {seeds}",
              f"Samples drawn on {describe_sampling(first)}; weights {first['checkpoint'] or 'unrecorded'}"
              + ("." if aggregate or not first["setting_id"] else f"; setting {first['setting_id']} (its full-compute "
                 f"set: <paths.store>/full_compute/{first['setting_id']})."),
-             _t2i_metrics_line()]
+             _t2i_metrics_line(kind)]
     timing_lines, marks = _timing_caption(group, rows)
     lines += timing_lines
     reasons: dict[str, list[str]] = {}
     for r in rows:
-        gaps = {col for _, col, _ in table_columns(T2I) if r[col][0] is not None and math.isnan(r[col][0])}
+        gaps = {col for _, col, _ in table_columns(kind) if r[col][0] is not None and math.isnan(r[col][0])}
         if gaps == {"speedup"}:  # the row was timed, its table's full compute was not
             reasons.setdefault("speedup: no full-compute latency of the same timing setting", []).append(r["label"])
         elif gaps:
@@ -410,15 +418,17 @@ def t2i_caption(group: pd.DataFrame, rows: list[dict], aggregate: bool) -> tuple
     return lines, marks
 
 
-def _t2i_metrics_line() -> str:
-    """What a text-to-image table's metric columns compare: the paired ones with full compute,
-    the others each image with its prompt (their axis names)."""
-    shown = registry.table_metrics(T2I)
+def _t2i_metrics_line(kind: str = T2I) -> str:
+    """What a text-to-image (text-to-video) table's metric columns compare: the paired ones with full
+    compute (per frame for videos), the others each image (video) with its prompt (their axis names)."""
+    shown = registry.table_metrics(kind)
+    sample, per_frame = ("video", " per frame") if kind == T2V else ("image", "")
     paired = " / ".join(m.label for m in shown if m.paired)
     own = [m.axis for m in shown if not m.paired]
     own_text = ", ".join(own[:-1]) + f" and {own[-1]}" if len(own) > 1 else "".join(own)
-    parts = ([f"{paired} against full compute of this setting (same noise and prompt; '-' on the full-compute row, "
-              "their reference)"] if paired else []) + ([f"{own_text} of each image with its prompt"] if own else [])
+    parts = ([f"{paired}{per_frame} against full compute of this setting (same noise and prompt; '-' on the "
+              "full-compute row, their reference)"] if paired else []) + (
+        [f"{own_text} of each {sample} with its prompt"] if own else [])
     return "; ".join(parts) + "."
 
 

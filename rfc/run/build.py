@@ -189,8 +189,8 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     sampler = build(cfg.sampler, "sampler", **family.sampler_args(arch))
     extractor, skipped = None, {}
     if score and text:
-        names = list(cfg.eval.get("t2i_metrics") or registry.names(registry.T2I))
-        skipped = check_metrics(names, str(cfg.eval.missing_metrics), Path(paths["assets"]))
+        names = list(cfg.eval.get("t2i_metrics") or registry.names(family.row_kind))
+        skipped = check_metrics(names, str(cfg.eval.missing_metrics), Path(paths["assets"]), family.row_kind)
     elif score:
         extractor = str(ev.extractor)
         get_extractor(extractor).check(paths)

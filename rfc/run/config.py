@@ -15,11 +15,13 @@ CALIBRATION_FILE = "tau_calibration.json"
 
 
 def tau_key(cfg: DictConfig, target_nfc: float) -> str:
-    """What a calibrated tau depends on: model, sampler, guidance, every RFC setting but tau."""
+    """What a calibrated tau depends on: model (its image size, or a video's frames x height x width),
+    sampler, guidance, every RFC setting but tau."""
     m, s = cfg.model, cfg.sampler
     method = {k: cfg.method[k] for k in cfg.method if k not in ("tau", "_target_", "fused")}  # fused: same schedule
     sampler = f"{s._target_.rsplit('.', 1)[-1]}:{s.num_steps}:{s.get('respacing')}"
-    return (f"{m.name}|{m.get('arch') or 'custom'}|{m.image_size}|{sampler}|cfg{float(cfg.cfg_scale)}|"
+    size = m.image_size if "image_size" in m else f"{m.frames}x{m.height}x{m.width}"  # images, or video's geometry
+    return (f"{m.name}|{m.get('arch') or 'custom'}|{size}|{sampler}|cfg{float(cfg.cfg_scale)}|"
             f"{json.dumps(method, sort_keys=True)}|nfc{float(target_nfc)}")
 
 

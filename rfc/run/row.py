@@ -81,6 +81,7 @@ class RunRecord:
     cfg_scale: float | None = None
     guided_channels: int | None = None
     prompts: str | None = None  # text-to-image rows: the prompt set (name:digest); sample i uses prompt i
+    frames: int | None = None  # text-to-video rows: frames per video (a row with frames holds videos)
     seed: int | None = None
     num_samples: int | None = None
     batch_size: int | None = None

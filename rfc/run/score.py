@@ -16,7 +16,7 @@ import numpy as np
 
 from eval import registry
 from eval.extractors import extractor_id, get_extractor, resolve_reference
-from eval.registry import CLASS, T2I, MetricInputs
+from eval.registry import CLASS, MetricInputs
 from eval.stats import check_features, save_stats, stats_of
 from rfc.run.build import RunPlan
 from rfc.run.generate import SampleSet
@@ -105,12 +105,13 @@ def score_text_to_image(record: RunRecord, samples: SampleSet, plan: RunPlan, pa
     from eval.t2i import score_t2i
 
     reference = None
-    names = list(plan.cfg.eval.get("t2i_metrics") or registry.names(T2I))
+    kind = plan.family.row_kind  # T2I, or T2V for videos
+    names = list(plan.cfg.eval.get("t2i_metrics") or registry.names(kind))
     reference_note = []
     if plan.method.computes_everything:  # the reference of the paired metrics: not scored against itself
         paired = [n for n in names if registry.get(n).paired]
         names = [n for n in names if n not in paired]
-        reference_note = [self_pair_note(T2I, paired)] if paired else []
+        reference_note = [self_pair_note(kind, paired)] if paired else []
     elif pair is not None:
         reference = load_pair(pair, samples, "prompt indices")
     prompts = plan.prompts.prompts

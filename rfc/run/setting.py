@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 
 from rfc.run.row import cell
 
-MODEL_KEYS = ("model", "arch", "image_size", "vae", "sampler", "sampler_params", "respacing", "num_steps",
+MODEL_KEYS = ("model", "arch", "image_size", "frames", "vae", "sampler", "sampler_params", "respacing", "num_steps",
               "cfg_scale", "guided_channels")
 SAMPLE_KEYS = (*MODEL_KEYS, "checkpoint", "seed", "num_samples", "batch_size", "device", "precision_mode",
                "compile", "prompts")
@@ -49,7 +49,7 @@ def key(row: Mapping[str, object], keys: Sequence[str]) -> tuple[str, ...]:
     return tuple(cell(row.get(k)) for k in keys)
 
 
-OPTIONAL_KEYS = ("prompts",)
+OPTIONAL_KEYS = ("prompts", "frames")
 """Keys added after setting ids were first issued: part of an id only when set, so the ids of rows
 without them (every DiT row) stay what they were."""
 
