@@ -24,4 +24,10 @@ PARTS=${PARTS:-"1 2 3"}
 [[ $PARTS == *4* ]] && timeout "${T4:-420}" python3 run.py -m model=flux-dev model.pretrained=false eval=latency \
   eval.num_samples=3 eval.batch_size=1 device=cuda +variant=flux_full,flux_ts4_m2 \
   "paths.runs_csv=$OUT/flux_runs.csv" "paths.outputs=$OUT/outputs" 2>&1 | tee "$OUT/flux_dev_latency.log"
+# 5. (PARTS=5) HunyuanVideo shapes with random weights and VAE (nothing to download), 544x960, 17 frames
+# (10,200 image tokens), 50 steps, bf16, one video per batch: full compute and TaylorSeer N=6 m=1 (NFC 9),
+# rows in $OUT/hunyuan_runs.csv
+[[ $PARTS == *5* ]] && timeout "${T5:-540}" python3 run.py -m model=hunyuan-video model.pretrained=false \
+  eval=latency eval.num_samples=2 eval.batch_size=1 device=cuda +variant=hv_full,hv_ts6_m1 \
+  "paths.runs_csv=$OUT/hunyuan_runs.csv" "paths.outputs=$OUT/outputs" 2>&1 | tee "$OUT/hunyuan_video_latency.log"
 ls -la "$OUT"
