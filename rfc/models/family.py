@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from rfc.models.flops import CostModel
-from rfc.models.prompts import PromptSet
+from rfc.models.prompts import PromptSet, load_prompts
 from rfc.models.vae import decode
 from rfc.utils.errors import ConfigError
 from rfc.utils.seeding import SampleStreams
@@ -138,6 +138,30 @@ class ModelFamily:
     def cost(self, arch: Any) -> CostModel:
         """FLOPs per unit of work for ``arch``: each site kind's cost, modulation and norms."""
         raise NotImplementedError
+
+
+class PromptFamily(ModelFamily):
+    """A text-conditioned family whose guidance is distilled into the model's input (FLUX.1,
+    HunyuanVideo): sample i is drawn for prompt i of the run's prompt set (DrawBench unless
+    ``prompts`` names another), no classifier-free guidance, the guidance value recorded as the
+    setting's ``cfg_scale``. Its built model has ``prompt_count``."""
+
+    def prompts(self, cfg: DictConfig) -> PromptSet:
+        return load_prompts(str(cfg.get("prompts") or "drawbench"))
+
+    def guidance_line(self, setting: Mapping[str, object]) -> str:
+        guidance = setting.get("cfg_scale")
+        text = f"distilled guidance {guidance} (a model input, no CFG)" if guidance is not None else "none"
+        return f"{text}; prompts {setting.get('prompts')}"
+
+    def guidance(self, cfg: DictConfig, arch: Any) -> dict[str, object]:
+        """No classifier-free guidance: the guidance is distilled into the model's input."""
+        return dict(scale=1.0, null_class=0, guided_channels=arch.in_channels)
+
+    def conditioning(self, model: nn.Module, streams: SampleStreams, batch: range) -> torch.Tensor:
+        """Sample i's prompt index (i modulo the table's size); its stream then gives only its noise."""
+        count = model.prompt_count
+        return torch.tensor([i % count for i in batch], dtype=torch.long, device=streams.device)
 
 
 def random_weights_id(init: object, arch: Mapping[str, Any]) -> str:

@@ -173,8 +173,8 @@ class StreamMlp(nn.Module):
         object.__setattr__(self, "ctx", ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.ctx.n_txt
-        return torch.cat([self.ff_txt(x[:, :n]), self.ff_img(x[:, n:])], dim=1)
+        spans = sorted(self.spans(x.shape[1]), key=lambda span: span[0])  # in stream order
+        return torch.cat([ff(x[:, lo:hi]) for lo, hi, ff in spans], dim=1)
 
     def spans(self, tokens: int) -> tuple[tuple[int, int, nn.Module], ...]:
         """(first, end, MLP) of each token group of a ``tokens``-long stream, the image MLP first

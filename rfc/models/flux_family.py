@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from rfc.models.family import ModelFamily, random_weights_id, register_family
+from rfc.models.family import PromptFamily, random_weights_id, register_family
 from rfc.models.flops import CostModel, flux_cost
 from rfc.models.flux import (
     FluxConfig,
@@ -28,9 +28,7 @@ from rfc.models.flux import (
     random_transformer,
 )
 from rfc.models.hub import flux_weights_missing
-from rfc.models.prompts import PromptSet, load_prompts
 from rfc.utils.errors import ConfigError, MissingAssetError
-from rfc.utils.seeding import SampleStreams
 from rfc.utils.validate import as_bool, as_float, as_int
 
 
@@ -72,7 +70,7 @@ def flux_arch(m: DictConfig) -> FluxConfig:
 
 
 @register_family
-class FluxFamily(ModelFamily):
+class FluxFamily(PromptFamily):
     """configs/model/flux-*.yaml (``family: flux``)."""
 
     name: ClassVar[str] = "flux"
@@ -91,9 +89,6 @@ class FluxFamily(ModelFamily):
             missing = flux_weights_missing(str(m.repo))
             if missing is not None:
                 raise MissingAssetError(f"missing {m.name} weights: {missing}")
-
-    def prompts(self, cfg: DictConfig) -> PromptSet:
-        return load_prompts(str(cfg.get("prompts") or "drawbench"))
 
     def random_note(self, m: DictConfig) -> str:
         return "random FLUX weights, VAE and prompt embeddings (timing is real, images are not)"
@@ -118,15 +113,6 @@ class FluxFamily(ModelFamily):
             prompts=self.prompts(cfg).id,
         )
 
-    def guidance_line(self, setting: Mapping[str, object]) -> str:
-        guidance = setting.get("cfg_scale")
-        text = f"distilled guidance {guidance} (a model input, no CFG)" if guidance is not None else "none"
-        return f"{text}; prompts {setting.get('prompts')}"
-
-    def guidance(self, cfg: DictConfig, arch: FluxConfig) -> dict[str, object]:
-        """No classifier-free guidance: FLUX.1-dev's guidance is distilled into the model's input."""
-        return dict(scale=1.0, null_class=0, guided_channels=arch.in_channels)
-
     def build(self, cfg: DictConfig, arch: FluxConfig, device: torch.device, prompts: list[str] | None) -> FluxModel:
         """The transformer (the Hugging Face snapshot, or random weights seeded by the run's seed)
         and the prompt table of the run's prompts (FLUX.1's text encoders, or per-prompt random
@@ -148,11 +134,6 @@ class FluxFamily(ModelFamily):
 
     def latent_shape(self, arch: FluxConfig) -> tuple[int, ...]:
         return (arch.in_channels, arch.input_size, arch.input_size)
-
-    def conditioning(self, model: nn.Module, streams: SampleStreams, batch: range) -> torch.Tensor:
-        """Sample i's prompt index (i modulo the table's size); its stream then gives only its noise."""
-        count = model.prompt_count
-        return torch.tensor([i % count for i in batch], dtype=torch.long, device=streams.device)
 
     def sites(self, arch: FluxConfig) -> tuple[str, ...]:
         return ("attn", "mlp") * arch.depth_double + ("total",) * arch.depth_single

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rfc.models.dit import BranchFn, BranchModulation, compute_branch
+from rfc.models import flux
+from rfc.models.dit import BranchModulation, compute_branch
 from rfc.models.flux import GroupedModulation
 
 LATENT_CHANNELS = 16  # HunyuanVideo's causal 3-D VAE: 16 channels, 8x spatial and 4x temporal downsampling
@@ -162,19 +163,9 @@ class JointAttention(nn.Module):
         return torch.cat([img, self.inner.to_add_out(out[:, n:].contiguous())], dim=1), received
 
 
-class StreamMlp(nn.Module):
-    """A double-stream block's two MLPs as one branch: ``ff`` on the image tokens, ``ff_context`` on
-    the text tokens."""
-
-    def __init__(self, ff_img: nn.Module, ff_txt: nn.Module, ctx: StepContext) -> None:
-        super().__init__()
-        object.__setattr__(self, "ff_img", ff_img)
-        object.__setattr__(self, "ff_txt", ff_txt)
-        object.__setattr__(self, "ctx", ctx)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.ctx.n_img
-        return torch.cat([self.ff_img(x[:, :n]), self.ff_txt(x[:, n:])], dim=1)
+class StreamMlp(flux.StreamMlp):
+    """A double-stream block's two MLPs as one branch: ``ff`` on the image tokens, then ``ff_context``
+    on the text tokens (FLUX.1's, with the other stream order)."""
 
     def spans(self, tokens: int) -> tuple[tuple[int, int, nn.Module], ...]:
         """(first, end, MLP) of each token group of a ``tokens``-long stream, the image MLP first."""
@@ -249,20 +240,14 @@ def attention_with_received(attn: nn.Module, x: torch.Tensor, n_img: int, mask: 
     return out, probs.mean(dim=1).mean(dim=1)
 
 
-class DoubleStreamBlock:
-    """diffusers' HunyuanVideoTransformerBlock over the concatenated stream, with two sites."""
-
-    branches = ("attn", "mlp")
+class DoubleStreamBlock(flux.DoubleStreamBlock):
+    """diffusers' HunyuanVideoTransformerBlock over the concatenated stream, with two sites: FLUX.1's
+    double-stream block (the same module names and arithmetic) on an image-then-text stream."""
 
     def __init__(self, block: nn.Module, ctx: StepContext) -> None:
         self.block, self.ctx = block, ctx
         self.attn = JointAttention(block.attn, ctx)
-        self.mlp = StreamMlp(block.ff, block.ff_context, ctx)
-
-    @property
-    def norms(self) -> tuple[nn.Module, nn.Module]:
-        """The layer norms in front of the two sites (image and text norms are the same op)."""
-        return self.block.norm1.norm, self.block.norm2
+        self.mlp = StreamMlp(block.ff_context, block.ff, ctx)
 
     def modulation(self, c: torch.Tensor) -> tuple[BranchModulation, BranchModulation]:
         """Per-token (B, T, C) shift, scale and gate of the attention and of the MLP site."""
@@ -273,32 +258,14 @@ class DoubleStreamBlock:
         vec = [per_token(i, t, n_img, n_txt) for i, t in zip(img, txt, strict=True)]
         return BranchModulation(*vec[:3]), BranchModulation(*vec[3:])
 
-    def run(self, x: torch.Tensor, c: torch.Tensor, branch: BranchFn) -> torch.Tensor:
-        attn, mlp = self.modulation(c)
-        x = x + attn.gate * branch(0, x, self.norms[0], attn.shift, attn.scale, self.attn)
-        return x + mlp.gate * branch(1, x, self.norms[1], mlp.shift, mlp.scale, self.mlp)
 
-
-class SingleStreamBlock:
-    """diffusers' HunyuanVideoSingleTransformerBlock with one site (total)."""
-
-    branches = ("total",)
+class SingleStreamBlock(flux.SingleStreamBlock):
+    """diffusers' HunyuanVideoSingleTransformerBlock with one site (total): FLUX.1's single-stream
+    block with HunyuanVideo's attention (rotary embedding on the image tokens, padding mask)."""
 
     def __init__(self, block: nn.Module, ctx: StepContext) -> None:
         self.block, self.ctx = block, ctx
         self.total = SingleTotal(block, ctx)
-
-    @property
-    def norms(self) -> tuple[nn.Module]:
-        return (self.block.norm.norm,)
-
-    def modulation(self, c: torch.Tensor) -> tuple[BranchModulation]:
-        n = self.block.norm
-        return (BranchModulation(*n.linear(n.silu(c)).chunk(3, dim=1)),)
-
-    def run(self, x: torch.Tensor, c: torch.Tensor, branch: BranchFn) -> torch.Tensor:
-        (mod,) = self.modulation(c)
-        return x + mod.gate.unsqueeze(1) * branch(0, x, self.norms[0], mod.shift, mod.scale, self.total)
 
 
 def unpatchify(tokens: torch.Tensor, frames: int, h: int, w: int, p: int, p_t: int) -> torch.Tensor:

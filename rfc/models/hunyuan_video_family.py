@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from rfc.models.family import ModelFamily, random_weights_id, register_family
+from rfc.models.family import PromptFamily, random_weights_id, register_family
 from rfc.models.flops import CostModel, flux_cost
 from rfc.models.flux import hf_snapshot
 from rfc.models.hub import hunyuan_weights_missing
@@ -30,9 +30,7 @@ from rfc.models.hunyuan_video import (
     random_transformer,
     random_vae,
 )
-from rfc.models.prompts import PromptSet, load_prompts
 from rfc.utils.errors import ConfigError, MissingAssetError
-from rfc.utils.seeding import SampleStreams
 from rfc.utils.validate import as_bool, as_float, as_int
 
 
@@ -75,7 +73,7 @@ def hunyuan_arch(m: DictConfig) -> HunyuanVideoConfig:
 
 
 @register_family
-class HunyuanVideoFamily(ModelFamily):
+class HunyuanVideoFamily(PromptFamily):
     """configs/model/hunyuan-video*.yaml (``family: hunyuan_video``)."""
 
     name: ClassVar[str] = "hunyuan_video"
@@ -94,9 +92,6 @@ class HunyuanVideoFamily(ModelFamily):
             missing = hunyuan_weights_missing(str(m.repo))
             if missing is not None:
                 raise MissingAssetError(f"missing {m.name} weights: {missing}")
-
-    def prompts(self, cfg: DictConfig) -> PromptSet:
-        return load_prompts(str(cfg.get("prompts") or "drawbench"))
 
     def random_note(self, m: DictConfig) -> str:
         return "random HunyuanVideo weights, VAE and prompt embeddings (timing is real, videos are not)"
@@ -122,15 +117,6 @@ class HunyuanVideoFamily(ModelFamily):
             frames=arch.frames,
         )
 
-    def guidance_line(self, setting: Mapping[str, object]) -> str:
-        guidance = setting.get("cfg_scale")
-        text = f"distilled guidance {guidance} (a model input, no CFG)" if guidance is not None else "none"
-        return f"{text}; prompts {setting.get('prompts')}"
-
-    def guidance(self, cfg: DictConfig, arch: HunyuanVideoConfig) -> dict[str, object]:
-        """No classifier-free guidance: HunyuanVideo's guidance is distilled into the model's input."""
-        return dict(scale=1.0, null_class=0, guided_channels=arch.in_channels)
-
     def build(self, cfg: DictConfig, arch: HunyuanVideoConfig, device: torch.device,
               prompts: list[str] | None) -> HunyuanVideoModel:
         """The transformer (the Hugging Face snapshot, or random weights seeded by the run's seed)
@@ -154,11 +140,6 @@ class HunyuanVideoFamily(ModelFamily):
 
     def latent_shape(self, arch: HunyuanVideoConfig) -> tuple[int, ...]:
         return (arch.in_channels, arch.latent_frames, *arch.latent_size)
-
-    def conditioning(self, model: nn.Module, streams: SampleStreams, batch: range) -> torch.Tensor:
-        """Sample i's prompt index (i modulo the table's size); its stream then gives only its noise."""
-        count = model.prompt_count
-        return torch.tensor([i % count for i in batch], dtype=torch.long, device=streams.device)
 
     def sites(self, arch: HunyuanVideoConfig) -> tuple[str, ...]:
         return ("attn", "mlp") * arch.depth_double + ("total",) * arch.depth_single
