@@ -189,3 +189,16 @@ def test_logger_csv_never_imports_wandb(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "row:" in proc.stdout and proc.stdout.strip().endswith("wandb imported: False")
+
+
+def test_a_video_row_logs_its_preview_as_a_video(make_cfg, tmp_path, offline):
+    """model=hunyuan-video-tiny with logger=wandb: the run's preview.gif is a W&B video beside the
+    grid of frame strips."""
+    from rfc.run.cli import run_job
+
+    overrides = ["model=hunyuan-video-tiny", "eval=smoke", "eval.num_samples=2", "eval.batch_size=2",
+                 "sampler.num_steps=2", "logger=wandb", "eval.score=false"]
+    assert run_job(make_cfg(*overrides), tmp_path / "out", overrides) == 0
+    [run] = offline_runs(tmp_path / "outputs" / "wandb")
+    assert run.summary["preview/_type"] == "video-file" and run.summary["grid/_type"] == "image-file"
+    assert list((run.folder / "files" / "media" / "videos").glob("preview_*.gif"))

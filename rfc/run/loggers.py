@@ -251,7 +251,8 @@ def run_tags(plan: RunPlan) -> list[str]:
 class WandbLogger(JobLogger):
     """One W&B run per job, open for the job's whole life: the resolved config, name, tags and
     group at the start; samples done and images/s after every batch while sampling; at the end
-    the row's metrics as the summary, the sample grid as an image, the row as a table, and the
+    the row's metrics as the summary, the sample grid as an image (a video row's preview as a
+    video), the row as a table, and the
     run's run.log among its files. It finishes with the job's exit code (rfc.run.cli.exit_code), so
     a failed or interrupted job shows as failed. Offline mode writes a local run folder, no
     network; ``wandb sync`` uploads it later."""
@@ -320,6 +321,8 @@ class WandbLogger(JobLogger):
         logged: dict[str, object] = {"row": wandb.Table(columns=list(row), data=[list(row.values())])}
         for png in sorted(out_dir.glob("*.png")):  # the sample grid, and any plots beside it
             logged[png.stem] = wandb.Image(str(png), caption=f"{run.name}: {png.name}")
+        for gif in sorted(out_dir.glob("*.gif")):  # a video row's preview (rfc.utils.images.save_video_preview)
+            logged[gif.stem] = wandb.Video(str(gif), caption=f"{run.name}: {gif.name}", format="gif")
         run.log(logged)
         return f"wandb:   {self.mode} run {run.name!r} ({self._folder()})"
 
