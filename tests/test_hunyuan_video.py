@@ -306,3 +306,44 @@ def test_rfc_table3_composes_the_papers_eight_rows(make_cfg):
         assert {k: method[k] for k in params} == params, name
     assert set(seen) == set(expected)
     assert seen["RFC m=1 NFC 9"]["tau"] < seen["RFC m=1 NFC 7"]["tau"]  # a looser threshold computes less
+
+
+def test_prompts_are_encoded_in_batches_through_the_pipelines_encoder(monkeypatch):
+    """encode_prompts without real encoders: each family's pipeline loaded from the cached snapshot
+    without transformer and VAE, its two text encoders on the device, encode_prompt a batch at a
+    time, the outputs joined in prompt order into the prompt table."""
+    import diffusers
+
+    from rfc.models import flux, hunyuan_video
+
+    loaded = []
+
+    class Encoder:
+        def to(self, device):
+            self.device = device
+
+    class Pipeline:
+        @classmethod
+        def from_pretrained(cls, folder, transformer, vae, torch_dtype):
+            loaded.append((folder, transformer, vae, torch_dtype))
+            pipe = cls()
+            pipe.text_encoder, pipe.text_encoder_2 = Encoder(), Encoder()
+            return pipe
+
+        def encode_prompt(self, prompt, prompt_2, device, max_sequence_length):
+            assert self.text_encoder.device == self.text_encoder_2.device == device and prompt_2 is None
+            size = torch.tensor([float(len(p)) for p in prompt])
+            return (size[:, None, None].expand(-1, max_sequence_length, 4), size[:, None].expand(-1, 3),
+                    (torch.arange(max_sequence_length) < size[:, None]).float())
+
+    monkeypatch.setattr(flux, "hf_snapshot", lambda repo: f"/cache/{repo}")
+    monkeypatch.setattr(diffusers, "HunyuanVideoPipeline", Pipeline)
+    monkeypatch.setattr(diffusers, "FluxPipeline", Pipeline)
+    prompts = ["a", "bb", "ccc", "dddd", "eeeee"]
+    cpu = torch.device("cpu")
+    video = hunyuan_video.encode_prompts("org/video", prompts, 6, cpu, torch.float32, batch=2)
+    image = flux.encode_prompts("org/image", prompts, 6, cpu, torch.float32, batch=2)
+    assert loaded == [("/cache/org/video", None, None, torch.float32), ("/cache/org/image", None, None, torch.float32)]
+    assert video.embeds.shape == (5, 6, 4) and video.pooled[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert video.mask.sum(dim=1).tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert torch.equal(image.embeds, video.embeds) and torch.equal(image.pooled, video.pooled)

@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from rfc.models.flops import CostModel
+from rfc.models.hub import hf_snapshot
 from rfc.models.prompts import PromptSet, load_prompts
 from rfc.models.vae import decode
 from rfc.utils.errors import ConfigError
@@ -162,6 +163,19 @@ class PromptFamily(ModelFamily):
         """Sample i's prompt index (i modulo the table's size); its stream then gives only its noise."""
         count = model.prompt_count
         return torch.tensor([i % count for i in batch], dtype=torch.long, device=streams.device)
+
+    @staticmethod
+    def weights_id(m: DictConfig, arch: Mapping[str, Any]) -> str:
+        """The setting's name of the weights: the Hugging Face snapshot (hf:<repo>@<commit>) of a
+        pretrained model, else the random init of ``arch`` (``random_weights_id``)."""
+        if m.pretrained:
+            return f"hf:{m.repo}@{Path(hf_snapshot(str(m.repo))).name[:12]}"
+        return random_weights_id(m.init, arch)
+
+    @staticmethod
+    def load_dtype(cfg: DictConfig) -> torch.dtype:
+        """What the snapshot loads in: bfloat16 directly under precision=bf16, else fp32."""
+        return torch.bfloat16 if str(cfg.get("precision")) == "bf16" else torch.float32
 
 
 def random_weights_id(init: object, arch: Mapping[str, Any]) -> str:

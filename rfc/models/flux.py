@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rfc.models.dit import BranchFn, BranchModulation, compute_branch, modulate
+from rfc.models.hub import hf_snapshot
 
 LATENT_CHANNELS = 16  # FLUX's VAE latent channels (64 after 2x2 packing)
 VAE_DOWNSAMPLE = 8
@@ -118,11 +119,16 @@ def random_prompt_table(prompts: Sequence[str], tokens: int, dim: int, pooled_di
     seeded by the prompt's text, so a prompt always gets the same conditioning, in any run or order."""
     embeds, pooled = [], []
     for prompt in prompts:
-        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little") & (2**63 - 1)
-        g = torch.Generator().manual_seed(seed)
+        g = prompt_generator(prompt)
         embeds.append(torch.randn(tokens, dim, generator=g))
         pooled.append(torch.randn(pooled_dim, generator=g))
     return PromptTable(torch.stack(embeds), torch.stack(pooled))
+
+
+def prompt_generator(prompt: str) -> torch.Generator:
+    """A generator seeded by a prompt's text: the tiny models' random conditioning of that prompt."""
+    seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little") & (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
 
 
 @dataclass
@@ -542,13 +548,6 @@ def random_flux_vae(seed: int) -> FluxVAE:
     return FluxVAE(vae.eval())
 
 
-def hf_snapshot(repo: str) -> str:
-    """The local folder of ``repo`` in the Hugging Face cache (never downloads)."""
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(repo, local_files_only=True)
-
-
 def load_transformer(repo: str, dtype: torch.dtype) -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
@@ -562,23 +561,28 @@ def load_flux_vae(repo: str) -> FluxVAE:
     return FluxVAE(AutoencoderKL.from_pretrained(hf_snapshot(repo), subfolder="vae", torch_dtype=torch.float32).eval())
 
 
-@torch.no_grad()
 def encode_prompts(repo: str, prompts: Sequence[str], max_tokens: int, device: torch.device,
                    dtype: torch.dtype, batch: int = 16) -> PromptTable:
     """The prompts through FLUX.1's CLIP and T5 encoders (FluxPipeline.encode_prompt, so the
     tokenisation and truncation are the pipeline's), once per run; the encoders are freed after."""
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(hf_snapshot(repo), transformer=None, vae=None, torch_dtype=dtype)
+    outputs = encode_in_batches(FluxPipeline, repo, prompts, max_tokens, device, dtype, batch)
+    return PromptTable(torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs]))
+
+
+@torch.no_grad()
+def encode_in_batches(pipeline: type, repo: str, prompts: Sequence[str], max_tokens: int, device: torch.device,
+                      dtype: torch.dtype, batch: int) -> list[tuple]:
+    """``pipeline.encode_prompt``'s outputs for ``batch`` prompts at a time: the pipeline loaded from
+    the cached snapshot of ``repo`` without its transformer and VAE, its two text encoders on
+    ``device``, and freed after (FLUX.1's and HunyuanVideo's pipelines have this layout)."""
+    pipe = pipeline.from_pretrained(hf_snapshot(repo), transformer=None, vae=None, torch_dtype=dtype)
     pipe.text_encoder.to(device)
     pipe.text_encoder_2.to(device)
-    embeds, pooled = [], []
-    for start in range(0, len(prompts), batch):
-        chunk = list(prompts[start:start + batch])
-        e, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, device=device, max_sequence_length=max_tokens)
-        embeds.append(e)
-        pooled.append(p)
+    outputs = [pipe.encode_prompt(prompt=list(prompts[start:start + batch]), prompt_2=None, device=device,
+                                  max_sequence_length=max_tokens) for start in range(0, len(prompts), batch)]
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return PromptTable(torch.cat(embeds), torch.cat(pooled))
+    return outputs

@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from rfc.models.family import PromptFamily, random_weights_id, register_family
+from rfc.models.family import PromptFamily, register_family
 from rfc.models.flops import CostModel, flux_cost
 from rfc.models.flux import (
     FluxConfig,
     FluxModel,
     encode_prompts,
-    hf_snapshot,
     load_flux_vae,
     load_transformer,
     random_flux_vae,
@@ -98,10 +96,7 @@ class FluxFamily(PromptFamily):
         architecture; cfg_scale records the distilled guidance (the model's input), guided_channels
         is empty; the prompt set is its own key."""
         m = cfg.model
-        if m.pretrained:
-            weights = f"hf:{m.repo}@{Path(hf_snapshot(str(m.repo))).name[:12]}"
-        else:
-            weights = random_weights_id(m.init, {**dataclasses.asdict(arch), "axes_dims_rope": list(m.axes_dims_rope)})
+        weights = self.weights_id(m, {**dataclasses.asdict(arch), "axes_dims_rope": list(m.axes_dims_rope)})
         return dict(
             model=str(m.name),
             arch=str(m.arch),
@@ -119,7 +114,7 @@ class FluxFamily(PromptFamily):
         embeddings). Under precision=bf16 the snapshot loads in bfloat16 directly."""
         m = cfg.model
         texts = list(prompts or [])
-        dtype = torch.bfloat16 if str(cfg.get("precision")) == "bf16" else torch.float32
+        dtype = self.load_dtype(cfg)
         if m.pretrained:
             transformer = load_transformer(str(m.repo), dtype)
             table = encode_prompts(str(m.repo), texts, arch.text_tokens, device, dtype)

@@ -40,6 +40,13 @@ def hub_file(repo_id: str, filename: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None  # None, or a sentinel for "known absent"
 
 
+def hf_snapshot(repo: str) -> str:
+    """The local folder of ``repo`` in the Hugging Face cache (never downloads)."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo, local_files_only=True)
+
+
 def hub_missing(repo_id: str, filenames: Sequence[str]) -> list[str]:
     """The files of ``filenames`` not in the Hugging Face cache for ``repo_id``."""
     return [f for f in filenames if hub_file(repo_id, f) is None]

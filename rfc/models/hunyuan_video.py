@@ -29,7 +29,6 @@ transformer's own forward calls it, so ``forward`` equals it bit for bit (tests/
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +38,7 @@ from torch import nn
 from rfc.models import flux
 from rfc.models.dit import BranchModulation, compute_branch
 from rfc.models.flux import GroupedModulation
+from rfc.models.hub import hf_snapshot
 
 LATENT_CHANNELS = 16  # HunyuanVideo's causal 3-D VAE: 16 channels, 8x spatial and 4x temporal downsampling
 VAE_DOWNSAMPLE = 8
@@ -112,8 +112,7 @@ def random_prompt_table(prompts: Sequence[str], tokens: int, dim: int, pooled_di
     (at most ``tokens``), so that padding is real: a prompt always gets the same conditioning."""
     embeds, masks, pooled = [], [], []
     for prompt in prompts:
-        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little") & (2**63 - 1)
-        g = torch.Generator().manual_seed(seed)
+        g = flux.prompt_generator(prompt)
         embeds.append(torch.randn(tokens, dim, generator=g))
         pooled.append(torch.randn(pooled_dim, generator=g))
         mask = torch.zeros(tokens)
@@ -131,22 +130,16 @@ class StepContext:
     n_img: int = 0
     mask: torch.Tensor | None = None  # (B, 1, 1, n_img + n_txt) bool: False for a prompt's padding
 
+    @property
+    def n_txt(self) -> int:
+        """Text tokens of the stream (0 before the first ``embed``)."""
+        return self.mask.shape[-1] - self.n_img if self.mask is not None else 0
 
-def per_token(img: torch.Tensor, txt: torch.Tensor, n_img: int, n_txt: int) -> torch.Tensor:
-    """(B, C) image and text adaLN vectors -> (B, n_img + n_txt, C), each token's own."""
-    B, C = img.shape
-    return torch.cat([img.unsqueeze(1).expand(B, n_img, C), txt.unsqueeze(1).expand(B, n_txt, C)], dim=1)
 
-
-class JointAttention(nn.Module):
+class JointAttention(flux.JointAttention):
     """A double-stream block's attention as one branch of the concatenated stream: input
     (B, n_img + n_txt, C) modulated tokens, output the image part (``to_out``) and the text part
-    (``to_add_out``) side by side. Holds the block's own module, not registered under the model."""
-
-    def __init__(self, attn: nn.Module, ctx: StepContext) -> None:
-        super().__init__()
-        object.__setattr__(self, "inner", attn)  # not a submodule: no second copy of the weights in state_dict
-        object.__setattr__(self, "ctx", ctx)
+    (``to_add_out``) side by side (FLUX.1's, on an image-then-text stream with a padding mask)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.ctx.n_img
@@ -173,14 +166,10 @@ class StreamMlp(flux.StreamMlp):
         return (0, n, self.ff_img), (n, tokens, self.ff_txt)
 
 
-class SingleTotal(nn.Module):
+class SingleTotal(flux.SingleTotal):
     """A single-stream block's whole output before its gate: proj_out([attn(x), gelu(proj_mlp(x))]),
-    the attention over image then text tokens (the rotary embedding on the image tokens only)."""
-
-    def __init__(self, block: nn.Module, ctx: StepContext) -> None:
-        super().__init__()
-        object.__setattr__(self, "block", block)
-        object.__setattr__(self, "ctx", ctx)
+    the attention over image then text tokens (the rotary embedding on the image tokens only);
+    FLUX.1's ``from_attention``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n = self.block, self.ctx.n_img
@@ -193,12 +182,6 @@ class SingleTotal(nn.Module):
         before proj_out (B, T, C) and the attention each token receives (B, T): what ToCa keeps."""
         attn, received = attention_with_received(self.block.attn, x, self.ctx.n_img, self.ctx.mask, self.ctx.rope)
         return self.from_attention(x, attn), attn, received
-
-    def from_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The output for tokens x (B, k, C) with their attention output given: proj_out([attn,
-        gelu(proj_mlp(x))]), as ToCa's partial step forms it from the attention of the last full step."""
-        b = self.block
-        return b.proj_out(torch.cat([attn, b.act_mlp(b.proj_mlp(x))], dim=2))
 
 
 def attention_with_received(attn: nn.Module, x: torch.Tensor, n_img: int, mask: torch.Tensor | None,
@@ -251,11 +234,10 @@ class DoubleStreamBlock(flux.DoubleStreamBlock):
 
     def modulation(self, c: torch.Tensor) -> tuple[BranchModulation, BranchModulation]:
         """Per-token (B, T, C) shift, scale and gate of the attention and of the MLP site."""
-        b, n_img = self.block, self.ctx.n_img
-        n_txt = self.ctx.mask.shape[-1] - n_img if self.ctx.mask is not None else 0
+        b, n_img, n_txt = self.block, self.ctx.n_img, self.ctx.n_txt
         img = b.norm1.linear(b.norm1.silu(c)).chunk(6, dim=1)
         txt = b.norm1_context.linear(b.norm1_context.silu(c)).chunk(6, dim=1)
-        vec = [per_token(i, t, n_img, n_txt) for i, t in zip(img, txt, strict=True)]
+        vec = [flux.per_token(i, t, n_img, n_txt) for i, t in zip(img, txt, strict=True)]  # image tokens first
         return BranchModulation(*vec[:3]), BranchModulation(*vec[3:])
 
 
@@ -355,9 +337,9 @@ class HunyuanVideoModel(nn.Module):
     def token_groups(self) -> tuple[int, int]:
         """The spans of the stream that share adaLN vectors in a double-stream block: the image
         tokens, then the text tokens (of the latest ``embed``)."""
-        n_img = self.ctx.n_img if self.ctx.n_img else self.config.image_tokens
-        n_txt = self.ctx.mask.shape[-1] - n_img if self.ctx.mask is not None else self.config.text_tokens
-        return n_img, n_txt
+        if self.ctx.mask is None:  # before the first embed: the configured sizes
+            return self.config.image_tokens, self.config.text_tokens
+        return self.ctx.n_img, self.ctx.n_txt
 
     def grouped_modulation(self, kinds: tuple[str, ...]) -> GroupedModulation:
         """The adaLN vectors ``kinds`` of every site per token group (image, text) from one matmul,
@@ -425,14 +407,9 @@ def random_vae(seed: int) -> HunyuanVideoVAE:
     return HunyuanVideoVAE(vae.eval())
 
 
-REPO = "hunyuanvideo-community/HunyuanVideo"  # diffusers format of tencent/HunyuanVideo
-
-
 def load_transformer(repo: str, dtype: torch.dtype) -> nn.Module:
     """The transformer from the Hugging Face cache (never downloads)."""
     from diffusers import HunyuanVideoTransformer3DModel
-
-    from rfc.models.flux import hf_snapshot
 
     return HunyuanVideoTransformer3DModel.from_pretrained(hf_snapshot(repo), subfolder="transformer",
                                                           torch_dtype=dtype).eval()
@@ -442,14 +419,11 @@ def load_vae(repo: str) -> HunyuanVideoVAE:
     """The VAE in fp32 from the Hugging Face cache, tiled as the pipeline recommends for memory."""
     from diffusers import AutoencoderKLHunyuanVideo
 
-    from rfc.models.flux import hf_snapshot
-
     vae = AutoencoderKLHunyuanVideo.from_pretrained(hf_snapshot(repo), subfolder="vae", torch_dtype=torch.float32)
     vae.enable_tiling()
     return HunyuanVideoVAE(vae.eval())
 
 
-@torch.no_grad()
 def encode_prompts(repo: str, prompts: Sequence[str], max_tokens: int, device: torch.device, dtype: torch.dtype,
                    batch: int = 8) -> PromptTable:
     """The prompts through HunyuanVideo's LLaMA and CLIP encoders (HunyuanVideoPipeline.encode_prompt,
@@ -457,24 +431,11 @@ def encode_prompts(repo: str, prompts: Sequence[str], max_tokens: int, device: t
     run; the encoders are freed after."""
     from diffusers import HunyuanVideoPipeline
 
-    from rfc.models.flux import hf_snapshot
-
-    pipe = HunyuanVideoPipeline.from_pretrained(hf_snapshot(repo), transformer=None, vae=None, torch_dtype=dtype)
-    pipe.text_encoder.to(device)
-    pipe.text_encoder_2.to(device)
-    embeds, masks, pooled = [], [], []
-    for start in range(0, len(prompts), batch):
-        chunk = list(prompts[start:start + batch])
-        e, p, m = pipe.encode_prompt(prompt=chunk, prompt_2=None, device=device, max_sequence_length=max_tokens)
-        embeds.append(e)
-        pooled.append(p)
-        masks.append(m)
-    del pipe
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return PromptTable(torch.cat(embeds), torch.cat(masks), torch.cat(pooled))
+    outputs = flux.encode_in_batches(HunyuanVideoPipeline, repo, prompts, max_tokens, device, dtype, batch)
+    embeds, pooled, masks = (torch.cat(part) for part in zip(*outputs, strict=True))
+    return PromptTable(embeds, masks, pooled)
 
 
-__all__ = ["REPO", "HunyuanVideoConfig", "HunyuanVideoModel", "HunyuanVideoVAE", "PromptTable",
+__all__ = ["HunyuanVideoConfig", "HunyuanVideoModel", "HunyuanVideoVAE", "PromptTable",
            "attention_with_received", "encode_prompts", "load_transformer", "load_vae", "random_prompt_table",
            "random_transformer", "random_vae", "unpatchify"]

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from rfc.models.family import PromptFamily, random_weights_id, register_family
+from rfc.models.family import PromptFamily, register_family
 from rfc.models.flops import CostModel, flux_cost
-from rfc.models.flux import hf_snapshot
 from rfc.models.hub import hunyuan_weights_missing
 from rfc.models.hunyuan_video import (
     VAE_TEMPORAL,
@@ -101,10 +99,7 @@ class HunyuanVideoFamily(PromptFamily):
         other lengths or sizes never share a setting), its height as ``image_size`` and its frame
         count as ``frames`` (what makes a row a video row)."""
         m = cfg.model
-        if m.pretrained:
-            weights = f"hf:{m.repo}@{Path(hf_snapshot(str(m.repo))).name[:12]}"
-        else:
-            weights = random_weights_id(m.init, dataclasses.asdict(arch))
+        weights = self.weights_id(m, dataclasses.asdict(arch))
         return dict(
             model=str(m.name),
             arch=f"{m.arch} {arch.frames}x{arch.height}x{arch.width}",
@@ -124,7 +119,7 @@ class HunyuanVideoFamily(PromptFamily):
         per-prompt random embeddings). Under precision=bf16 the snapshot loads in bfloat16 directly."""
         m = cfg.model
         texts = list(prompts or [])
-        dtype = torch.bfloat16 if str(cfg.get("precision")) == "bf16" else torch.float32
+        dtype = self.load_dtype(cfg)
         if m.pretrained:
             transformer = load_transformer(str(m.repo), dtype)
             table = encode_prompts(str(m.repo), texts, arch.text_tokens, device, dtype)
