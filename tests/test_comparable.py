@@ -361,7 +361,7 @@ def test_a_killed_full_compute_draw_resumes_from_its_shards(make_cfg, tmp_path, 
     assert not (tmp_path / "outputs" / "store" / "references").exists()
 
 
-def test_the_quiet_limit_can_be_set_by_name(monkeypatch):
+def test_the_quiet_limit_can_be_set_by_name(monkeypatch, tmp_path):
     from rfc.utils.devices import QUIET_CORES, quiet_cores
 
     monkeypatch.delenv("RFC_QUIET_CORES")
@@ -372,6 +372,8 @@ def test_the_quiet_limit_can_be_set_by_name(monkeypatch):
         monkeypatch.setenv("RFC_QUIET_CORES", bad)
         with pytest.raises(RunError, match=rf"^RFC_QUIET_CORES='{bad}' is not a number of CPU cores >= 0"):
             quiet_cores()
+    with pytest.raises(RunError, match="^RFC_QUIET_CORES='nan'"), DeviceUse("cpu", tmp_path / "registry"):
+        pass  # refused when the job registers on its device, before it samples anything
 
 
 def test_the_mean_load_needs_more_than_a_stray_tick(real_quiet_limit):

@@ -197,14 +197,18 @@ def find_samples(row: dict, kept_dir: Path | None = None, root: Path = ROOT) -> 
     return None, f"no samples.npz ({own or 'no output_dir recorded'}) and none kept in {kept}"
 
 
+def middle_frame(videos: np.ndarray, axis: int) -> np.ndarray:
+    """The frame a figure shows of a video: the middle one along ``axis`` (the frames axis)."""
+    return np.take(videos, videos.shape[axis] // 2, axis=axis)
+
+
 def keep_samples(source: Path, run_id: str, kept_dir: Path | None = None, k: int = KEEP) -> Path:
     """Write the first ``k`` samples (images and labels) of a row to results/samples/<run_id>.npz,
     the set a fresh clone redraws its figures from; of a video, the one frame its figures show (the
     middle one, kept as a 1-frame video so that it is still the middle frame)."""
     images, labels = read_samples(source, k)
     if images.ndim == 5:
-        middle = images.shape[1] // 2
-        images = images[:, middle:middle + 1]
+        images = middle_frame(images, axis=1)[:, None]
     target = (kept_dir or ROOT / KEPT_SAMPLES) / f"{run_id}.npz"
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_savez(target, arr_0=images, arr_1=labels)
@@ -272,7 +276,7 @@ def draw(plan: FigurePlan, path: Path) -> list[list[np.ndarray]]:
         for j, img in enumerate(row):
             ax = axes[i][j]
             if img.ndim == 4:  # a video (F, H, W, C): its middle frame, the same one under every method
-                img = img[img.shape[0] // 2]
+                img = middle_frame(img, axis=0)
             gray = img.shape[-1] == 1
             ax.imshow(img[..., 0] if gray else img, cmap="gray" if gray else None, vmin=0, vmax=255,
                       interpolation="nearest")

@@ -227,6 +227,7 @@ class DeviceUse:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def __enter__(self) -> DeviceUse:
+        quiet_cores()  # a bad $RFC_QUIET_CORES is named here, before any sampling, not at the first timed batch
         name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging = self.dir / f".{name}.tmp"
         try:
