@@ -273,11 +273,11 @@ BUILTIN = (
         min_samples=FLOOR_MEAN,
         check=lambda: t2i.weights_missing("clip"),
     ),
-    # VBench's total score of each video with its prompt (text-to-video rows; eval/vbench.py)
+    # VBench's total score of the videos with their prompts, by the vbench package (text-to-video rows; eval/vbench.py)
     Metric(
         name="vbench",
         column="vbench",
-        compute=lambda i: vbench.vbench_score(i.images, i.prompts, torch.device(i.device)),
+        compute=lambda i: vbench.vbench_score(i.images, i.prompts, torch.device(i.device), i.notes),
         needs=("images", "prompts"),
         rows=(T2V,),
         better=1,

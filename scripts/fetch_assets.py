@@ -26,6 +26,11 @@ version downloaded into <assets>/sd-vae-ft-ema counts as present (the runner sti
 the cache has none). FLUX.1-dev is gated: accept its licence on the model page and log in
 (`hf auth login` or HF_TOKEN) first.
 
+``vbench`` is an environment, not a file: VBench's package cannot share this one (eval/vbench.py), so
+it creates a virtual environment ($RFC_VBENCH_ENV, default ~/.cache/rfc/vbench-env) with vbench
+0.1.5 and its pins, torch at this environment's release and detectron2, then lets the package's own
+code download its weights into $VBENCH_CACHE_DIR (default ~/.cache/vbench).
+
 Imports the installed package (``pip install -e .``), so it runs from any working directory.
 """
 
@@ -39,6 +44,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval import vbench
 from eval.t2i import (
     ALEXNET_FILE,
     ALEXNET_URL,
@@ -96,6 +102,13 @@ class HubFiles:
     vae: str | None = None
 
 
+@dataclass(frozen=True)
+class VBenchEnv:
+    """VBench's own environment and the weights its package downloads (eval/vbench.py: prepare)."""
+
+    name: str = "vbench"
+
+
 class AccessRefused(OSError):
     """The hub refused the download (401 / 403, a gated repository): retrying will not help."""
 
@@ -140,10 +153,10 @@ GROUPS = {
     "image-reward": ("image-reward-weights", "image-reward-tokenizer"),
     "t2i-metrics": ("clip-vit-large-patch14", "image-reward", "lpips"),
 }
-ENTRIES: tuple[Entry, ...] = (*ASSETS, *HUB)
+ENTRIES: tuple[Entry, ...] = (*ASSETS, *HUB, VBenchEnv())
 DEFAULT = ("dit-xl-256", "dit-xl-512", "vae-ema", "vae-mse", "inception", "adm-ref-imagenet256")  # no names given
 
-Entry = Asset | HubFiles | HubRepo
+Entry = Asset | HubFiles | HubRepo | VBenchEnv
 
 
 def default_dest() -> Path:
@@ -346,6 +359,10 @@ def describe(entry: Entry, dest: Path) -> str:
         state = "present" if files_state(entry, dest) is None else "missing"
         return (f"{entry.name:24s} {state:8s} {hub_cache()} [HF cache]  <- https://huggingface.co/{entry.repo_id} "
                 f"({', '.join(entry.files)})")
+    if isinstance(entry, VBenchEnv):
+        state = "present" if vbench.missing() is None else "missing"
+        return (f"{entry.name:24s} {state:8s} {vbench.environment()} + {vbench.cache_dir()}  <- PyPI (vbench "
+                f"{vbench.VERSION}), detectron2's repository, the package's own weight downloads")
     if isinstance(entry, HubRepo):
         state = "present" if hub_state(entry) is None else "missing"
         gated = " (gated: accept the licence, log in)" if entry.gated else ""
@@ -373,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     failed, refused = [], False
     for e in entries:
         try:
-            if isinstance(e, HubRepo):
+            if isinstance(e, VBenchEnv):
+                vbench.prepare()
+            elif isinstance(e, HubRepo):
                 fetch_hub(e)
             elif isinstance(e, HubFiles):
                 fetch_files(e, dest)

@@ -34,6 +34,13 @@ atexit.register(shutil.rmtree, os.environ["RFC_DEVICE_REGISTRY"], True)
 # any load passes here (subprocesses too); the tests about the limit itself set it back
 # (tests/test_comparable.py, fixture real_quiet_limit).
 os.environ["RFC_QUIET_CORES"] = "1000"
+# A VBench environment or weight folder of this machine's user must not decide tests about them: the suite
+# has none unless a test makes one (tests/test_vbench.py).
+_no_vbench = tempfile.mkdtemp(prefix="rfc-no-vbench-")
+atexit.register(shutil.rmtree, _no_vbench, True)
+os.environ["RFC_VBENCH_ENV"] = os.path.join(_no_vbench, "env")
+os.environ["VBENCH_CACHE_DIR"] = os.path.join(_no_vbench, "weights")
+os.environ.pop("RFC_VBENCH_PYTHON", None)
 
 
 @pytest.fixture

@@ -100,7 +100,7 @@ def test_fetch_commands_name_known_assets():
         import fetch_assets
     finally:
         sys.path.remove(str(ROOT / "scripts"))
-    known = {a.name for a in (*fetch_assets.ASSETS, *getattr(fetch_assets, "HUB", ()))} | set(fetch_assets.GROUPS)
+    known = {e.name for e in fetch_assets.ENTRIES} | set(fetch_assets.GROUPS)
     for words in readme_commands():
         if kind(words) == "fetch":
             names = [w for w in words[2:] if not w.startswith("-")]
