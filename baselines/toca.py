@@ -449,7 +449,7 @@ class ToCa(CacheMethod):
                              "(use method.recipe=auto)")
         super().attach(model)
 
-    def check_model_family(self, family: str) -> None:
+    def check_model_family(self, family: str, model_class: type | None = None) -> None:
         if self.recipe != "auto" and self.recipe != family:
             raise ValueError(f"method.recipe={self.recipe} cannot run on a {family} model (use method.recipe=auto "
                              f"or {family})")

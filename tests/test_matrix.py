@@ -10,6 +10,10 @@ the matrix without a test of its own:
 - ``degenerate``: the method's own full-compute overrides (its config's ``degenerate`` ClassVar)
   give samples equal to ``method=none`` bit for bit, with every step full and nothing cached.
 
+A method that cannot run on a family says so itself (its ``check_model_family``: diffusers' cache
+hooks need a diffusers transformer, so DiT is not one of their models); such a cell checks that the
+run is refused with that one line before anything is drawn.
+
 Kept fast with one sample per run, a few sampling steps, no scoring, no pairing and no warm-up
 pass; the ``method=none`` run each cell is compared with is drawn once per model; and one
 intra-op thread: the tiny models' operations take microseconds, so a second thread only adds
@@ -102,12 +106,34 @@ def test_every_method_declares_its_full_compute_setting():
         assert all(o.startswith("method.") for o in overrides), (name, overrides)
 
 
+def refusal(model: str, method: str) -> str | None:
+    """Why ``method`` declares it cannot run on ``model``'s family (its own check), or None."""
+    from rfc.models.family import family_of
+    from rfc.run.build import build
+
+    cfg = compose_run(Path("/nonexistent"), model, method)
+    try:
+        family = family_of(cfg.model)
+        build(cfg.method, "method").check_model_family(family.name, family.model_class)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("model", TINY_MODELS)
 def test_method_on_model(model, method, setting, full_compute, tmp_path):
-    reference, ref_images = full_compute(model)
+    from rfc.utils.errors import ConfigError
+
     overrides = degenerate_overrides(method) if setting == "degenerate" else ()
+    why = refusal(model, method)
+    if why is not None:
+        with pytest.raises(ConfigError) as refused:
+            run_cell(tmp_path, model, method, *overrides)
+        assert str(refused.value) == why and "\n" not in why and not (tmp_path / "run" / "samples.npz").exists()
+        return
+    reference, ref_images = full_compute(model)
     if method == "none" and not overrides:
         rec, images = reference, ref_images  # the very run every cell is compared with: not drawn twice
     else:

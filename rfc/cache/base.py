@@ -279,9 +279,11 @@ class CacheMethod:
         self.model = None
         self._release()
 
-    def check_model_family(self, family: str) -> None:
+    def check_model_family(self, family: str, model_class: type | None = None) -> None:
         """Raise a ValueError naming the key when this configuration cannot run on models of
-        ``family`` ("dit", "flux"); called while the run is planned, before anything is built."""
+        ``family`` ("dit", "flux"), whose model class is ``model_class`` (what a method reads of it:
+        the attributes it has, never which class it is); called while the run is planned, before
+        anything is built."""
 
     # ---- step programs (optional) -------------------------------------------------------------
     def can_fuse(self) -> bool:
@@ -296,6 +298,12 @@ class CacheMethod:
         """The model output of this step computed by the method's step programs (a full step
         with its stores, or a cached step, each one function), or None to run the model's own
         forward with the blocks routed per site."""
+        return None
+
+    def own_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                    y: torch.Tensor) -> torch.Tensor | None:
+        """The model output of this step by another computation than the model's site-by-site
+        forward (a peer implementation's hooks on the model's own diffusers forward), or None."""
         return None
 
     def count_fused_cached(self, norm_tokens: int = 0) -> None:
@@ -480,7 +488,9 @@ def _model_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.
     """The attached model's forward: the method's step program when it has one for this step,
     else the model's own computation (embed, blocks, head) with the blocks run by ``run_blocks``."""
     with method.counting_rows(x.shape[0]):
-        out = method.fast_forward(model, x, t, y) if method.programs else None
+        out = method.own_forward(model, x, t, y)
+        if out is None and method.programs:
+            out = method.fast_forward(model, x, t, y)
         if out is not None:
             return out
         tokens, c = model.embed(x, t, y)

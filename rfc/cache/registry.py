@@ -45,9 +45,12 @@ def register_method(name: str, config: type) -> None:
         raise TypeError(f"the config of method {name!r} must be a dataclass with a _target_ field")
     _METHODS[name] = config
     store = ConfigStore.instance()
-    store.store(group=SCHEMA_GROUP, name=name, node=config)  # its own group: not listed among the methods
+    # a name with a folder ("diffusers/first_block_cache", a peer implementation) is stored in that folder
+    folder, _, leaf = name.rpartition("/")
+    sub = f"/{folder}" if folder else ""
+    store.store(group=SCHEMA_GROUP + sub, name=leaf, node=config)  # its own group: not listed among the methods
     if not (CONFIG_DIR / f"{name}.yaml").is_file():
-        store.store(group="method", name=name, node=config)
+        store.store(group="method" + sub, name=leaf, node=config)
 
 
 def method_config(name: str) -> Callable[[type], type]:

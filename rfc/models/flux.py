@@ -489,6 +489,30 @@ class FluxModel(nn.Module):
             tokens = block.run(tokens, c, compute_branch)
         return self.head(tokens, c)
 
+    def native_forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The same step through FluxTransformer2DModel's own forward, called as FluxPipeline calls it
+        (packed latents, timestep / 1000, guidance, text and image position ids): what the cache
+        hooks of diffusers and cache-dit wrap (peer methods). Equal to ``forward`` bit for bit."""
+        dtype = self.weight_dtype
+        h, w = x.shape[-2:]
+        n_txt = self.prompt_table.embeds.shape[1]
+        guidance = None
+        if self.guidance is not None:
+            guidance = torch.full((x.shape[0],), self.guidance, device=x.device, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=pack(x.to(dtype)), timestep=t.to(dtype), guidance=guidance,
+            pooled_projections=self.prompt_table.pooled[y].to(dtype),
+            encoder_hidden_states=self.prompt_table.embeds[y].to(dtype),
+            txt_ids=torch.zeros(n_txt, 3, device=x.device, dtype=dtype), img_ids=image_ids(h, w, x.device, dtype),
+            return_dict=False)[0]
+        self._hw = (h, w)
+        return unpack(out, h, w).float()
+
+    @property
+    def native_blocks(self) -> list[nn.Module]:
+        """diffusers' block modules in execution order, one per entry of ``blocks``."""
+        return [view.block for view in self.blocks]
+
 
 __all__ = ["FluxConfig", "FluxModel", "PromptTable", "flux_attention_with_received", "joint_attention_with_received",
            "modulate", "pack", "random_prompt_table", "single_total_from_attention", "single_total_with_attention",

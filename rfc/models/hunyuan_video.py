@@ -356,6 +356,27 @@ class HunyuanVideoModel(nn.Module):
             tokens = block.run(tokens, c, compute_branch)
         return self.head(tokens, c)
 
+    def native_forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The same step through HunyuanVideoTransformer3DModel's own forward, called as
+        HunyuanVideoPipeline calls it: what the cache hooks of diffusers and cache-dit wrap (peer
+        methods). Equal to ``forward`` bit for bit."""
+        dtype = self.weight_dtype
+        guidance = None
+        if self.guidance is not None:
+            guidance = torch.full((x.shape[0],), self.guidance, device=x.device, dtype=dtype) * 1000.0
+        table = self.prompt_table
+        out = self.transformer(
+            hidden_states=x.to(dtype), timestep=t.to(dtype), encoder_hidden_states=table.embeds[y].to(dtype),
+            encoder_attention_mask=table.mask[y].to(dtype), pooled_projections=table.pooled[y].to(dtype),
+            guidance=guidance, return_dict=False)[0]
+        self._fhw = tuple(x.shape[2:])
+        return out.float()
+
+    @property
+    def native_blocks(self) -> list[nn.Module]:
+        """diffusers' block modules in execution order, one per entry of ``blocks``."""
+        return [view.block for view in self.blocks]
+
 
 # --------------------------------------------------------------------------------------------
 # Building: diffusers' modules, random (hunyuan-video-tiny) or from the Hugging Face cache

@@ -183,7 +183,7 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     family.check(cfg, arch, paths, score)
     method = build(cfg.method, "method")
     try:
-        method.check_model_family(family.name)
+        method.check_model_family(family.name, family.model_class)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     sampler = build(cfg.sampler, "sampler", **family.sampler_args(arch))

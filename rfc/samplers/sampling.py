@@ -30,12 +30,15 @@ class StepInfo:
     index: forward order, 0 = the first (noisiest) step, num_steps - 1 = the last.
     timestep: the original diffusion timestep the model is conditioned on (999 ... 0 for "50").
     The official caching code counts down instead (its step 49 is our index 0): that index is
-    ``num_steps - 1 - index``, exposed as ``down_index``.
+    ``num_steps - 1 - index``, exposed as ``down_index``. value: the timestep unrounded, where the
+    schedule's timesteps are not integers (flow matching), as a pipeline's ``current_timestep``
+    holds it (what diffusers' timestep-gated cache hooks compare); None where ``timestep`` is exact.
     """
 
     index: int
     timestep: int
     num_steps: int
+    value: float | None = None
 
     @property
     def down_index(self) -> int:

@@ -1,0 +1,204 @@
+"""The field's implementations beside the harness's, on flux-tiny: diffusers' cache hooks run as methods
+(baselines/diffusers_hooks.py) and conformance of the native block-level methods with them and with
+the official code.
+
+- First-Block Cache (``method=fbcache``) equals diffusers' FirstBlockCache hook on FLUX's own forward
+  (``method=diffusers/first_block_cache``): the same steps computed and the same latents, bit for
+  bit, at several thresholds; and the peer's counts, observed from the modules that ran, equal the
+  native method's own accounting (so their FLOPs are the same numbers).
+- TeaCache (``method=teacache`` with TeaCache4FLUX's coefficients) equals the official
+  ``teacache_forward`` of ali-vilab/TeaCache (TeaCache4FLUX/teacache_flux.py), written out below
+  with only the block calls adapted to diffusers 0.42's signatures (its single-stream blocks take
+  and return the two streams apart), bit for bit at several thresholds.
+- The other hooks record what they skipped as the harness counts it (diffusers' TaylorSeer: its own
+  schedule, attention only; Pyramid Attention Broadcast: only inside its timestep window; MagCache's
+  calibration pass: every step), and a model that is not a diffusers transformer is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import numpy as np
+import pytest
+import torch
+from test_flux import sample, tiny_flux
+
+from baselines.diffusers_hooks import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeerCache
+from baselines.fbcache import FBCache
+from baselines.teacache import TeaCache
+from rfc.cache import NoCache
+from rfc.cache.base import MethodStats
+from rfc.models.flux import image_ids, pack, unpack
+from rfc.samplers.flow import FlowMatchEulerSampler
+
+STEPS = 28  # MagCache's FLUX ratios are for 28 steps (diffusers interpolates others)
+TEACACHE_FLUX = [4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01]  # TeaCache4FLUX
+
+
+@pytest.fixture(scope="module")
+def flux():
+    model = tiny_flux()
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    return model, x, torch.tensor([0, 1])
+
+
+def counts(stats: MethodStats) -> dict:
+    """Every accounting field but the cache's memory (the implementations keep different tensors)."""
+    return {f.name: getattr(stats, f.name) for f in fields(MethodStats) if f.name != "cache_bytes_peak"}
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.25, 0.35])
+def test_first_block_cache_equals_diffusers_first_block_cache(flux, threshold):
+    model, x, y = flux
+    ours, ours_stats = sample(model, x, y, FBCache(threshold=threshold), steps=STEPS)
+    theirs, their_stats = sample(model, x, y, FirstBlockCache(threshold=threshold), steps=STEPS)
+    assert 1 < ours_stats.full_steps < STEPS or threshold == 0.1  # 0.1: every step on this model
+    assert their_stats.full_indices == ours_stats.full_indices
+    assert torch.equal(theirs, ours)
+    assert counts(their_stats) == counts(ours_stats)
+
+
+class TeaCache4Flux:
+    """ali-vilab/TeaCache's ``teacache_forward`` for FLUX (the official method), on a diffusers 0.42
+    FluxTransformer2DModel: block 0's ``norm1`` output on the image stream, its relative L1 change
+    rescaled by np.poly1d(coefficients) and accumulated, compute when the sum reaches the threshold
+    and at the first and last step, otherwise add the residual of the last computed step to the
+    image stream."""
+
+    def __init__(self, transformer: torch.nn.Module, threshold: float, coefficients: list[float], steps: int) -> None:
+        self.tr, self.threshold, self.steps = transformer, threshold, steps
+        self.rescale = np.poly1d(coefficients)
+        self.cnt, self.accumulated = 0, 0.0
+        self.previous_modulated_input: torch.Tensor | None = None
+        self.previous_residual: torch.Tensor | None = None
+        self.computed: list[int] = []
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                guidance) -> torch.Tensor:
+        tr = self.tr
+        hidden_states = tr.x_embedder(hidden_states)
+        timestep = timestep.to(hidden_states.dtype) * 1000
+        guidance = guidance.to(hidden_states.dtype) * 1000
+        temb = tr.time_text_embed(timestep, guidance, pooled_projections)
+        encoder_hidden_states = tr.context_embedder(encoder_hidden_states)
+        image_rotary_emb = tr.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+
+        inp = hidden_states.clone()
+        temb_ = temb.clone()
+        modulated_inp, _gate_msa, _shift_mlp, _scale_mlp, _gate_mlp = tr.transformer_blocks[0].norm1(inp, emb=temb_)
+        if self.cnt == 0 or self.cnt == self.steps - 1:
+            should_calc = True
+            self.accumulated = 0.0
+        else:
+            prev = self.previous_modulated_input
+            self.accumulated += self.rescale(((modulated_inp - prev).abs().mean() / prev.abs().mean()).cpu().item())
+            if self.accumulated < self.threshold:
+                should_calc = False
+            else:
+                should_calc = True
+                self.accumulated = 0.0
+        self.previous_modulated_input = modulated_inp
+        if should_calc:
+            self.computed.append(self.cnt)
+        self.cnt += 1
+        if self.cnt == self.steps:
+            self.cnt = 0
+
+        if not should_calc:
+            hidden_states += self.previous_residual
+        else:
+            ori_hidden_states = hidden_states.clone()
+            for block in tr.transformer_blocks:
+                encoder_hidden_states, hidden_states = block(hidden_states=hidden_states,
+                                                             encoder_hidden_states=encoder_hidden_states,
+                                                             temb=temb, image_rotary_emb=image_rotary_emb)
+            for block in tr.single_transformer_blocks:  # diffusers 0.42: the two streams apart
+                encoder_hidden_states, hidden_states = block(hidden_states=hidden_states,
+                                                             encoder_hidden_states=encoder_hidden_states,
+                                                             temb=temb, image_rotary_emb=image_rotary_emb)
+            self.previous_residual = hidden_states - ori_hidden_states
+        hidden_states = tr.norm_out(hidden_states, temb)
+        return tr.proj_out(hidden_states)
+
+
+def teacache4flux(model, x, y, threshold: float, coefficients: list[float]) -> tuple[torch.Tensor, list[int]]:
+    """FluxPipeline's Euler loop (the harness's sampler, which equals it bit for bit) around the
+    official forward above; the final latents and the steps it computed."""
+    official = TeaCache4Flux(model.transformer, threshold, coefficients, STEPS)
+    h, w = x.shape[-2:]
+    table = model.prompt_table
+
+    class Denoiser:
+        batch_multiplier = 1
+
+        def __call__(self, latents, t, labels):
+            img = image_ids(h, w, latents.device, torch.float32)
+            out = official.forward(pack(latents), table.embeds[labels], table.pooled[labels], t, img,
+                                   torch.zeros(table.embeds.shape[1], 3), torch.full((latents.shape[0],), 3.5))
+            return unpack(out, h, w).float()
+
+    with torch.no_grad():
+        out = FlowMatchEulerSampler(num_steps=STEPS).sample(Denoiser(), x.clone(), y)
+    return out, official.computed
+
+
+@pytest.mark.parametrize(("threshold", "coefficients"), [(0.25, TEACACHE_FLUX), (0.6, TEACACHE_FLUX),
+                                                         (1.0, TEACACHE_FLUX), (0.1, [1.0, 0.0])])
+def test_teacache_equals_teacache4flux(flux, threshold, coefficients):
+    model, x, y = flux
+    ours, stats = sample(model, x, y, TeaCache(threshold=threshold, coefficients=coefficients), steps=STEPS)
+    theirs, computed = teacache4flux(model, x, y, threshold, coefficients)
+    assert stats.full_indices == computed and len(computed) < STEPS
+    assert torch.equal(ours, theirs)
+
+
+def test_diffusers_taylorseer_follows_its_own_schedule_on_attention_only(flux):
+    """diffusers' TaylorSeer computes the attention at its calls 0-2 (before step 3) and every 5th
+    from call 4 (4, 9, ...), and predicts it between: a predicted step has the double-stream
+    attention sites cached, their MLPs and the single-stream MLP + output projections computed
+    (partial sites on every token)."""
+    model, x, y = flux
+    out, stats = sample(model, x, y, TaylorSeerCache(), steps=STEPS)
+    assert stats.full_indices == [c for c in range(STEPS) if c < 3 or (c - 3 - 1) % 5 == 0]
+    cached = STEPS - stats.full_steps
+    assert stats.cached_sites == 2 * cached and stats.full_mlp == 2 * STEPS  # 2 double-stream blocks
+    assert stats.partial_total_tokens == [16 + 8] * (3 * cached)  # 3 single-stream blocks, text + image
+    assert torch.isfinite(out).all()
+    full, _ = sample(model, x, y, TaylorSeerCache(cache_interval=1), steps=STEPS)
+    reference, ref_stats = sample(model, x, y, NoCache(), steps=STEPS)
+    assert torch.equal(full, reference)
+
+
+def test_pyramid_attention_broadcast_reads_the_pipeline_timestep(flux):
+    """PAB skips attention only while the pipeline's current timestep is inside its window: a
+    window no timestep reaches is full compute; diffusers' default window (100, 800) skips some."""
+    model, x, y = flux
+    reference, _ = sample(model, x, y, NoCache(), steps=STEPS)
+    outside, stats = sample(model, x, y, PyramidAttentionBroadcast(spatial_attention_timestep_skip_range=[2000, 3000]),
+                            steps=STEPS)
+    assert stats.full_steps == STEPS and torch.equal(outside, reference)
+    _, stats = sample(model, x, y, PyramidAttentionBroadcast(), steps=STEPS)
+    t = FlowMatchEulerSampler(num_steps=STEPS).schedule(16)[0]
+    inside = [i for i, v in enumerate(t.tolist()) if 100 < v < 800]
+    assert stats.full_steps < STEPS and all(i in stats.full_indices for i in range(STEPS) if i not in inside)
+
+
+def test_mag_cache_skips_with_flux_ratios_and_calibrates_at_full_compute(flux):
+    model, x, y = flux
+    reference, ref_stats = sample(model, x, y, NoCache(), steps=STEPS)
+    _, stats = sample(model, x, y, MagCache(), steps=STEPS)
+    assert 1 < stats.full_steps < STEPS and stats.full_indices[: int(0.2 * STEPS + 0.5)] == list(range(6))
+    calibrated, stats = sample(model, x, y, MagCache(mag_ratios="calibrate"), steps=STEPS)
+    assert stats.full_steps == STEPS and torch.equal(calibrated, reference)
+    assert counts(stats) == counts(ref_stats)  # every module observed, as full compute counts them
+
+
+def test_peer_methods_are_refused_on_models_that_are_not_diffusers_transformers(make_cfg, tmp_path):
+    from rfc.run.runner import run
+    from rfc.utils.errors import ConfigError
+
+    cfg = make_cfg("model=dit-tiny", "method=diffusers/first_block_cache", "eval=smoke", "eval.num_samples=2")
+    with pytest.raises(ConfigError, match="method=diffusers/first_block_cache runs diffusers' own transformer"):
+        run(cfg, tmp_path / "dit", progress=False)
+    assert not (tmp_path / "dit" / "samples.npz").exists()
