@@ -10,6 +10,8 @@ the official code.
   ``teacache_forward`` of ali-vilab/TeaCache (TeaCache4FLUX/teacache_flux.py), written out below
   with only the block calls adapted to diffusers 0.42's signatures (its single-stream blocks take
   and return the two streams apart), bit for bit at several thresholds.
+- cache-dit's DBCache with one front block, no back block and no warm-up (its "F1B0") is First-Block
+  Cache: it equals ``method=fbcache`` the same way.
 - The other hooks record what they skipped as the harness counts it (diffusers' TaylorSeer: its own
   schedule, attention only; Pyramid Attention Broadcast: only inside its timestep window; MagCache's
   calibration pass: every step), and a model that is not a diffusers transformer is refused.
@@ -24,6 +26,7 @@ import pytest
 import torch
 from test_flux import sample, tiny_flux
 
+from baselines.cachedit_dbcache import DBCache
 from baselines.diffusers_hooks import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeerCache
 from baselines.fbcache import FBCache
 from baselines.teacache import TeaCache
@@ -199,6 +202,40 @@ def test_peer_methods_are_refused_on_models_that_are_not_diffusers_transformers(
     from rfc.utils.errors import ConfigError
 
     cfg = make_cfg("model=dit-tiny", "method=diffusers/first_block_cache", "eval=smoke", "eval.num_samples=2")
-    with pytest.raises(ConfigError, match="method=diffusers/first_block_cache runs diffusers' own transformer"):
+    why = "method=diffusers/first_block_cache runs diffusers' cache hook on the model's own diffusers transformer"
+    with pytest.raises(ConfigError, match=why):
         run(cfg, tmp_path / "dit", progress=False)
     assert not (tmp_path / "dit" / "samples.npz").exists()
+
+
+@pytest.mark.parametrize("threshold", [0.25, 0.35])
+def test_cachedit_dbcache_f1b0_equals_first_block_cache(flux, threshold):
+    model, x, y = flux
+    ours, ours_stats = sample(model, x, y, FBCache(threshold=threshold), steps=STEPS)
+    dbcache = DBCache(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold, max_warmup_steps=0)
+    theirs, their_stats = sample(model, x, y, dbcache, steps=STEPS)
+    assert 1 < ours_stats.full_steps < STEPS and their_stats.full_indices == ours_stats.full_indices
+    assert torch.equal(theirs, ours) and counts(their_stats) == counts(ours_stats)
+    again, _ = sample(model, x, y, dbcache, steps=STEPS)  # a new batch starts from a fresh context
+    assert torch.equal(again, ours)
+
+
+def test_cachedit_dbcache_back_blocks_taylorseer_and_its_refusals(flux, monkeypatch):
+    """Back blocks run at every step (a cached step computes the last Bn blocks: a partial step);
+    the TaylorSeer calibrator forecasts instead of reusing (other latents, the same schedule here);
+    more front and back blocks than the model has, or no cache-dit, are refused in one line."""
+    model, x, y = flux
+    settings = {"residual_diff_threshold": 0.35, "max_warmup_steps": 0}
+    reuse, stats = sample(model, x, y, DBCache(Bn_compute_blocks=1, **settings), steps=STEPS)
+    cached = STEPS - stats.full_steps
+    assert cached > 0 and stats.full_total == 3 * stats.full_steps + cached  # the last single-stream block
+    forecast, ts_stats = sample(model, x, y, DBCache(Bn_compute_blocks=1, taylorseer_order=1, **settings), steps=STEPS)
+    assert ts_stats.full_steps < STEPS and not torch.equal(forecast, reuse) and torch.isfinite(forecast).all()
+    with pytest.raises(ValueError, match="Fn_compute_blocks \\+ method.Bn_compute_blocks = 6 exceeds the model's 5"):
+        DBCache(Fn_compute_blocks=4, Bn_compute_blocks=2).attach(model)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cache_dit" else real(name, *a))
+    with pytest.raises(ValueError, match="needs the cache-dit package, which is not installed: pip install -e"):
+        DBCache()
