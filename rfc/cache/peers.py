@@ -6,7 +6,7 @@ A peer runs as its library runs it: each step calls the transformer's own forwar
 ``native_forward``, equal to the harness's site-by-site forward bit for bit), as the library's
 pipeline integration calls it, with the library's state reset for every batch, as a pipeline call
 resets it. The noise, the schedule, the pairing with full compute, the metrics and the latency rules
-are the harness's, as for every other row. Models that are not diffusers transformers (DiT) are
+are the harness's, as for every other row. Models that are not diffusers transformers are
 refused before anything is built.
 
 What a peer skipped is not taken from the library's own counters: the method watches which
