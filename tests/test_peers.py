@@ -239,3 +239,60 @@ def test_cachedit_dbcache_back_blocks_taylorseer_and_its_refusals(flux, monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cache_dit" else real(name, *a))
     with pytest.raises(ValueError, match="needs the cache-dit package, which is not installed: pip install -e"):
         DBCache()
+
+
+def test_a_threshold_is_calibrated_like_tau_and_found_by_its_own_key(make_cfg, tmp_path):
+    """calibration.knob: any method's threshold is bisected to a target NFC and recorded under a key
+    of its own (method and knob named; a list setting such as TeaCache's coefficients is part of it),
+    where ``${calibrated:<knob>,N}`` finds it; RFC's tau keeps its key."""
+    from omegaconf import OmegaConf
+
+    from rfc.run.config import calibrated, tau_key
+    from rfc.tools.calibration import calibrate, save_calibration
+
+    overrides = ("model=flux-tiny", "sampler.num_steps=12", f"paths.results={tmp_path}")
+    cfg = make_cfg(*overrides, "method=teacache")
+    result = calibrate(cfg, 6, num_samples=2, batch_size=2, seed=1000, tolerance=1, out_dir=tmp_path / "cal",
+                       knob="threshold")
+    assert abs(result.nfc - 6) <= 1 and result.within_tolerance
+    save_calibration(cfg, result, 2, 1000, knob="threshold")
+    used = make_cfg(*overrides, "method=teacache", "method.threshold=${calibrated:threshold,6}")
+    assert used.method.threshold == result.tau
+    key = tau_key(cfg, 6, "threshold")
+    assert "baselines.teacache.TeaCache.threshold" in key and '"coefficients": [1.0, 0.0]' in key
+    other = make_cfg(*overrides, "method=diffusers/first_block_cache")
+    assert tau_key(other, 6, "threshold") != key
+    with pytest.raises(ValueError, match="no calibrated threshold for NFC 6 .* calibration.knob=threshold"):
+        calibrated("threshold", 6, OmegaConf.merge(other, {}))
+    assert "|nfc6.0" in tau_key(make_cfg(*overrides, "method=rfc"), 6) and ".tau|" not in tau_key(
+        make_cfg(*overrides, "method=rfc"), 6)
+
+
+def test_peers_flux_sweep_composes_every_variant():
+    """experiment=peers_flux: 21 rows, full compute first; the papers' methods, the native block
+    caches and the peers, adaptive ones through a calibrated threshold of their own key."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rfc.run.config import register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        sweep = compose("run", overrides=["experiment=peers_flux"], return_hydra_config=True)
+        variants = sweep.hydra.sweeper.params["+variant"].split(",")
+        assert len(variants) == 21 and variants[0] == "flux_full"
+        methods = {}
+        for variant in variants:
+            cfg = compose("run", overrides=["experiment=peers_flux", f"+variant={variant}"])
+            methods[variant] = cfg.method._target_
+            for knob in ("threshold", "residual_diff_threshold"):
+                if variant.startswith("peer_") and knob in cfg.method and not variant.startswith("peer_dts"):
+                    target = variant.rstrip("0123456789")
+                    nfc = variant[len(target):]
+                    assert cfg.method._get_node(knob)._value() == f"${{calibrated:{knob},{nfc}}}", variant
+    GlobalHydra.instance().clear()
+    assert methods["peer_dfbc14"] == "baselines.diffusers_hooks.FirstBlockCache"
+    assert methods["peer_dbcache_ts8"] == "baselines.cachedit_dbcache.DBCache"
+    assert methods["peer_dts10"] == "baselines.diffusers_hooks.TaylorSeerCache"

@@ -75,22 +75,27 @@ def bisect_tau(nfc_of: Callable[[float], float], target: float, tolerance: float
 
 
 def calibrate(cfg: DictConfig, target: float, num_samples: int, batch_size: int, seed: int,
-              tolerance: float = 0.5, out_dir: str | Path = "outputs/calibration") -> Calibration:
-    """Calibrate ``method.tau`` of the composed config (an RFC method) on seeds ``seed`` ..."""
+              tolerance: float = 0.5, out_dir: str | Path = "outputs/calibration", knob: str = "tau") -> Calibration:
+    """Calibrate ``method.<knob>`` of the composed config on seeds ``seed`` ...: RFC's tau, or any
+    method's threshold under which mean NFC falls as it grows (First-Block Cache, TeaCache,
+    cache-dit's residual_diff_threshold ...)."""
+    if knob not in cfg.method:
+        raise ValueError(f"calibration.knob={knob}: method {cfg.method._target_} has no key {knob!r}")
     plan = plan_run(cfg, out_dir)
     model, denoiser = build_model(plan)
     base = OmegaConf.to_container(cfg.method, resolve=False)
-    base.pop("tau", None)
+    base.pop(knob, None)
+    tau = knob  # the value's name in the logs
 
     # Each trial samples the whole calibration set (minutes on DiT-XL): one bar over the trials,
     # with the trial's own sampling bar beneath it while it runs.
-    trials = bar(unit="trial", desc=f"calibrating tau for NFC {target:g}", secondary=True)
+    trials = bar(unit="trial", desc=f"calibrating {tau} for NFC {target:g}", secondary=True)
     count = 0  # trials so far (a disabled bar does not count)
 
-    def nfc_of(tau: float) -> float:
+    def nfc_of(value: float) -> float:
         nonlocal count
         count += 1
-        method: CacheMethod = build(OmegaConf.create({**base, "tau": tau}), "method")
+        method: CacheMethod = build(OmegaConf.create({**base, knob: value}), "method")
         method.attach(model)
         t0 = time.perf_counter()
         try:
@@ -98,14 +103,14 @@ def calibrate(cfg: DictConfig, target: float, num_samples: int, batch_size: int,
                 samples = generate(model, plan.sampler, denoiser, method, seed=seed,
                                    indices=range(num_samples), batch_size=batch_size, device=plan.device,
                                    progress=True, precision=str(cfg.precision),
-                                   desc=f"trial {count}: tau {tau:.4g}", leave=False)
+                                   desc=f"trial {count}: {tau} {value:.4g}", leave=False)
         finally:
             method.detach()
         sizes = batch_sizes(num_samples, batch_size)
         nfc = float(np.average([s.full_steps for s in samples.stats], weights=sizes))
         trials.update(1)
-        trials.set_postfix(tau=f"{tau:.4g}", nfc=f"{nfc:.2f}")
-        LOG.info("calibration trial %d: tau %.6g -> mean NFC %.2f (target %g; %.1f s)", count, tau, nfc, target,
+        trials.set_postfix({tau: f"{value:.4g}", "nfc": f"{nfc:.2f}"})
+        LOG.info("calibration trial %d: %s %.6g -> mean NFC %.2f (target %g; %.1f s)", count, tau, value, nfc, target,
                  time.perf_counter() - t0)
         return nfc
 
@@ -113,11 +118,13 @@ def calibrate(cfg: DictConfig, target: float, num_samples: int, batch_size: int,
         return bisect_tau(nfc_of, target, tolerance)
 
 
-def save_calibration(cfg: DictConfig, result: Calibration, num_samples: int, seed: int) -> tuple[Path, str]:
-    """Record the tau under its key in results/tau_calibration.json (read by ${calibrated_tau:N})."""
+def save_calibration(cfg: DictConfig, result: Calibration, num_samples: int, seed: int,
+                     knob: str = "tau") -> tuple[Path, str]:
+    """Record the value under its key in results/tau_calibration.json (read by ${calibrated_tau:N},
+    or ${calibrated:<knob>,N} for another method's knob; the entry's "tau" holds the value)."""
     path = Path(cfg.paths.results) / CALIBRATION_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = tau_key(cfg, result.target)
+    key = tau_key(cfg, result.target, knob)
     with FileLock(str(path) + ".lock", timeout=60):
         table = json.loads(path.read_text()) if path.exists() else {}
         table[key] = {"tau": result.tau, "nfc": result.nfc, "target": result.target,
