@@ -208,3 +208,46 @@ class PyramidAttentionBroadcast(DiffusersHookMethod):
     def params(self) -> dict[str, object]:
         return {"spatial_attention_block_skip_range": self.skip,
                 "spatial_attention_timestep_skip_range": list(self.window)}
+
+
+@method_config("diffusers/faster_cache")
+@dataclass
+class FasterCacheConfig:
+    """diffusers' FasterCacheConfig on the spatial attention of every block: inside
+    ``spatial_attention_timestep_skip_range`` an attention computes at every
+    ``spatial_attention_block_skip_range``-th call and between them is extrapolated from its last two
+    outputs, weighted by ``attention_weight`` (diffusers' default 0.5). Its classifier-free-guidance
+    reuse is off: FLUX.1 and HunyuanVideo are guidance-distilled (one forward per step), which
+    diffusers' ``is_guidance_distilled=True`` declares."""
+
+    _target_: str = "baselines.diffusers_hooks.FasterCache"
+    spatial_attention_block_skip_range: int = 2
+    spatial_attention_timestep_skip_range: list[int] = field(default_factory=lambda: [-1, 681])
+    attention_weight: float = 0.5
+    degenerate: ClassVar[tuple[str, ...]] = ("method.spatial_attention_block_skip_range=1",)
+
+
+class FasterCache(DiffusersHookMethod):
+    name = "diffusers/faster_cache"
+
+    def __init__(self, spatial_attention_block_skip_range: int = 2,
+                 spatial_attention_timestep_skip_range: list[int] | tuple[int, int] = (-1, 681),
+                 attention_weight: float = 0.5) -> None:
+        super().__init__()
+        skip, window = spatial_attention_block_skip_range, tuple(spatial_attention_timestep_skip_range)
+        require(isinstance(skip, int) and skip >= 1,
+                f"method.spatial_attention_block_skip_range must be an integer >= 1, got {skip}")
+        require(len(window) == 2 and window[0] <= window[1],
+                f"method.spatial_attention_timestep_skip_range must be [low, high], got {list(window)}")
+        self.skip, self.window, self.weight = skip, (float(window[0]), float(window[1])), float(attention_weight)
+
+    def hook_config(self, num_steps: int) -> object:
+        weight = self.weight
+        return _config_class("FasterCacheConfig")(
+            spatial_attention_block_skip_range=self.skip, spatial_attention_timestep_skip_range=self.window,
+            attention_weight_callback=lambda _module: weight, is_guidance_distilled=True,
+            current_timestep_callback=self.current_timestep)
+
+    def params(self) -> dict[str, object]:
+        return {"spatial_attention_block_skip_range": self.skip,
+                "spatial_attention_timestep_skip_range": list(self.window), "attention_weight": self.weight}

@@ -27,7 +27,13 @@ import torch
 from test_flux import sample, tiny_flux
 
 from baselines.cachedit_dbcache import DBCache
-from baselines.diffusers_hooks import FirstBlockCache, MagCache, PyramidAttentionBroadcast, TaylorSeerCache
+from baselines.diffusers_hooks import (
+    FasterCache,
+    FirstBlockCache,
+    MagCache,
+    PyramidAttentionBroadcast,
+    TaylorSeerCache,
+)
 from baselines.fbcache import FBCache
 from baselines.teacache import TeaCache
 from rfc.cache import NoCache
@@ -185,6 +191,19 @@ def test_pyramid_attention_broadcast_reads_the_pipeline_timestep(flux):
     t = FlowMatchEulerSampler(num_steps=STEPS).schedule(16)[0]
     inside = [i for i, v in enumerate(t.tolist()) if 100 < v < 800]
     assert stats.full_steps < STEPS and all(i in stats.full_indices for i in range(STEPS) if i not in inside)
+
+
+def test_faster_cache_skips_attention_only_below_its_timestep_and_restarts_per_batch(flux):
+    """FasterCache (guidance-distilled: its CFG reuse off) computes every attention while the
+    pipeline's timestep is at or above 681 and every other one below; a second batch starts afresh."""
+    model, x, y = flux
+    out, stats = sample(model, x, y, FasterCache(), steps=STEPS)
+    t = FlowMatchEulerSampler(num_steps=STEPS).schedule(16)[0].tolist()
+    above = [i for i, v in enumerate(t) if v >= 681]
+    assert all(i in stats.full_indices for i in above) and stats.full_steps < STEPS
+    assert stats.cached_sites == 2 * (STEPS - stats.full_steps)  # double-stream attention predicted
+    again, _ = sample(model, x, y, FasterCache(), steps=STEPS)
+    assert torch.equal(again, out)
 
 
 def test_mag_cache_skips_with_flux_ratios_and_calibrates_at_full_compute(flux):
