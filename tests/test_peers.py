@@ -11,7 +11,8 @@ the official code.
   with only the block calls adapted to diffusers 0.42's signatures (its single-stream blocks take
   and return the two streams apart), bit for bit at several thresholds.
 - cache-dit's DBCache with one front block, no back block and no warm-up (its "F1B0") is First-Block
-  Cache: it equals ``method=fbcache`` the same way.
+  Cache: it equals ``method=fbcache`` the same way; and the native ``method=dbcache`` (written from
+  cache-dit's code) equals cache-dit's own at front and back blocks, warm-up intervals and step limits.
 - The other hooks record what they skipped as the harness counts it (diffusers' TaylorSeer: its own
   schedule, attention only; Pyramid Attention Broadcast: only inside its timestep window; MagCache's
   calibration pass: every step), and a model that is not a diffusers transformer is refused.
@@ -27,6 +28,7 @@ import torch
 from test_flux import sample, tiny_flux
 
 from baselines.cachedit_dbcache import DBCache
+from baselines.dbcache import DBCache as NativeDBCache
 from baselines.diffusers_hooks import (
     FasterCache,
     FirstBlockCache,
@@ -315,3 +317,23 @@ def test_peers_flux_sweep_composes_every_variant():
     assert methods["peer_dfbc14"] == "baselines.diffusers_hooks.FirstBlockCache"
     assert methods["peer_dbcache_ts8"] == "baselines.cachedit_dbcache.DBCache"
     assert methods["peer_dts10"] == "baselines.diffusers_hooks.TaylorSeerCache"
+
+
+@pytest.mark.parametrize(("front", "back", "threshold", "warmup", "interval", "max_cached", "max_continuous"), [
+    (1, 0, 0.35, 0, 1, -1, -1), (2, 1, 0.3, 3, 1, -1, -1), (2, 2, 0.2, 4, 2, -1, -1), (1, 1, 0.5, 2, 1, 5, -1),
+    (3, 0, 0.4, 0, 1, -1, 2), (1, 0, 1.5, 3, 1, -1, -1)])
+def test_native_dbcache_equals_cachedit_dbcache(flux, front, back, threshold, warmup, interval, max_cached,
+                                                max_continuous):
+    """method=dbcache against cache-dit's DBCache on the same transformer: the same steps computed,
+    the same latents and the same counts, bit for bit (a threshold >= 1 caches without measuring,
+    as cache-dit does)."""
+    model, x, y = flux
+    ours, ours_stats = sample(model, x, y, NativeDBCache(front=front, back=back, threshold=threshold, warmup=warmup,
+                                                         warmup_interval=interval, max_cached_steps=max_cached,
+                                                         max_continuous_cached_steps=max_continuous), steps=STEPS)
+    peer = DBCache(Fn_compute_blocks=front, Bn_compute_blocks=back, residual_diff_threshold=threshold,
+                   max_warmup_steps=warmup, warmup_interval=interval, max_cached_steps=max_cached,
+                   max_continuous_cached_steps=max_continuous)
+    theirs, their_stats = sample(model, x, y, peer, steps=STEPS)
+    assert ours_stats.full_steps < STEPS and their_stats.full_indices == ours_stats.full_indices
+    assert torch.equal(theirs, ours) and counts(their_stats) == counts(ours_stats)

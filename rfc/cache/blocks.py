@@ -9,10 +9,12 @@ independent parts, composed by ``BlockCacheMethod``:
   ``signal`` attribute, so the method knows what to compute for it and when it can decide:
   ``Signal.STEP`` (the step alone, decided before any block runs), ``Signal.INPUT`` (block 0's
   modulated attention input, modulate(norm(x), shift, scale), decided before any block runs: TeaCache)
-  or ``Signal.RESIDUAL`` (block 0's residual, its output minus its input, decided after block 0
-  ran: First-Block Cache);
+  or ``Signal.RESIDUAL`` (the residual of the blocks before ``start``, their output minus block 0's
+  input, decided after they ran: First-Block Cache's block 0, DBCache's front blocks);
 - a **predictor** (``ResidualReuse``, a ``rfc.cache.predictors.Predictor``): *what* to use
-  instead. It names the first block it replaces (``start``); blocks before it are computed at every step.
+  instead. It names the first block it replaces (``start``) and the block after the last one
+  (``stop``, default: the end); blocks before ``start`` and from ``stop`` on are computed at every
+  step (cache-dit's DBCache: front and back blocks).
 
 Full steps run each block through the block protocol, ``block.run(x, c, plain_branch)``: the
 very computation the model's own forward makes, so a schedule that always says "compute" gives
@@ -52,16 +54,19 @@ BlockSchedule = Schedule
 
 
 class ResidualReuse(Predictor):
-    """Reuse the residual of blocks ``start``.. : at a full step store (stream after the last
-    block) - (stream entering block ``start``); at a cached step add it to the stream entering
-    block ``start``. TeaCache replaces every block (start 0), First-Block Cache all but block 0
-    (start 1). The residual is kept in the stream's dtype. As a ``Predictor`` its one "site" is
-    the run of replaced blocks and its input the stream entering it."""
+    """Reuse the residual of blocks ``start`` .. ``stop - 1``: at a full step store (stream after
+    block ``stop - 1``) - (stream entering block ``start``); at a cached step add it to the stream
+    entering block ``start``. TeaCache replaces every block (start 0), First-Block Cache all but
+    block 0 (start 1), DBCache all but its front and back blocks (``stop``: the first back block;
+    None: no back block). The residual is kept in the stream's dtype. As a ``Predictor`` its one
+    "site" is the run of replaced blocks and its input the stream entering it."""
 
-    def __init__(self, start: int = 0) -> None:
+    def __init__(self, start: int = 0, stop: int | None = None) -> None:
         if not isinstance(start, int) or isinstance(start, bool) or start < 0:
             raise ValueError(f"ResidualReuse start must be an integer >= 0, got {start!r}")
-        self.start = start
+        if stop is not None and (not isinstance(stop, int) or isinstance(stop, bool) or stop <= start):
+            raise ValueError(f"ResidualReuse stop must be an integer > start ({start}), got {stop!r}")
+        self.start, self.stop = start, stop
         self.residual: torch.Tensor | None = None
 
     def reset(self) -> None:
@@ -129,9 +134,10 @@ class BlockCacheMethod(CacheMethod):
             self.name = name
 
     def attach(self, model: nn.Module) -> None:
-        if self.predictor.start >= len(model.blocks):
+        stop = len(model.blocks) if self.predictor.stop is None else self.predictor.stop
+        if self.predictor.start >= min(stop, len(model.blocks)):
             raise ValueError(
-                f"{self.name}: the predictor starts at block {self.predictor.start} but the model "
+                f"{self.name}: the predictor replaces blocks {self.predictor.start} to {stop - 1} but the model "
                 f"has {len(model.blocks)} blocks: nothing would be cached"
             )
         super().attach(model)
@@ -155,13 +161,13 @@ class BlockCacheMethod(CacheMethod):
             self._stats.count_full_forward(len(blocks), T, kinds=self.site_kinds)
             return tokens
         kind, start, where = self.signal, self.predictor.start, image_slice(model)
+        stop = len(blocks) if self.predictor.stop is None else self.predictor.stop
         signal = self._block0_input(blocks[0], tokens, c, where) if kind is Signal.INPUT else None
         x = tokens
         for i in range(start):
-            entering = x
             x = blocks[i].run(x, c, plain_branch)
-            if i == 0 and kind is Signal.RESIDUAL:
-                signal = _tokens(x, where) - _tokens(entering, where)
+        if kind is Signal.RESIDUAL:  # what the front blocks added, on the measured tokens
+            signal = _tokens(x, where) - _tokens(tokens, where)
         self._stats.count_full_forward(start, T, kinds=self.kinds_of(0, start))
         full = bool(self.schedule.decide(self.step, signal))
         if not full and not self.predictor.ready:
@@ -171,16 +177,19 @@ class BlockCacheMethod(CacheMethod):
             )
         self.full = full
         self.count_step(self.step, full)
-        replaced = self.kinds_of(start, len(blocks))
+        replaced = self.kinds_of(start, stop)
         if full:
             entering = x
-            for block in blocks[start:]:
+            for block in blocks[start:stop]:
                 x = block.run(x, c, plain_branch)
             self.predictor.store(entering, x)
-            self._stats.count_full_forward(len(blocks) - start, T, kinds=replaced)
+            self._stats.count_full_forward(stop - start, T, kinds=replaced)
         else:
             x = self.predictor.apply(x)
             self._stats.cached_sites += len(replaced)
+        for block in blocks[stop:]:  # back blocks: computed at every step
+            x = block.run(x, c, plain_branch)
+        self._stats.count_full_forward(len(blocks) - stop, T, kinds=self.kinds_of(stop, len(blocks)))
         return x
 
     def _block0_input(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor, where: slice) -> torch.Tensor:
