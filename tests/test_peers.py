@@ -12,7 +12,9 @@ the official code.
   and return the two streams apart), bit for bit at several thresholds.
 - cache-dit's DBCache with one front block, no back block and no warm-up (its "F1B0") is First-Block
   Cache: it equals ``method=fbcache`` the same way; and the native ``method=dbcache`` (written from
-  cache-dit's code) equals cache-dit's own at front and back blocks, warm-up intervals and step limits.
+  cache-dit's code) equals cache-dit's own at front and back blocks, warm-up intervals and step limits;
+  the native ``method=magcache`` (written from the official MagCache4FLUX code) equals diffusers'
+  MagCache hook once the official code's protected step is switched off.
 - The other hooks record what they skipped as the harness counts it (diffusers' TaylorSeer: its own
   schedule, attention only; Pyramid Attention Broadcast: only inside its timestep window; MagCache's
   calibration pass: every step), and a model that is not a diffusers transformer is refused.
@@ -37,6 +39,7 @@ from baselines.diffusers_hooks import (
     TaylorSeerCache,
 )
 from baselines.fbcache import FBCache
+from baselines.magcache import MagCache as NativeMagCache
 from baselines.teacache import TeaCache
 from rfc.cache import NoCache
 from rfc.cache.base import MethodStats
@@ -337,3 +340,18 @@ def test_native_dbcache_equals_cachedit_dbcache(flux, front, back, threshold, wa
     theirs, their_stats = sample(model, x, y, peer, steps=STEPS)
     assert ours_stats.full_steps < STEPS and their_stats.full_indices == ours_stats.full_indices
     assert torch.equal(theirs, ours) and counts(their_stats) == counts(ours_stats)
+
+
+@pytest.mark.parametrize(("threshold", "max_skip", "retention"), [(0.06, 3, 0.2), (0.24, 5, 0.1), (0.1, 2, 0.2)])
+def test_native_magcache_equals_diffusers_mag_cache_and_keeps_step_11(flux, threshold, max_skip, retention):
+    """method=magcache without the official code's protected step makes diffusers' MagCache hook's
+    decisions, latents and counts, bit for bit; with it (the default, step 11 of 28) that step is
+    computed as well."""
+    model, x, y = flux
+    settings = {"threshold": threshold, "max_skip_steps": max_skip, "retention_ratio": retention}
+    ours, ours_stats = sample(model, x, y, NativeMagCache(**settings, keep_steps=[]), steps=STEPS)
+    theirs, their_stats = sample(model, x, y, MagCache(**settings), steps=STEPS)
+    assert ours_stats.full_steps < STEPS and their_stats.full_indices == ours_stats.full_indices
+    assert torch.equal(theirs, ours) and counts(their_stats) == counts(ours_stats)
+    _, official = sample(model, x, y, NativeMagCache(**settings), steps=STEPS)
+    assert 11 in official.full_indices and 11 not in ours_stats.full_indices
