@@ -173,6 +173,16 @@ class MagCache(DiffusersHookMethod):
         return dict(self.settings)
 
 
+def _skip_and_window(skip: int, window: list[int] | tuple[int, int]) -> tuple[int, tuple[float, float]]:
+    """The attention hooks' skip range and timestep window, checked (one line naming the key)."""
+    require(isinstance(skip, int) and skip >= 1,
+            f"method.spatial_attention_block_skip_range must be an integer >= 1, got {skip}")
+    low_high = tuple(window)
+    require(len(low_high) == 2 and low_high[0] <= low_high[1],
+            f"method.spatial_attention_timestep_skip_range must be [low, high], got {list(low_high)}")
+    return skip, (float(low_high[0]), float(low_high[1]))
+
+
 @method_config("diffusers/pyramid_attention_broadcast")
 @dataclass
 class PyramidAttentionBroadcastConfig:
@@ -193,12 +203,8 @@ class PyramidAttentionBroadcast(DiffusersHookMethod):
     def __init__(self, spatial_attention_block_skip_range: int = 2,
                  spatial_attention_timestep_skip_range: list[int] | tuple[int, int] = (100, 800)) -> None:
         super().__init__()
-        skip, window = spatial_attention_block_skip_range, tuple(spatial_attention_timestep_skip_range)
-        require(isinstance(skip, int) and skip >= 1,
-                f"method.spatial_attention_block_skip_range must be an integer >= 1, got {skip}")
-        require(len(window) == 2 and window[0] <= window[1],
-                f"method.spatial_attention_timestep_skip_range must be [low, high], got {list(window)}")
-        self.skip, self.window = skip, (float(window[0]), float(window[1]))
+        self.skip, self.window = _skip_and_window(spatial_attention_block_skip_range,
+                                                  spatial_attention_timestep_skip_range)
 
     def hook_config(self, num_steps: int) -> object:
         return _config_class("PyramidAttentionBroadcastConfig")(
@@ -234,12 +240,9 @@ class FasterCache(DiffusersHookMethod):
                  spatial_attention_timestep_skip_range: list[int] | tuple[int, int] = (-1, 681),
                  attention_weight: float = 0.5) -> None:
         super().__init__()
-        skip, window = spatial_attention_block_skip_range, tuple(spatial_attention_timestep_skip_range)
-        require(isinstance(skip, int) and skip >= 1,
-                f"method.spatial_attention_block_skip_range must be an integer >= 1, got {skip}")
-        require(len(window) == 2 and window[0] <= window[1],
-                f"method.spatial_attention_timestep_skip_range must be [low, high], got {list(window)}")
-        self.skip, self.window, self.weight = skip, (float(window[0]), float(window[1])), float(attention_weight)
+        self.skip, self.window = _skip_and_window(spatial_attention_block_skip_range,
+                                                  spatial_attention_timestep_skip_range)
+        self.weight = float(attention_weight)
 
     def hook_config(self, num_steps: int) -> object:
         weight = self.weight
