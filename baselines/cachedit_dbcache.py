@@ -104,6 +104,10 @@ class DBCache(PeerMethod):
     def apply(self, transformer: nn.Module, num_steps: int) -> None:
         import cache_dit
 
+        # cache-dit patches forwards on the instances (its FLUX adapter: the transformer's and the
+        # single-stream blocks') and re-registers the block lists (their order among the transformer's
+        # children changes), and leaves both when disabled: remember what was there
+        self._forwards = [(m, vars(m).get("forward"), list(m._modules)) for m in transformer.modules()]
         with _quiet():
             cache_dit.enable_cache(transformer, **self._configs(num_steps))
 
@@ -118,6 +122,16 @@ class DBCache(PeerMethod):
 
         with _quiet():
             cache_dit.disable_cache(transformer)
+        for module, forward, order in getattr(self, "_forwards", ()):  # the model as it was before cache-dit
+            if forward is None:
+                vars(module).pop("forward", None)
+            else:
+                module.forward = forward
+            children = module._modules
+            keys = [*order, *(k for k in children if k not in order)]
+            module._modules = type(children)((k, children[k]) for k in keys if k in children)
+        vars(transformer).pop("_is_patched", None)
+        self._forwards = []
 
     def params(self) -> dict[str, object]:
         return {**self.settings, "taylorseer_order": self.taylorseer_order}

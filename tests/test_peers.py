@@ -235,6 +235,8 @@ def test_peer_methods_are_refused_on_models_that_are_not_diffusers_transformers(
 @pytest.mark.parametrize("threshold", [0.25, 0.35])
 def test_cachedit_dbcache_f1b0_equals_first_block_cache(flux, threshold):
     model, x, y = flux
+    tr = model.transformer
+    before = ([vars(m).get("forward") for m in tr.modules()], [n for n, _ in tr.named_modules()])
     ours, ours_stats = sample(model, x, y, FBCache(threshold=threshold), steps=STEPS)
     dbcache = DBCache(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold, max_warmup_steps=0)
     theirs, their_stats = sample(model, x, y, dbcache, steps=STEPS)
@@ -242,6 +244,10 @@ def test_cachedit_dbcache_f1b0_equals_first_block_cache(flux, threshold):
     assert torch.equal(theirs, ours) and counts(their_stats) == counts(ours_stats)
     again, _ = sample(model, x, y, dbcache, steps=STEPS)  # a new batch starts from a fresh context
     assert torch.equal(again, ours)
+    # detached, cache-dit leaves the transformer as it found it (its instance forwards, the order of its
+    # children, which diffusers' hooks read to find the first and last block), for whoever runs next
+    after = ([vars(m).get("forward") for m in tr.modules()], [n for n, _ in tr.named_modules()])
+    assert after == before and not hasattr(tr, "_is_patched")
 
 
 def test_cachedit_dbcache_back_blocks_taylorseer_and_its_refusals(flux, monkeypatch):
