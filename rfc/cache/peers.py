@@ -107,8 +107,8 @@ class PeerMethod(CacheMethod):
         # ``transformer`` is an instance attribute: the class shows the other two
         if model_class is not None and not all(hasattr(model_class, a) for a in NATIVE[:2]):
             raise ValueError(f"method={self.name} runs {self.library} on the model's own diffusers transformer; "
-                             f"model family {family!r} ({model_class.__name__}) is not a diffusers transformer (the "
-                             "peer methods run on FLUX.1 and HunyuanVideo)")
+                             f"model family {family!r} ({model_class.__name__}) is not a diffusers transformer (no "
+                             f"{' / '.join(NATIVE[:2])})")
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
