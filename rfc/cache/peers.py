@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rfc.cache.base import CacheMethod
+from rfc.cache.base import CacheMethod, Site
 from rfc.samplers.sampling import StepInfo
 
 NATIVE = ("native_forward", "native_blocks", "transformer")  # what a model needs for peer methods
@@ -165,46 +165,25 @@ class PeerMethod(CacheMethod):
             before = stats.full_sites, stats.partial_sites
             stats.block_calls += bool(w.ran["mod"])
             stats.norm_tokens += w.norm_tokens
-            if w.double:
-                for kind, part in zip(kinds, ("attn", "mlp"), strict=True):
-                    if w.ran[part]:
-                        stats.full_sites += 1
-                        setattr(stats, f"full_{kind}", getattr(stats, f"full_{kind}") + 1)
-                    else:
-                        stats.cached_sites += 1
-                        full_step = False
-            elif w.ran["attn"] and w.ran["mlp"]:
-                stats.full_sites += 1
-                stats.full_total += 1
-            elif w.ran["mlp"]:  # attention reused, MLP and output projection computed: every token
-                self.count_partial_total(self.model.token_shape[0] if not self._tokens else self._tokens)
-                full_step = False
-            else:
-                stats.cached_sites += 1
-                full_step = False
+            ran = (w.ran["attn"], w.ran["mlp"]) if w.double else (w.ran["attn"] and w.ran["mlp"],)
+            for b, (kind, computed) in enumerate(zip(kinds, ran, strict=True)):
+                site = Site(i, kind, self.site_base[i] + b)
+                if computed:
+                    self.count_full(site)
+                elif kind == "total" and w.ran["mlp"]:  # attention reused, MLP and output projection ran
+                    self.count_partial(site, w.norm_tokens)  # on every token its norm normalised
+                    full_step = False
+                else:
+                    stats.cached_sites += 1
+                    full_step = False
             stats.count_block(*before, sites=len(kinds))
         self.full = full_step
         self.count_step(step, full_step)
         super().end_step(step)
 
-    @property
-    def _tokens(self) -> int:
-        """The stream's tokens this step (text + image), from the first block's norms."""
-        w = self._watches[0] if self._watches else None
-        if w is None or not w.norm_tokens:
-            return 0
-        return w.norm_tokens // (2 if w.double else 1)
-
-    def count_partial_total(self, tokens: int) -> None:
-        self._stats.partial_sites += 1
-        self._stats.partial_total_tokens.append(tokens)
-
     def current_timestep(self) -> float:
         """The pipeline's ``current_timestep`` (0..1000) of the step being computed."""
         return float(self._timestep if self._timestep is not None else 0.0)
-
-    def params(self) -> dict[str, object]:
-        return {}
 
 
 __all__ = ["NATIVE", "BlockWatch", "PeerMethod"]
