@@ -116,18 +116,15 @@ class DBCache(BlockCacheMethod):
             require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
                     f"method.{key} must be an integer >= {low}, got {value}")
         require(float(threshold) >= 0.0, f"method.threshold must be >= 0, got {threshold}")
-        self.back = back
         schedule = FrontResidualChange(threshold, warmup, warmup_interval, max_cached_steps,
                                        max_continuous_cached_steps)
-        super().__init__(schedule, ResidualReuse(start=front))
+        super().__init__(schedule, ResidualReuse(start=front, back=back))
 
     def attach(self, model: nn.Module) -> None:
-        blocks = len(model.blocks)
-        front = self.predictor.start
-        require(front + self.back < blocks, f"method.front + method.back = {front + self.back} leaves no block "
+        blocks, front, back = len(model.blocks), self.predictor.start, self.predictor.back
+        require(front + back < blocks, f"method.front + method.back = {front + back} leaves no block "
                 f"of the model's {blocks} to cache")
-        self.predictor.stop = blocks - self.back if self.back else None
         super().attach(model)
 
     def params(self) -> dict[str, object]:
-        return {"front": self.predictor.start, "back": self.back, **self.schedule.params()}
+        return {"front": self.predictor.start, "back": self.predictor.back, **self.schedule.params()}

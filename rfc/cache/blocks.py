@@ -12,9 +12,9 @@ independent parts, composed by ``BlockCacheMethod``:
   or ``Signal.RESIDUAL`` (the residual of the blocks before ``start``, their output minus block 0's
   input, decided after they ran: First-Block Cache's block 0, DBCache's front blocks);
 - a **predictor** (``ResidualReuse``, a ``rfc.cache.predictors.Predictor``): *what* to use
-  instead. It names the first block it replaces (``start``) and the block after the last one
-  (``stop``, default: the end); blocks before ``start`` and from ``stop`` on are computed at every
-  step (cache-dit's DBCache: front and back blocks).
+  instead. It names the first block it replaces (``start``) and how many blocks at the end it leaves
+  (``back``, default 0); blocks before ``start`` and the last ``back`` are computed at every step
+  (cache-dit's DBCache: front and back blocks).
 
 Full steps run each block through the block protocol, ``block.run(x, c, plain_branch)``: the
 very computation the model's own forward makes, so a schedule that always says "compute" gives
@@ -54,19 +54,22 @@ BlockSchedule = Schedule
 
 
 class ResidualReuse(Predictor):
-    """Reuse the residual of blocks ``start`` .. ``stop - 1``: at a full step store (stream after
-    block ``stop - 1``) - (stream entering block ``start``); at a cached step add it to the stream
-    entering block ``start``. TeaCache replaces every block (start 0), First-Block Cache all but
-    block 0 (start 1), DBCache all but its front and back blocks (``stop``: the first back block;
-    None: no back block). The residual is kept in the stream's dtype. As a ``Predictor`` its one
-    "site" is the run of replaced blocks and its input the stream entering it."""
+    """Reuse the residual of blocks ``start`` .. depth - ``back`` - 1: at a full step store (stream
+    after the last replaced block) - (stream entering block ``start``); at a cached step add it to
+    the stream entering block ``start``. TeaCache replaces every block (start 0), First-Block Cache
+    all but block 0 (start 1), DBCache all but its front and its ``back`` blocks. The residual is
+    kept in the stream's dtype. As a ``Predictor`` its one "site" is the run of replaced blocks and
+    its input the stream entering it."""
 
-    def __init__(self, start: int = 0, stop: int | None = None) -> None:
-        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
-            raise ValueError(f"ResidualReuse start must be an integer >= 0, got {start!r}")
-        if stop is not None and (not isinstance(stop, int) or isinstance(stop, bool) or stop <= start):
-            raise ValueError(f"ResidualReuse stop must be an integer > start ({start}), got {stop!r}")
-        self.start, self.stop = start, stop
+    def __init__(self, start: int = 0, back: int = 0) -> None:
+        for key, value in (("start", start), ("back", back)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ResidualReuse {key} must be an integer >= 0, got {value!r}")
+        self.start, self.back = start, back
+
+    def stop(self, depth: int) -> int:
+        """The first block after the replaced ones, in a model of ``depth`` blocks."""
+        return depth - self.back
         self.residual: torch.Tensor | None = None
 
     def reset(self) -> None:
@@ -134,8 +137,8 @@ class BlockCacheMethod(CacheMethod):
             self.name = name
 
     def attach(self, model: nn.Module) -> None:
-        stop = len(model.blocks) if self.predictor.stop is None else self.predictor.stop
-        if self.predictor.start >= min(stop, len(model.blocks)):
+        stop = self.predictor.stop(len(model.blocks))
+        if self.predictor.start >= stop:
             raise ValueError(
                 f"{self.name}: the predictor replaces blocks {self.predictor.start} to {stop - 1} but the model "
                 f"has {len(model.blocks)} blocks: nothing would be cached"
@@ -161,7 +164,7 @@ class BlockCacheMethod(CacheMethod):
             self._stats.count_full_forward(len(blocks), T, kinds=self.site_kinds)
             return tokens
         kind, start, where = self.signal, self.predictor.start, image_slice(model)
-        stop = len(blocks) if self.predictor.stop is None else self.predictor.stop
+        stop = self.predictor.stop(len(blocks))
         signal = self._block0_input(blocks[0], tokens, c, where) if kind is Signal.INPUT else None
         x = tokens
         for i in range(start):
