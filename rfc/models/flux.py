@@ -392,7 +392,24 @@ class GroupedModulation(nn.Module):
         return rows[:, self.index].view(c.shape[0], self.sites, len(self.kinds), 2, self.hidden)
 
 
-class FluxModel(nn.Module):
+class StreamModel(nn.Module):
+    """What the models of diffusers' two-stream transformers (FLUX.1, HunyuanVideo) share: a forward
+    of embed, every block's ``run`` and head, and the diffusers blocks behind the block views. A
+    subclass gives ``embed``, ``head`` and ``blocks`` (views with ``block``, the diffusers module)."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        tokens, c = self.embed(x, t, y)
+        for block in self.blocks:
+            tokens = block.run(tokens, c, compute_branch)
+        return self.head(tokens, c)
+
+    @property
+    def native_blocks(self) -> list[nn.Module]:
+        """diffusers' block modules in execution order, one per entry of ``blocks``."""
+        return [view.block for view in self.blocks]
+
+
+class FluxModel(StreamModel):
     """FLUX.1's transformer with its prompt table and distilled guidance, behind the cache
     protocol. ``forward(x, t, y)``: latents (B, 16, h, w), the pipeline's timestep / 1000 (B,), prompt
     indices (B,) -> the predicted velocity (B, 16, h, w) in fp32."""
@@ -483,12 +500,6 @@ class FluxModel(nn.Module):
         raise NotImplementedError("FLUX modulates text and image tokens apart: step programs read "
                                   "grouped_modulation(kinds) (per token group) instead")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        tokens, c = self.embed(x, t, y)
-        for block in self.blocks:
-            tokens = block.run(tokens, c, compute_branch)
-        return self.head(tokens, c)
-
     def native_forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The same step through FluxTransformer2DModel's own forward, called as FluxPipeline calls it
         (packed latents, timestep / 1000, guidance, text and image position ids): what the cache
@@ -507,11 +518,6 @@ class FluxModel(nn.Module):
             return_dict=False)[0]
         self._hw = (h, w)
         return unpack(out, h, w).float()
-
-    @property
-    def native_blocks(self) -> list[nn.Module]:
-        """diffusers' block modules in execution order, one per entry of ``blocks``."""
-        return [view.block for view in self.blocks]
 
 
 __all__ = ["FluxConfig", "FluxModel", "PromptTable", "flux_attention_with_received", "joint_attention_with_received",

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from rfc.models import flux
-from rfc.models.dit import BranchModulation, compute_branch
+from rfc.models.dit import BranchModulation
 from rfc.models.flux import GroupedModulation
 from rfc.models.hub import hf_snapshot
 
@@ -257,7 +257,7 @@ def unpatchify(tokens: torch.Tensor, frames: int, h: int, w: int, p: int, p_t: i
     return x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
-class HunyuanVideoModel(nn.Module):
+class HunyuanVideoModel(flux.StreamModel):
     """HunyuanVideo's transformer with its prompt table and distilled guidance, behind the cache
     protocol. ``forward(x, t, y)``: latents (B, 16, f, h, w), the pipeline's timestep (B,), prompt
     indices (B,) -> the predicted velocity (B, 16, f, h, w) in fp32."""
@@ -350,12 +350,6 @@ class HunyuanVideoModel(nn.Module):
         raise NotImplementedError("HunyuanVideo modulates image and text tokens apart: step programs read "
                                   "grouped_modulation(kinds) (per token group) instead")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        tokens, c = self.embed(x, t, y)
-        for block in self.blocks:
-            tokens = block.run(tokens, c, compute_branch)
-        return self.head(tokens, c)
-
     def native_forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The same step through HunyuanVideoTransformer3DModel's own forward, called as
         HunyuanVideoPipeline calls it: what the cache hooks of diffusers and cache-dit wrap (peer
@@ -371,11 +365,6 @@ class HunyuanVideoModel(nn.Module):
             guidance=guidance, return_dict=False)[0]
         self._fhw = tuple(x.shape[2:])
         return out.float()
-
-    @property
-    def native_blocks(self) -> list[nn.Module]:
-        """diffusers' block modules in execution order, one per entry of ``blocks``."""
-        return [view.block for view in self.blocks]
 
 
 # --------------------------------------------------------------------------------------------
