@@ -128,6 +128,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VBENCH_CACHE_DIR") or Path.home() / ".cache" / "vbench")
 
 
+def missing_assets() -> list[str]:
+    """The files of ``ASSETS`` not in VBench's weight folder."""
+    return [p for p in ASSETS if not (cache_dir() / p).is_file()]
+
+
 def missing() -> tuple[str, str] | None:
     """(why VBench cannot be scored here, the command that fixes it), or None: the registry's file
     check, run before sampling."""
@@ -135,7 +140,7 @@ def missing() -> tuple[str, str] | None:
         return None
     if not python().is_file():
         return f"VBench's environment {python()} does not exist", FETCH
-    gone = [p for p in ASSETS if not (cache_dir() / p).is_file()]
+    gone = missing_assets()
     if gone:
         dims = sorted({d for p in gone for d in ASSETS[p]}, key=DIMENSIONS.index)
         return (f"VBench's weights are missing from {cache_dir()}: {', '.join(gone)} (needed by {', '.join(dims)})",
@@ -218,7 +223,7 @@ def prepare(quiet: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="rfc-vbench-") as tmp:
         step(f"fetching VBench's weights into {cache_dir()}",
              [str(python()), str(WORKER), _request(Path(tmp), {"fetch": True, "dimensions": list(DIMENSIONS)})])
-    gone = [p for p in ASSETS if not (cache_dir() / p).is_file()]
+    gone = missing_assets()
     if gone:
         raise OSError(f"vbench: still missing from {cache_dir()} after the download: {', '.join(gone)}")
     if not quiet:

@@ -85,11 +85,10 @@ def calibrate(cfg: DictConfig, target: float, num_samples: int, batch_size: int,
     model, denoiser = build_model(plan)
     base = OmegaConf.to_container(cfg.method, resolve=False)
     base.pop(knob, None)
-    tau = knob  # the value's name in the logs
 
     # Each trial samples the whole calibration set (minutes on DiT-XL): one bar over the trials,
     # with the trial's own sampling bar beneath it while it runs.
-    trials = bar(unit="trial", desc=f"calibrating {tau} for NFC {target:g}", secondary=True)
+    trials = bar(unit="trial", desc=f"calibrating {knob} for NFC {target:g}", secondary=True)
     count = 0  # trials so far (a disabled bar does not count)
 
     def nfc_of(value: float) -> float:
@@ -103,14 +102,14 @@ def calibrate(cfg: DictConfig, target: float, num_samples: int, batch_size: int,
                 samples = generate(model, plan.sampler, denoiser, method, seed=seed,
                                    indices=range(num_samples), batch_size=batch_size, device=plan.device,
                                    progress=True, precision=str(cfg.precision),
-                                   desc=f"trial {count}: {tau} {value:.4g}", leave=False)
+                                   desc=f"trial {count}: {knob} {value:.4g}", leave=False)
         finally:
             method.detach()
         sizes = batch_sizes(num_samples, batch_size)
         nfc = float(np.average([s.full_steps for s in samples.stats], weights=sizes))
         trials.update(1)
-        trials.set_postfix({tau: f"{value:.4g}", "nfc": f"{nfc:.2f}"})
-        LOG.info("calibration trial %d: %s %.6g -> mean NFC %.2f (target %g; %.1f s)", count, tau, value, nfc, target,
+        trials.set_postfix({knob: f"{value:.4g}", "nfc": f"{nfc:.2f}"})
+        LOG.info("calibration trial %d: %s %.6g -> mean NFC %.2f (target %g; %.1f s)", count, knob, value, nfc, target,
                  time.perf_counter() - t0)
         return nfc
 
