@@ -66,11 +66,11 @@ class ResidualReuse(Predictor):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ResidualReuse {key} must be an integer >= 0, got {value!r}")
         self.start, self.back = start, back
+        self.residual: torch.Tensor | None = None
 
     def stop(self, depth: int) -> int:
         """The first block after the replaced ones, in a model of ``depth`` blocks."""
         return depth - self.back
-        self.residual: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.residual = None

@@ -198,7 +198,12 @@ class SingleTotal(nn.Module):
         object.__setattr__(self, "ctx", ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return single_total_from_attention(self, x, self.block.attn(hidden_states=x, image_rotary_emb=self.ctx.rope))
+        return self.from_attention(x, self.attention(x))
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's attention output for tokens x, before proj_out (B, T, C): what a method that
+        reuses attention alone (Pyramid Attention Broadcast, FasterCache) keeps of a full step."""
+        return self.block.attn(hidden_states=x, image_rotary_emb=self.ctx.rope)
 
     def with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``self(x)``, its attention output before proj_out and the attention each token

@@ -171,11 +171,11 @@ class SingleTotal(flux.SingleTotal):
     the attention over image then text tokens (the rotary embedding on the image tokens only);
     FLUX.1's ``from_attention``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
         b, n = self.block, self.ctx.n_img
         img, txt = b.attn(hidden_states=x[:, :n], encoder_hidden_states=x[:, n:], attention_mask=self.ctx.mask,
                           image_rotary_emb=self.ctx.rope)
-        return self.from_attention(x, torch.cat([img, txt], dim=1))
+        return torch.cat([img, txt], dim=1)
 
     def with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``self(x)`` with its attention computed by an explicit softmax, the attention output
