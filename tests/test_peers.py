@@ -299,7 +299,7 @@ def test_a_threshold_is_calibrated_like_tau_and_found_by_its_own_key(make_cfg, t
 
 
 def test_peers_flux_sweep_composes_every_variant():
-    """experiment=peers_flux: 21 rows, full compute first; the papers' methods, the native block
+    """experiment=peers_flux: 25 rows, full compute first; the papers' methods, the native block
     caches and the peers, adaptive ones through a calibrated threshold of their own key."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -312,7 +312,7 @@ def test_peers_flux_sweep_composes_every_variant():
     with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
         sweep = compose("run", overrides=["experiment=peers_flux"], return_hydra_config=True)
         variants = sweep.hydra.sweeper.params["+variant"].split(",")
-        assert len(variants) == 21 and variants[0] == "flux_full"
+        assert len(variants) == 25 and variants[0] == "flux_full"
         methods = {}
         for variant in variants:
             cfg = compose("run", overrides=["experiment=peers_flux", f"+variant={variant}"])
@@ -326,6 +326,8 @@ def test_peers_flux_sweep_composes_every_variant():
     assert methods["peer_dfbc14"] == "baselines.diffusers_hooks.FirstBlockCache"
     assert methods["peer_dbcache_ts8"] == "baselines.cachedit_dbcache.DBCache"
     assert methods["peer_dts10"] == "baselines.diffusers_hooks.TaylorSeerCache"
+    assert methods["peer_pab8"] == "baselines.pab.PyramidAttentionBroadcast"
+    assert methods["peer_dpab13"] == "baselines.diffusers_hooks.PyramidAttentionBroadcast"
 
 
 @pytest.mark.parametrize(("front", "back", "threshold", "warmup", "interval", "max_cached", "max_continuous"), [
