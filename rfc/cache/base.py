@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from rfc.cache.registry import method_config
+from rfc.models.dit import dense, modulate
 from rfc.samplers.sampling import StepInfo
 
 Branch = Literal["attn", "mlp", "total"]
@@ -94,13 +95,6 @@ def site_bases(model: nn.Module) -> list[int]:
     return bases
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (B, T, C) modulated by per-sample (B, C) or per-token (B, T, C) shift and scale."""
-    if shift.dim() == 2:
-        shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
-    return x * (1 + scale) + shift
-
-
 class BranchInput:
     """The input of a branch, computed only when asked for: x (B, T, C) is the residual stream
     before the branch; ``full()`` gives modulate(norm(x)) for all tokens (memoised), ``tokens(idx)``
@@ -126,7 +120,8 @@ class BranchInput:
         self._stats.norm_tokens += idx.shape[1]
         if self.shift.dim() == 2:
             return modulate(self.norm(x), self.shift, self.scale)
-        return modulate(self.norm(x), torch.gather(self.shift, 1, where), torch.gather(self.scale, 1, where))
+        shift, scale = dense(self.shift), dense(self.scale)
+        return modulate(self.norm(x), torch.gather(shift, 1, where), torch.gather(scale, 1, where))
 
 
 def input_values(inp: BranchInput | torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rfc.models.dit import BranchFn, BranchModulation, compute_branch, modulate
+from rfc.models.dit import BranchFn, BranchModulation, TokenSpans, compute_branch, gated_add, modulate
 from rfc.models.hub import hf_snapshot
 
 LATENT_CHANNELS = 16  # FLUX's VAE latent channels (64 after 2x2 packing)
@@ -140,12 +140,6 @@ class StepContext:
     n_txt: int = 0
 
 
-def per_token(txt: torch.Tensor, img: torch.Tensor, n_txt: int, n_img: int) -> torch.Tensor:
-    """(B, C) text and image adaLN vectors -> (B, n_txt + n_img, C), each token's own."""
-    B, C = txt.shape
-    return torch.cat([txt.unsqueeze(1).expand(B, n_txt, C), img.unsqueeze(1).expand(B, n_img, C)], dim=1)
-
-
 class JointAttention(nn.Module):
     """A double-stream block's attention as one branch of the concatenated stream: input
     (B, n_txt + n_img, C) modulated tokens, output the text part (``to_add_out``) and the image part
@@ -232,17 +226,19 @@ class DoubleStreamBlock:
         return self.block.norm1.norm, self.block.norm2
 
     def modulation(self, c: torch.Tensor) -> tuple[BranchModulation, BranchModulation]:
-        """Per-token (B, T, C) shift, scale and gate of the attention and of the MLP site."""
+        """Per-token shift, scale and gate of the attention and of the MLP site (TokenSpans: the text
+        tokens' vectors, then the image tokens')."""
         b = self.block
         img = b.norm1.linear(b.norm1.silu(c)).chunk(6, dim=1)
         txt = b.norm1_context.linear(b.norm1_context.silu(c)).chunk(6, dim=1)
-        vec = [per_token(t, i, self.ctx.n_txt, self.n_img) for t, i in zip(txt, img, strict=True)]
+        lengths = (self.ctx.n_txt, self.n_img)
+        vec = [TokenSpans((t, i), lengths) for t, i in zip(txt, img, strict=True)]
         return BranchModulation(*vec[:3]), BranchModulation(*vec[3:])
 
     def run(self, x: torch.Tensor, c: torch.Tensor, branch: BranchFn) -> torch.Tensor:
         attn, mlp = self.modulation(c)
-        x = x + attn.gate * branch(0, x, self.norms[0], attn.shift, attn.scale, self.attn)
-        return x + mlp.gate * branch(1, x, self.norms[1], mlp.shift, mlp.scale, self.mlp)
+        x = gated_add(x, attn.gate, branch(0, x, self.norms[0], attn.shift, attn.scale, self.attn))
+        return gated_add(x, mlp.gate, branch(1, x, self.norms[1], mlp.shift, mlp.scale, self.mlp))
 
 
 class SingleStreamBlock:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from rfc.models import flux
-from rfc.models.dit import BranchModulation
+from rfc.models.dit import BranchModulation, TokenSpans
 from rfc.models.flux import GroupedModulation
 from rfc.models.hub import hf_snapshot
 
@@ -233,11 +233,12 @@ class DoubleStreamBlock(flux.DoubleStreamBlock):
         self.mlp = StreamMlp(block.ff_context, block.ff, ctx)
 
     def modulation(self, c: torch.Tensor) -> tuple[BranchModulation, BranchModulation]:
-        """Per-token (B, T, C) shift, scale and gate of the attention and of the MLP site."""
+        """Per-token shift, scale and gate of the attention and of the MLP site (TokenSpans: the image
+        tokens' vectors, then the text tokens')."""
         b, n_img, n_txt = self.block, self.ctx.n_img, self.ctx.n_txt
         img = b.norm1.linear(b.norm1.silu(c)).chunk(6, dim=1)
         txt = b.norm1_context.linear(b.norm1_context.silu(c)).chunk(6, dim=1)
-        vec = [flux.per_token(i, t, n_img, n_txt) for i, t in zip(img, txt, strict=True)]  # image tokens first
+        vec = [TokenSpans((i, t), (n_img, n_txt)) for i, t in zip(img, txt, strict=True)]  # image tokens first
         return BranchModulation(*vec[:3]), BranchModulation(*vec[3:])
 
 
