@@ -7,10 +7,10 @@ diffusers (0.42) ships its caching methods as hooks on its own transformers
 pipeline's ``cache_context("cond")``, and the hooks' state is reset for every batch
 (``_reset_stateful_cache``), as a diffusers pipeline does for every call. The hooks' settings are
 diffusers' own, with diffusers' defaults; where a hook needs the sampler (the number of steps for
-MagCache, the current timestep for Pyramid Attention Broadcast), the method hands it what the
-pipeline would. Where diffusers' method differs from the paper's official code (its TaylorSeer:
-another schedule, attention only, bf16 Taylor factors), the native method of the same name is the
-official one (docs/methods.md).
+MagCache, the current timestep for Pyramid Attention Broadcast and FasterCache, the step index,
+sigma and latents for SeaCache), the method hands it what the pipeline would. Where diffusers'
+method differs from the paper's official code (its TaylorSeer: another schedule, attention only,
+bf16 Taylor factors), the native method of the same name is the official one (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -254,3 +254,78 @@ class FasterCache(DiffusersHookMethod):
     def params(self) -> dict[str, object]:
         return {"spatial_attention_block_skip_range": self.skip,
                 "spatial_attention_timestep_skip_range": list(self.window), "attention_weight": self.weight}
+
+
+@method_config("diffusers/sea_cache")
+@dataclass
+class SeaCacheConfig:
+    """diffusers' SeaCacheConfig (generic path): every block skipped, the last residual reused (order 0)
+    or extrapolated from the last two (order 1), while the accumulated relative L1 change of the
+    spectral-evolution-aware indicator (the step's input latents through a sigma-dependent Wiener
+    filter) stays below ``threshold``; the first ``retention_steps`` and last ``cache_end_steps``
+    steps compute, and at most ``max_consecutive_cached`` steps in a row are reused."""
+
+    _target_: str = "baselines.diffusers_hooks.SeaCache"
+    threshold: float = 0.25
+    residual_order: int = 1
+    retention_steps: int = 1
+    cache_end_steps: int = 1
+    max_consecutive_cached: int = 2
+    power_exp: float = 3.0
+    degenerate: ClassVar[tuple[str, ...]] = ("method.threshold=0",)  # any change >= 0: compute
+
+
+class SeaCache(DiffusersHookMethod):
+    """diffusers' SeaCache needs what a pipeline that supports it hands over: the scheduler's step
+    index, sigma and step count in the cache context (``cache_context("cond", step_index=...,
+    sigma=..., num_inference_steps=...)``), and a model adapter giving the step's visual latents as
+    (C, T, H, W) per sample (its built-in ones are Cosmos 3's and Wan's). The harness hands over the
+    flow-matching sampler's step and sigma and the latents the model is called with (an image is one
+    frame). Without them diffusers runs "fail-open" (every step in full, a warning): a sampler
+    without sigmas is refused instead."""
+
+    name = "diffusers/sea_cache"
+
+    def __init__(self, threshold: float = 0.25, residual_order: int = 1, retention_steps: int = 1,
+                 cache_end_steps: int = 1, max_consecutive_cached: int = 2, power_exp: float = 3.0) -> None:
+        super().__init__()
+        require(float(threshold) >= 0.0, f"method.threshold must be >= 0, got {threshold}")
+        require(residual_order in (0, 1), f"method.residual_order must be 0 or 1, got {residual_order}")
+        for key, value in (("retention_steps", retention_steps), ("cache_end_steps", cache_end_steps),
+                           ("max_consecutive_cached", max_consecutive_cached)):
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                    f"method.{key} must be an integer >= 0, got {value}")
+        require(float(power_exp) > 0, f"method.power_exp must be > 0, got {power_exp}")
+        self.settings = {"threshold": float(threshold), "residual_order": residual_order,
+                         "retention_steps": retention_steps, "cache_end_steps": cache_end_steps,
+                         "max_consecutive_cached": max_consecutive_cached, "power_exp": float(power_exp)}
+        self._latents: torch.Tensor | None = None
+
+    def hook_config(self, num_steps: int) -> object:
+        return _config_class("SeaCacheConfig")(**self.settings, raw_vision_callback=self._raw_vision)
+
+    def _raw_vision(self, _module: nn.Module, _args: tuple, _kwargs: dict) -> list[torch.Tensor] | None:
+        """The step's latents, (C, T, H, W) per sample (an image's T is 1), as the model receives them."""
+        if self._latents is None:
+            return None
+        x = self._latents.to(self.model.weight_dtype)
+        return [v if v.dim() == 4 else v.unsqueeze(1) for v in x.unbind(0)]
+
+    def context(self, transformer: nn.Module) -> contextlib.AbstractContextManager:
+        step = self.step
+        if step is None or step.sigma is None:
+            raise ValueError(f"method={self.name} needs the scheduler's sigma at every step (a flow-matching "
+                             "sampler: sampler=flow_euler); this sampler gives none")
+        return transformer.cache_context("cond", step_index=step.index, sigma=step.sigma,
+                                         num_inference_steps=step.num_steps)
+
+    def own_forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                    y: torch.Tensor) -> torch.Tensor | None:
+        self._latents = x
+        try:
+            return super().own_forward(model, x, t, y)
+        finally:
+            self._latents = None
+
+    def params(self) -> dict[str, object]:
+        return dict(self.settings)

@@ -36,6 +36,7 @@ from baselines.diffusers_hooks import (
     FirstBlockCache,
     MagCache,
     PyramidAttentionBroadcast,
+    SeaCache,
     TaylorSeerCache,
 )
 from baselines.fbcache import FBCache
@@ -219,6 +220,31 @@ def test_mag_cache_skips_with_flux_ratios_and_calibrates_at_full_compute(flux):
     calibrated, stats = sample(model, x, y, MagCache(mag_ratios="calibrate"), steps=STEPS)
     assert stats.full_steps == STEPS and torch.equal(calibrated, reference)
     assert counts(stats) == counts(ref_stats)  # every module observed, as full compute counts them
+
+
+class PackedSeaCache(SeaCache):
+    """SeaCache whose adapter reads the latents from the transformer's own packed input, as an adapter
+    written for FLUX.1's pipeline would: the harness's adapter must give the same frames."""
+
+    def _raw_vision(self, module, args, kwargs):
+        h = w = 2 * int(kwargs["hidden_states"].shape[1] ** 0.5)
+        return [v.unsqueeze(1) for v in unpack(kwargs["hidden_states"], h, w).unbind(0)]
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_sea_cache_gets_the_pipelines_metadata_and_never_fails_open(flux, order, caplog):
+    model, x, y = flux
+    with caplog.at_level("WARNING"):
+        ours, stats = sample(model, x, y, SeaCache(threshold=0.25, residual_order=order), steps=STEPS)
+        packed, packed_stats = sample(model, x, y, PackedSeaCache(threshold=0.25, residual_order=order), steps=STEPS)
+    assert "fail-open" not in caplog.text  # diffusers runs every step when the metadata is missing
+    full = stats.full_indices
+    assert 1 < len(full) < STEPS - 4 and full[0] == 0 and full[-1] == STEPS - 1  # retention and end steps
+    assert all(b - a <= 3 for a, b in zip(full, full[1:], strict=False))  # at most 2 reused in a row
+    assert packed_stats.full_indices == full and torch.equal(packed, ours)
+    reference, _ = sample(model, x, y, NoCache(), steps=STEPS)
+    computed, _ = sample(model, x, y, SeaCache(threshold=0.0, residual_order=order), steps=STEPS)
+    assert torch.equal(computed, reference)
 
 
 def test_peer_methods_are_refused_on_models_that_are_not_diffusers_transformers(make_cfg, tmp_path):

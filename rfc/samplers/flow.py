@@ -103,7 +103,8 @@ class FlowMatchEulerSampler(Sampler):
         x = x.float()
         for index in range(self.num_steps):
             t = timesteps[index].to(x.device)
-            info = StepInfo(index=index, timestep=int(t.round()), num_steps=self.num_steps, value=float(t))
+            info = StepInfo(index=index, timestep=int(t.round()), num_steps=self.num_steps, value=float(t),
+                            sigma=float(sigmas[index]))
             if listener is not None:
                 listener.begin_step(info)
             out = denoiser(x, t.expand(x.shape[0]).to(x.dtype) / scale, y)

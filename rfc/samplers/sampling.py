@@ -33,12 +33,15 @@ class StepInfo:
     ``num_steps - 1 - index``, exposed as ``down_index``. value: the timestep unrounded, where the
     schedule's timesteps are not integers (flow matching), as a pipeline's ``current_timestep``
     holds it (what diffusers' timestep-gated cache hooks compare); None where ``timestep`` is exact.
+    sigma: the noise level of the step's input where the sampler has one in [0, 1] (flow matching's
+    ``scheduler.sigmas[index]``, what a pipeline hands diffusers' SeaCache), else None.
     """
 
     index: int
     timestep: int
     num_steps: int
     value: float | None = None
+    sigma: float | None = None
 
     @property
     def down_index(self) -> int:
