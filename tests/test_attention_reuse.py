@@ -15,34 +15,40 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import fields
 
 import pytest
 import torch
 from test_cache import sample_with
 from test_cache import tiny as tiny  # noqa: F401 - the DiT-tiny fixture
-from test_flux import sample, tiny_flux
+from test_flux import sample
+from test_peers import counts
+from test_peers import flux as flux  # noqa: F401 - the flux-tiny fixture
 
 from baselines.diffusers_hooks import FasterCache as DiffusersFasterCache
 from baselines.diffusers_hooks import PyramidAttentionBroadcast as DiffusersPAB
 from baselines.fastercache import FasterCache
 from baselines.pab import PyramidAttentionBroadcast
 from rfc.cache import NoCache
-from rfc.cache.base import MethodStats
 from rfc.samplers.sampling import DDIMSampler, StepInfo
 
 STEPS = 28
 
 
-@pytest.fixture(scope="module")
-def flux():
-    model = tiny_flux()
-    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
-    return model, x, torch.tensor([0, 1])
+class ForwardBy(NoCache):
+    """Full compute with the model's forward replaced by ``forward`` (an official rule written around
+    the model), nothing else changed."""
 
+    def __init__(self, forward) -> None:
+        super().__init__()
+        self.forward = forward
 
-def counts(stats: MethodStats) -> dict:
-    return {f.name: getattr(stats, f.name) for f in fields(MethodStats) if f.name != "cache_bytes_peak"}
+    def attach(self, model):
+        super().attach(model)
+        model.forward = self.forward
+
+    def detach(self):
+        vars(self.model).pop("forward", None)
+        super().detach()
 
 
 @pytest.mark.parametrize(("skip", "window"), [(2, [100, 800]), (3, [100, 900]), (2, [-1, 2000])])
@@ -123,18 +129,8 @@ def test_fastercache_attention_equals_the_official_block_rule(flux):
     model, x, y = flux
     ours, stats = sample(model, x, y, FasterCache(attention_weight=0.5), steps=STEPS)
     official = OfficialAttentionReuse(model.transformer, cache_start=13, start=16, weight=0.5)
-
-    class OwnForward(NoCache):  # the plain FLUX forward of the transformer, with the official hooks on it
-        def attach(self, m):
-            super().attach(m)
-            m.forward = m.native_forward
-
-        def detach(self):
-            vars(self.model).pop("forward", None)
-            super().detach()
-
-    try:
-        theirs, _ = sample(model, x, y, OwnForward(), steps=STEPS)
+    try:  # FLUX's own forward, with the official rule on its attention modules
+        theirs, _ = sample(model, x, y, ForwardBy(model.native_forward), steps=STEPS)
     finally:
         official.remove()
     assert stats.cached_steps == len(range(16, STEPS + 1, 2))
@@ -188,18 +184,7 @@ def test_fastercache_cfg_cache_equals_the_official_model_forward(tiny):  # noqa:
     method = FasterCache(attention_start=None)
     ours = sample_with(tiny, method, sampler, guided=1)
     stats = method.stats()
-    official = OfficialCFGCache(tiny)
-
-    class Official(NoCache):  # the wrapped forward in place of the model's, nothing else
-        def attach(self, m):
-            super().attach(m)
-            m.forward = official.forward
-
-        def detach(self):
-            vars(self.model).pop("forward", None)
-            super().detach()
-
-    theirs = sample_with(tiny, Official(), sampler, guided=1)
+    theirs = sample_with(tiny, ForwardBy(OfficialCFGCache(tiny).forward), sampler, guided=1)
     conditional_only = [c for c in range(18, 51) if c % 5 != 0]
     assert stats.cached_steps == len(conditional_only) and stats.full_steps == 50 - len(conditional_only)
     assert list(stats.reduced_rows) == [0.5]  # those forwards are charged half the guided rows
