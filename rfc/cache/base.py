@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from rfc.cache.registry import method_config
-from rfc.models.dit import dense, modulate
 from rfc.samplers.sampling import StepInfo
+from rfc.utils.modulation import dense, modulate
 
 Branch = Literal["attn", "mlp", "total"]
 

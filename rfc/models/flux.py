@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rfc.models.dit import BranchFn, BranchModulation, TokenSpans, compute_branch, gated_add, modulate
+from rfc.models.dit import BranchFn, BranchModulation, compute_branch
 from rfc.models.hub import hf_snapshot
+from rfc.utils.modulation import TokenSpans, gated_add, modulate
 
 LATENT_CHANNELS = 16  # FLUX's VAE latent channels (64 after 2x2 packing)
 VAE_DOWNSAMPLE = 8

@@ -36,9 +36,10 @@ import torch
 from torch import nn
 
 from rfc.models import flux
-from rfc.models.dit import BranchModulation, TokenSpans
+from rfc.models.dit import BranchModulation
 from rfc.models.flux import GroupedModulation
 from rfc.models.hub import hf_snapshot
+from rfc.utils.modulation import TokenSpans
 
 LATENT_CHANNELS = 16  # HunyuanVideo's causal 3-D VAE: 16 channels, 8x spatial and 4x temporal downsampling
 VAE_DOWNSAMPLE = 8
