@@ -53,6 +53,7 @@ class DBCacheConfig:
     warmup_interval: int = 1
     max_cached_steps: int = -1
     max_continuous_cached_steps: int = -1
+    schedule_scope: str = "batch"
     degenerate: ClassVar[tuple[str, ...]] = ("method.threshold=0",)  # threshold <= 0 never caches
 
 
@@ -109,7 +110,8 @@ class DBCache(BlockCacheMethod):
     name = "dbcache"
 
     def __init__(self, front: int = 1, back: int = 0, threshold: float = 0.08, warmup: int = 8,
-                 warmup_interval: int = 1, max_cached_steps: int = -1, max_continuous_cached_steps: int = -1) -> None:
+                 warmup_interval: int = 1, max_cached_steps: int = -1, max_continuous_cached_steps: int = -1,
+                 schedule_scope: str = "batch") -> None:
         for key, value, low in (("front", front, 1), ("back", back, 0), ("warmup", warmup, 0),
                                 ("warmup_interval", warmup_interval, 1), ("max_cached_steps", max_cached_steps, -1),
                                 ("max_continuous_cached_steps", max_continuous_cached_steps, -1)):
@@ -118,7 +120,7 @@ class DBCache(BlockCacheMethod):
         require(float(threshold) >= 0.0, f"method.threshold must be >= 0, got {threshold}")
         schedule = FrontResidualChange(threshold, warmup, warmup_interval, max_cached_steps,
                                        max_continuous_cached_steps)
-        super().__init__(schedule, ResidualReuse(start=front, back=back))
+        super().__init__(schedule, ResidualReuse(start=front, back=back), scope=schedule_scope)
 
     def attach(self, model: nn.Module) -> None:
         blocks, front, back = len(model.blocks), self.predictor.start, self.predictor.back
@@ -127,4 +129,5 @@ class DBCache(BlockCacheMethod):
         super().attach(model)
 
     def params(self) -> dict[str, object]:
-        return {"front": self.predictor.start, "back": self.predictor.back, **self.schedule.params()}
+        scope = {"schedule_scope": self.scope} if self.scope != "batch" else {}
+        return {"front": self.predictor.start, "back": self.predictor.back, **self.schedule.params(), **scope}

@@ -49,6 +49,7 @@ class FBCacheConfig:
     _target_: str = "baselines.fbcache.FBCache"
     threshold: float = 0.08
     warmup: int = 0
+    schedule_scope: str = "batch"
     degenerate: ClassVar[tuple[str, ...]] = ("method.threshold=0",)  # threshold <= 0 never skips
 
 
@@ -90,7 +91,7 @@ class FirstBlockResidualChange(BlockSchedule):
 class FBCache(BlockCacheMethod):
     name = "fbcache"
 
-    def __init__(self, threshold: float = 0.08, warmup: int = 0) -> None:
+    def __init__(self, threshold: float = 0.08, warmup: int = 0, schedule_scope: str = "batch") -> None:
         require(float(threshold) >= 0.0, f"method.threshold must be >= 0, got {threshold}")
         require(isinstance(warmup, int) and warmup >= 0, f"method.warmup must be an integer >= 0, got {warmup}")
-        super().__init__(FirstBlockResidualChange(threshold, warmup), ResidualReuse(start=1))
+        super().__init__(FirstBlockResidualChange(threshold, warmup), ResidualReuse(start=1), scope=schedule_scope)

@@ -59,6 +59,7 @@ class TeaCacheConfig:
     _target_: str = "baselines.teacache.TeaCache"
     threshold: float = 0.045
     coefficients: list[float] = field(default_factory=lambda: list(IDENTITY))
+    schedule_scope: str = "batch"
     degenerate: ClassVar[tuple[str, ...]] = ("method.threshold=0",)  # threshold <= 0 never skips
 
 
@@ -105,7 +106,8 @@ class AccumulatedInputChange(BlockSchedule):
 class TeaCache(BlockCacheMethod):
     name = "teacache"
 
-    def __init__(self, threshold: float = 0.045, coefficients: list[float] | None = None) -> None:
+    def __init__(self, threshold: float = 0.045, coefficients: list[float] | None = None,
+                 schedule_scope: str = "batch") -> None:
         coefficients = list(IDENTITY) if coefficients is None else list(coefficients)
         require(float(threshold) >= 0.0, f"method.threshold must be >= 0, got {threshold}")
         require(
@@ -113,4 +115,4 @@ class TeaCache(BlockCacheMethod):
             and all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in coefficients),
             f"method.coefficients must be a non-empty list of finite numbers, got {coefficients}",
         )
-        super().__init__(AccumulatedInputChange(threshold, coefficients), ResidualReuse(start=0))
+        super().__init__(AccumulatedInputChange(threshold, coefficients), ResidualReuse(start=0), scope=schedule_scope)

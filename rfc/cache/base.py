@@ -156,6 +156,10 @@ class MethodStats:
     partial_total_tokens: list[int] = field(default_factory=list)
     norm_tokens: int = 0  # tokens pushed through a layer norm + modulate
     cache_bytes_peak: int = 0
+    # schedule_scope=sample: each sample's own full steps (forward-order indices), in batch order;
+    # empty in batch scope, where every sample follows ``full_indices``. There ``full_steps`` counts
+    # the steps whose forward computed in full for any sample (the work), these what each sample got.
+    sample_full_indices: list[list[int]] = field(default_factory=list)
     # work done by forwards that computed only a fraction of the guided forward's rows: fraction ->
     # that work (a MethodStats of work counters), which the FLOPs charge at that fraction of the rows
     reduced_rows: dict[float, MethodStats] = field(default_factory=dict)
@@ -186,6 +190,13 @@ class MethodStats:
     def total_steps(self) -> int:
         return self.full_steps + self.cached_steps
 
+    def sample_nfc(self, samples: int) -> list[int]:
+        """Each of the batch's ``samples`` samples' NFC: its own full steps in sample scope, the
+        batch's in batch scope."""
+        if self.sample_full_indices:
+            return [len(indices) for indices in self.sample_full_indices]
+        return [self.full_steps] * samples
+
     def count_block(self, full_sites_before: int, partial_sites_before: int, sites: int = 2) -> None:
         """Classify one block evaluation of ``sites`` sites by what they ran (counted since the
         given marks)."""
@@ -211,6 +222,11 @@ class MethodStats:
         self.norm_tokens += len(kinds) * tokens - probed_tokens
 
 
+def sample_nfcs(stats: Iterable[MethodStats], sizes: Iterable[int]) -> list[int]:
+    """Every sample's NFC, in sample order, from its batches' stats and sizes (MethodStats.sample_nfc)."""
+    return [nfc for s, n in zip(stats, sizes, strict=True) for nfc in s.sample_nfc(n)]
+
+
 class CacheMethod:
     """Base class. Subclasses set ``name``, implement ``decide`` (the step-level schedule) and
     ``predict`` (what a cached site returns), and may override ``branch`` for partial compute.
@@ -234,6 +250,7 @@ class CacheMethod:
         self.compile = False  # torch.compile the step programs
         self.compile_backend = "inductor"  # tests trace with "aot_eager"
         self.guided_rows: int | None = None  # rows of the guided forward of the step being computed
+        self.samples: int | None = None  # samples of the batch (known once a guided step ran)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -349,6 +366,7 @@ class CacheMethod:
         """What the guidance wrapper calls: notes how many rows the guided forward computes (its
         accounting charges a forward that computes fewer only for those), then the guidance hook."""
         self.guided_rows = x.shape[0] * denoiser.batch_multiplier
+        self.samples = x.shape[0]  # the guided forward's rows are samples x halves, halves outermost
         try:
             return self.guidance(denoiser, x, t, y)
         finally:

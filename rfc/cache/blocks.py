@@ -39,6 +39,7 @@ counts the steps at which the replaced blocks ran.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 import torch
@@ -46,7 +47,7 @@ from torch import nn
 
 from rfc.cache.base import CacheMethod, image_slice, modulate, plain_branch
 from rfc.cache.predictors import Predictor
-from rfc.cache.schedules import Schedule, Signal
+from rfc.cache.schedules import SCOPES, Schedule, Signal, require
 from rfc.samplers.sampling import StepInfo
 
 BlockSchedule = Schedule
@@ -118,8 +119,11 @@ class BlockCacheMethod(CacheMethod):
 
     name = "blocks"
 
-    def __init__(self, schedule: BlockSchedule, predictor: ResidualReuse, name: str | None = None) -> None:
+    def __init__(self, schedule: BlockSchedule, predictor: ResidualReuse, name: str | None = None,
+                 scope: str = "batch") -> None:
         super().__init__()
+        require(scope in SCOPES, f"method.schedule_scope must be one of {list(SCOPES)}, got {scope!r}")
+        self.scope = scope
         try:
             self.signal = Signal(schedule.signal)
         except ValueError:
@@ -149,6 +153,7 @@ class BlockCacheMethod(CacheMethod):
         super().reset()
         self.schedule.reset()
         self.predictor.reset()
+        self.sample_schedules: list[BlockSchedule] = []  # sample scope: one copy of the schedule per sample
 
     def begin_step(self, step: StepInfo) -> None:
         """The decision needs this step's tensors: it is made (and counted) in ``run_blocks``."""
@@ -172,6 +177,8 @@ class BlockCacheMethod(CacheMethod):
         if kind is Signal.RESIDUAL:  # what the front blocks added, on the measured tokens
             signal = _tokens(x, where) - _tokens(tokens, where)
         self._stats.count_full_forward(start, T, kinds=self.kinds_of(0, start))
+        if self.scope == "sample":
+            return self._run_per_sample(model, x, c, signal, stop)
         full = bool(self.schedule.decide(self.step, signal))
         if not full and not self.predictor.ready:
             raise RuntimeError(
@@ -195,6 +202,56 @@ class BlockCacheMethod(CacheMethod):
         self._stats.count_full_forward(len(blocks) - stop, T, kinds=self.kinds_of(stop, len(blocks)))
         return x
 
+    def _run_per_sample(self, model: nn.Module, x: torch.Tensor, c: torch.Tensor, signal: torch.Tensor | None,
+                        stop: int) -> torch.Tensor:
+        """schedule_scope=sample: each sample's own copy of the schedule decides on the sample's rows
+        of the signal (its guidance halves together), exactly as the schedule decides a batch of that
+        one sample. When any sample computes, the replaced blocks run on every row (a masked full step:
+        the same forward as a full step, so no sample's values depend on which others compute) and
+        only the computing samples' rows take its output and store their residual; the others add
+        their own stored residual."""
+        blocks, step, stats = model.blocks, self.step, self._stats
+        rows = x.shape[0]
+        samples = self.samples or rows
+        if rows % samples:
+            raise RuntimeError(f"{self.name}: {rows} rows are not whole samples of a batch of {samples}")
+        if not self.sample_schedules:
+            self.sample_schedules = [copy.deepcopy(self.schedule) for _ in range(samples)]
+            stats.sample_full_indices = [[] for _ in range(samples)]
+        per_sample = [] if signal is None else [signal[i::samples] for i in range(samples)]
+        decisions = [bool(sched.decide(step, per_sample[i] if per_sample else None))
+                     for i, sched in enumerate(self.sample_schedules)]
+        for i, full in enumerate(decisions):
+            if full:
+                stats.sample_full_indices[i].append(step.index)
+            elif self.predictor.residual is None:
+                raise RuntimeError(f"{self.name}: sample {i}'s schedule chose a cached step (index {step.index}) "
+                                   "before any full step; a block schedule must compute first")
+        computed = any(decisions)
+        self.full = computed
+        self.count_step(step, computed)
+        replaced = self.kinds_of(self.predictor.start, stop)
+        T = x.shape[1]
+        if computed:
+            entering = x
+            for block in blocks[self.predictor.start:stop]:
+                x = block.run(x, c, plain_branch)
+            self._stats.count_full_forward(stop - self.predictor.start, T, kinds=replaced)
+            if all(decisions):
+                self.predictor.store(entering, x)
+            else:
+                mask = torch.tensor(decisions, device=x.device).repeat(rows // samples).view(rows, 1, 1)
+                residual = self.predictor.residual
+                x = torch.where(mask, x, entering + residual)
+                self.predictor.residual = torch.where(mask, x - entering, residual)
+        else:
+            x = self.predictor.apply(x)
+            self._stats.cached_sites += len(replaced)
+        for block in blocks[stop:]:
+            x = block.run(x, c, plain_branch)
+        self._stats.count_full_forward(len(blocks) - stop, T, kinds=self.kinds_of(stop, len(blocks)))
+        return x
+
     def _block0_input(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor, where: slice) -> torch.Tensor:
         """modulate(norm(x), shift, scale) of block 0's attention branch on the measured tokens,
         computed for the schedule only (block 0 recomputes it when it runs): one more modulation
@@ -209,10 +266,12 @@ class BlockCacheMethod(CacheMethod):
         return modulate(block.norms[0](x), shift, scale)
 
     def cache_tensors(self) -> Iterable[torch.Tensor]:
-        return (*self.predictor.tensors(), *self.schedule.tensors())
+        schedules = self.sample_schedules or [self.schedule]
+        return (*self.predictor.tensors(), *(t for sched in schedules for t in sched.tensors()))
 
     def params(self) -> dict[str, object]:
-        return {**self.schedule.params(), **self.predictor.params()}
+        scope = {"schedule_scope": self.scope} if self.scope != "batch" else {}  # batch scope: the params as ever
+        return {**self.schedule.params(), **self.predictor.params(), **scope}
 
 
 def _tokens(x: torch.Tensor, where: slice) -> torch.Tensor:

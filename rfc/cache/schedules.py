@@ -31,6 +31,11 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+SCOPES = ("batch", "sample")
+"""schedule_scope: one decision per batch (what the official code does with the batch it is given),
+or per sample (each sample decides alone; its guidance halves together)."""
+
+
 class Signal(StrEnum):
     """What a schedule reads to decide, which fixes when it can decide."""
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from eval.extractors import get_extractor
+from rfc.cache.base import sample_nfcs
 from rfc.run.build import RunPlan
 from rfc.run.generate import SampleSet, Session, batch_sizes
 from rfc.run.row import REPO_ROOT, RunRecord, git_sha
@@ -44,8 +45,12 @@ def merge_shards(plan: RunPlan, store: ShardStore) -> tuple[SampleSet, Path, Pat
     grid_path = save_grid(samples.images, plan.out_dir / "grid.png", n=int(plan.cfg.eval.grid_size))
     if samples.images.ndim == 5:  # videos: one a person can watch beside the grid of frame strips
         save_video_preview(samples.images, plan.out_dir / "preview.gif")
-    schedules = [{"batch": b.start // plan.batch_size, "first_index": b.start, "full_steps": b.stats.full_indices}
-                 for b in samples.batches]  # forward-order indices of the full steps
+    schedules = []  # forward-order indices of the full steps; in sample scope each sample's own too
+    for b in samples.batches:
+        entry = {"batch": b.start // plan.batch_size, "first_index": b.start, "full_steps": b.stats.full_indices}
+        if b.stats.sample_full_indices:
+            entry["samples"] = b.stats.sample_full_indices
+        schedules.append(entry)
     atomic_write_text(plan.out_dir / "schedules.json", json.dumps(schedules) + "\n")
     return samples, npz_path, grid_path
 
@@ -61,6 +66,7 @@ def make_record(plan: RunPlan, samples: SampleSet, denoiser: CFGDenoiser, proces
     def mean(values: list[float]) -> float:
         return float(np.average(values, weights=weights))
 
+    nfcs = sample_nfcs(samples.stats, weights)  # each sample's own (schedule_scope=sample: they differ)
     cost = plan.family.cost(plan.arch)  # each site kind at its own cost, the rows that ran
     flops = [cost.flops(s, denoiser.batch_multiplier) for s in samples.stats]
     notes = list(plan.notes)
@@ -99,7 +105,7 @@ def make_record(plan: RunPlan, samples: SampleSet, denoiser: CFGDenoiser, proces
         git_sha=git_sha(REPO_ROOT), experiment=cfg.get("experiment_name"), variant=cfg.get("variant_name"),
         sweep=sweep, setting_id=setting_id(plan.setting), **plan.setting,
         method=method.name, method_params=json.dumps(method.params(), sort_keys=True),
-        nfc=mean([s.full_steps for s in samples.stats]), tflops=mean(flops) / 1e12,
+        nfc=float(np.mean(nfcs)), nfc_min=min(nfcs), nfc_max=max(nfcs), tflops=mean(flops) / 1e12,
         full_sites=mean([s.full_sites for s in samples.stats]),
         cached_sites=mean([s.cached_sites for s in samples.stats]),
         partial_sites=mean([s.partial_sites for s in samples.stats]),

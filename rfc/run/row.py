@@ -85,7 +85,9 @@ class RunRecord:
     seed: int | None = None
     num_samples: int | None = None
     batch_size: int | None = None
-    nfc: float | None = None  # full computations per sample as the papers count them (ToCa: block 0 full)
+    nfc: float | None = None  # full computations per sample as the papers count them (ToCa: block 0 full), mean
+    nfc_min: int | None = None  # the fewest and the most of any sample (they differ in schedule_scope=sample)
+    nfc_max: int | None = None
     tflops: float | None = None  # analytic, per image, of what ran (B = 2 rows with guidance)
     full_sites: float | None = None  # branch computations on all tokens, per sample
     cached_sites: float | None = None  # branches predicted or reused, per sample

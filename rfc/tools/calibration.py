@@ -22,6 +22,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from rfc.cache import CacheMethod
+from rfc.cache.base import sample_nfcs
 from rfc.run.build import build, build_model, plan_run
 from rfc.run.config import CALIBRATION_FILE, tau_key
 from rfc.run.generate import batch_sizes, generate
@@ -106,7 +107,7 @@ def calibrate(cfg: DictConfig, target: float, num_samples: int, batch_size: int,
         finally:
             method.detach()
         sizes = batch_sizes(num_samples, batch_size)
-        nfc = float(np.average([s.full_steps for s in samples.stats], weights=sizes))
+        nfc = float(np.mean(sample_nfcs(samples.stats, sizes)))  # per sample: schedule_scope=sample differs
         trials.update(1)
         trials.set_postfix({knob: f"{value:.4g}", "nfc": f"{nfc:.2f}"})
         LOG.info("calibration trial %d: %s %.6g -> mean NFC %.2f (target %g; %.1f s)", count, knob, value, nfc, target,

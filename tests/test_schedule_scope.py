@@ -1,0 +1,143 @@
+"""schedule_scope=sample: an image that does not depend on its batch neighbours.
+
+In sample scope every sample keeps its own copy of the method's schedule and decides alone (its
+guidance halves together); a step where some samples compute runs the replaced blocks on every row
+(a masked full step) and only those samples take the result. So a sample's decisions and image are
+the same whichever samples share its batch: bit for bit wherever full compute itself is (batch 16
+against two batches of 8 here, and two torchrun ranks against one process). At batch 1 this CPU's
+full compute is not batch-invariant itself (a one- or two-row matmul takes another kernel: 2e-6 on
+dit-tiny), so batch 1 is compared within that tolerance. Batch scope is the default and unchanged
+(the conformance and equivalence tests elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_cache import TINY
+from test_flux import sample, tiny_flux
+
+from baselines.dbcache import DBCache
+from baselines.fbcache import FBCache
+from baselines.teacache import TeaCache
+from rfc.cache import NoCache
+from rfc.models.load import build_dit
+from rfc.run.runner import run
+from rfc.samplers.sampling import CFGDenoiser, DDIMSampler
+from rfc.utils.seeding import SampleStreams
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {
+    "fbcache": lambda scope, th=0.08: FBCache(th, schedule_scope=scope),
+    "teacache": lambda scope, th=0.045: TeaCache(th, schedule_scope=scope),
+    "dbcache": lambda scope, th=0.08: DBCache(threshold=th, warmup=2, schedule_scope=scope),
+}
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return build_dit(TINY, ROOT / "checkpoints" / "dit-tiny-digits.pt")
+
+
+def dit_samples(model, method, ids: list[int], steps: int = 50):
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    streams = SampleStreams(0, ids)
+    y, x = streams.labels(cfg.num_classes), streams.randn(shape)
+    method.attach(model)
+    try:
+        with torch.no_grad():
+            out = DDIMSampler(num_steps=steps).sample(CFGDenoiser(model, 1.5, cfg.num_classes, 1), x, y,
+                                                      noise=streams.noise_source(shape), listener=method)
+    finally:
+        method.detach()
+    return out, method.stats()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_samples_image_and_schedule_do_not_depend_on_its_batch_on_dit(dit, name):
+    make = METHODS[name]
+    whole, stats = dit_samples(dit, make("sample"), list(range(16)))
+    halves = [dit_samples(dit, make("sample"), list(range(a, a + 8))) for a in (0, 8)]
+    assert torch.equal(whole, torch.cat([h[0] for h in halves]))
+    per_sample = stats.sample_full_indices
+    assert per_sample == halves[0][1].sample_full_indices + halves[1][1].sample_full_indices
+    nfcs = [len(i) for i in per_sample]
+    union = sorted({i for indices in per_sample for i in indices})
+    assert stats.full_indices == union and stats.full_steps >= max(nfcs)  # masked steps: the work done
+    alone, alone_stats = dit_samples(dit, make("sample"), [3])
+    assert alone_stats.sample_full_indices == [per_sample[3]]
+    torch.testing.assert_close(alone, whole[3:4], rtol=0, atol=1e-4)  # full compute's own batch-1 noise
+
+
+def test_teacache_samples_decide_differently_and_batch_scope_keeps_one_schedule(dit):
+    _, stats = dit_samples(dit, TeaCache(0.045, schedule_scope="sample"), list(range(16)))
+    assert len({len(i) for i in stats.sample_full_indices}) > 1  # a per-sample NFC spread
+    _, batch = dit_samples(dit, TeaCache(0.045), list(range(16)))
+    assert batch.sample_full_indices == [] and batch.sample_nfc(16) == [batch.full_steps] * 16
+
+
+@pytest.mark.parametrize("name", ["fbcache", "teacache"])
+def test_sample_scope_is_batch_independent_on_flux(name):
+    model = tiny_flux(prompts=tuple(f"prompt {i}" for i in range(4)))
+    x = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(4)
+    make = {"fbcache": lambda: FBCache(0.25, schedule_scope="sample"),
+            "teacache": lambda: TeaCache(0.3, schedule_scope="sample")}[name]
+    whole, stats = sample(model, x, y, make(), steps=28)
+    parts = [sample(model, x[a:a + 2], y[a:a + 2], make(), steps=28) for a in (0, 2)]
+    assert torch.equal(whole, torch.cat([p[0] for p in parts]))
+    assert stats.sample_full_indices == parts[0][1].sample_full_indices + parts[1][1].sample_full_indices
+    assert 1 < min(len(i) for i in stats.sample_full_indices) < 28
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_threshold_0_in_sample_scope_is_full_compute(dit, name):
+    reference, _ = dit_samples(dit, NoCache(), list(range(4)), steps=10)
+    ours, stats = dit_samples(dit, METHODS[name]("sample", 0.0), list(range(4)), steps=10)
+    assert torch.equal(ours, reference) and all(len(i) == 10 for i in stats.sample_full_indices)
+
+
+def test_the_row_and_schedules_record_each_samples_nfc(make_cfg, tmp_path):
+    rec = run(make_cfg("method=teacache", "method.schedule_scope=sample", "eval.num_samples=6", "eval.batch_size=4",
+                       "eval.paired=off", "eval.score=false"), tmp_path / "run", progress=False)
+    schedules = json.loads((tmp_path / "run" / "schedules.json").read_text())
+    nfcs = [len(s) for entry in schedules for s in entry["samples"]]
+    assert len(nfcs) == 6 and rec.nfc == pytest.approx(sum(nfcs) / 6)
+    assert (rec.nfc_min, rec.nfc_max) == (min(nfcs), max(nfcs))
+    assert json.loads(rec.method_params)["schedule_scope"] == "sample"
+
+
+def test_an_unknown_scope_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match="method.schedule_scope"):
+        FBCache(schedule_scope="row")
+
+
+def test_two_torchrun_ranks_draw_the_same_samples_as_one_process_with_other_batches(make_cfg, tmp_path):
+    """Sample scope under torchrun (2 CPU ranks, a batch of 8 each) against one process (one batch of
+    16): the same images and the same per-sample schedules."""
+    overrides = ["method=teacache", "method.schedule_scope=sample", "eval.num_samples=16", "sampler.num_steps=12",
+                 "eval.score=false", "eval.paired=off", "seed=3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+           str(ROOT / "run.py"), *overrides, "eval.batch_size=8", f"paths.outputs={tmp_path}/dist",
+           f"paths.runs_csv={tmp_path}/dist.csv"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dist_dir = next(p.parent for p in (tmp_path / "dist").rglob("samples.npz") if "store" not in p.parts)
+    single = run(make_cfg(*overrides, "eval.batch_size=16"), tmp_path / "single", progress=False)
+    with np.load(dist_dir / "samples.npz") as a, np.load(tmp_path / "single" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+    def per_sample(folder: Path) -> list[list[int]]:
+        return [s for entry in json.loads((folder / "schedules.json").read_text()) for s in entry["samples"]]
+
+    assert per_sample(dist_dir) == per_sample(tmp_path / "single")
+    assert single.nfc_min < single.nfc_max  # the samples did decide differently
