@@ -62,7 +62,7 @@ from rfc.cache.predictors import (
     taylor_expand,
 )
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import Schedule, Signal, WarmupInterval, require
+from rfc.cache.schedules import SCOPES, Schedule, Signal, WarmupInterval, require
 from rfc.samplers.sampling import StepInfo
 
 MAGNITUDES = ("relational", "linear", "constant")
@@ -503,6 +503,7 @@ class RFCConfig:
     norm_reduction: str = "sample"
     storage_dtype: str = "fp32"
     fused: bool = True
+    schedule_scope: str = "batch"
     # tau 0: RCS computes every step; interval 1: so does the fixed schedule (rcs=false ablations)
     degenerate: ClassVar[tuple[str, ...]] = ("method.tau=0", "method.interval=1")
 
@@ -515,7 +516,7 @@ class RFC(CacheMethod):
     def __init__(self, tau: float = 0.1, order: int = 2, warmup: int = 2, rfe: bool = True, rcs: bool = True,
                  interval: int = 4, magnitude: str = "relational", constant_w: float = 1.2,
                  rcs_modules: str = "first", norm_reduction: str = "sample", storage_dtype: str = "fp32",
-                 fused: bool = True) -> None:
+                 fused: bool = True, schedule_scope: str = "batch") -> None:
         require(isinstance(order, int) and order >= 0, f"method.order must be an integer >= 0, got {order}")
         require(float(tau) >= 0, f"method.tau must be >= 0, got {tau}")
         require(isinstance(warmup, int) and warmup >= 0, f"method.warmup must be an integer >= 0, got {warmup}")
@@ -524,7 +525,10 @@ class RFC(CacheMethod):
         require(norm_reduction in REDUCTIONS,
                 f"method.norm_reduction must be one of {REDUCTIONS}, got {norm_reduction!r}")
         require(float(constant_w) > 0, f"method.constant_w must be > 0, got {constant_w}")
+        require(schedule_scope in SCOPES,
+                f"method.schedule_scope must be one of {list(SCOPES)}, got {schedule_scope!r}")
         super().__init__()
+        self.scope = schedule_scope
         self.tau, self.order, self.warmup = float(tau), order, warmup
         self.rfe, self.rcs = bool(rfe), bool(rcs)
         self.magnitude = magnitude if self.rfe else "taylor"
@@ -569,6 +573,8 @@ class RFC(CacheMethod):
         self.schedule.setup(sites)
         self.predictor.stacked = self.can_fuse()
         self.predictor.setup(sites)
+        self.per_sample: list[tuple[RelationalSchedule, RelationalPredictor]] = []  # schedule_scope=sample
+        self.decisions: list[bool] = []
 
     def _release(self) -> None:
         self.predictor.free()
@@ -576,6 +582,11 @@ class RFC(CacheMethod):
         super()._release()
 
     # ---- schedule -----------------------------------------------------------------------------
+    @property
+    def per_sample_scope(self) -> bool:
+        """schedule_scope=sample with RCS (a fixed schedule decides alike for every sample)."""
+        return self.scope == "sample" and self.rcs
+
     def begin_step(self, step: StepInfo) -> None:
         if self.rcs:
             self.step, self.pending = step, True  # decided at block 0's attention input
@@ -586,7 +597,11 @@ class RFC(CacheMethod):
         return self.fixed.decide(step)
 
     def end_step(self, step: StepInfo) -> None:
-        if self.rcs and not self.full:
+        if self.per_sample_scope:
+            for (schedule, _), full in zip(self.per_sample, self.decisions, strict=True):
+                if not full:
+                    schedule.end_cached_step()
+        elif self.rcs and not self.full:
             self.schedule.end_cached_step()
         super().end_step(step)
 
@@ -597,6 +612,8 @@ class RFC(CacheMethod):
 
     # ---- branches ------------------------------------------------------------------------------
     def branch(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
+        if self.per_sample_scope:
+            return self._branch_per_sample(site, inp, module)
         if self.pending:
             self._decide_now(inp.full())
         index = self.step.index
@@ -612,10 +629,63 @@ class RFC(CacheMethod):
             self.schedule.observe_cached(site, inp.full(), index)
         return self.predictor.predict(site, inp, index, module)
 
+    def _branch_per_sample(self, site: Site, inp: BranchInput, module: nn.Module) -> torch.Tensor:
+        """schedule_scope=sample: every sample has its own RCS schedule and RFE predictor (its own
+        full steps, hence its own k and N) over its own rows (its guidance halves), each fed exactly
+        what a batch of that one sample would feed it. A step where any sample computes is a masked
+        full step: the site runs on every row, the computing samples record their rows, the others
+        take their own prediction."""
+        rows, index, stats = inp.x.shape[0], self.step.index, self._stats
+        samples = self.samples or rows
+        if rows % samples:
+            raise RuntimeError(f"{self.name}: {rows} rows are not whole samples of a batch of {samples}")
+        if not self.per_sample:
+            for _ in range(samples):
+                schedule = RelationalSchedule(self.tau, self.warmup, self.order, self.rcs_modules, self.dtype)
+                predictor = RelationalPredictor(self.order, self.magnitude, self.reduction, self.dtype, self.constant_w)
+                schedule.setup(self.num_sites)
+                predictor.setup(self.num_sites)
+                self.per_sample.append((schedule, predictor))
+            stats.sample_full_indices = [[] for _ in range(samples)]
+        where = [torch.arange(i, rows, samples, device=inp.x.device) for i in range(samples)]
+        x_in = inp.full()
+        mine = [x_in.index_select(0, w) for w in where]  # each sample's rows, contiguous, as alone
+        if self.pending:
+            self.pending = False
+            self.decisions = [bool(schedule.decide(self.step, mine[i])) for i, (schedule, _) in
+                              enumerate(self.per_sample)]
+            for i, full in enumerate(self.decisions):
+                if full:
+                    stats.sample_full_indices[i].append(index)
+            self.full = any(self.decisions)
+            self.count_step(self.step, self.full)
+        out = None
+        if self.full:
+            out = self.run_full(site, module, x_in)
+            for i, (schedule, predictor) in enumerate(self.per_sample):
+                if self.decisions[i]:
+                    predictor.record(site, mine[i], out.index_select(0, where[i]), index)
+                    if schedule.monitors(site):
+                        schedule.observe_full(site, mine[i], index)
+        else:
+            stats.cached_sites += 1
+        for i, (schedule, predictor) in enumerate(self.per_sample):
+            if self.decisions[i]:
+                continue
+            if self.rcs_modules == "all" and site != FIRST:
+                schedule.observe_cached(site, mine[i], index)
+            value = predictor.predict(site, mine[i], index, module)
+            if out is None:
+                out = torch.empty((rows, *value.shape[1:]), dtype=value.dtype, device=value.device)
+            out.index_copy_(0, where[i], value)
+        return out
+
     # ---- fused cached step ---------------------------------------------------------------------
     def can_fuse(self) -> bool:
-        """Fused for the paper's configuration and rfe=false: per-sample norms, RCS on block 0."""
-        return self.magnitude in ("relational", "taylor") and self.reduction == "sample" and self.rcs_modules == "first"
+        """Fused for the paper's configuration and rfe=false: per-sample norms, RCS on block 0, one
+        schedule per batch (sample scope runs the per-site path)."""
+        return (self.magnitude in ("relational", "taylor") and self.reduction == "sample"
+                and self.rcs_modules == "first" and not self.per_sample_scope)
 
     def prepare_fused(self, model: nn.Module) -> None:
         device, backend = model_device(model), self.compile_backend
@@ -673,8 +743,13 @@ class RFC(CacheMethod):
     def cache_tensors(self) -> Iterable[torch.Tensor]:
         yield from self.predictor.tensors()
         yield from self.schedule.tensors()
+        for schedule, predictor in self.per_sample:
+            yield from predictor.tensors()
+            yield from schedule.tensors()
 
     def params(self) -> dict[str, object]:
+        scope = {"schedule_scope": self.scope} if self.scope != "batch" else {}  # batch scope: the params as ever
         return {"tau": self.tau, "order": self.order, "warmup": self.warmup, "rfe": self.rfe, "rcs": self.rcs,
                 "interval": self.fixed.interval, "magnitude": self.magnitude, "constant_w": self.constant_w,
-                "rcs_modules": self.rcs_modules, "norm_reduction": self.reduction, "storage_dtype": self.storage}
+                "rcs_modules": self.rcs_modules, "norm_reduction": self.reduction, "storage_dtype": self.storage,
+                **scope}

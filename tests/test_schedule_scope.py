@@ -1,8 +1,8 @@
 """schedule_scope=sample: an image that does not depend on its batch neighbours.
 
-In sample scope every sample keeps its own copy of the method's schedule and decides alone (its
-guidance halves together); a step where some samples compute runs the replaced blocks on every row
-(a masked full step) and only those samples take the result. So a sample's decisions and image are
+In sample scope every sample keeps its own copy of the method's schedule (and RFC its own RFE
+predictor) and decides alone (its guidance halves together); a step where some samples compute
+runs the computation on every row (a masked full step) and only those samples take the result. So a sample's decisions and image are
 the same whichever samples share its batch: bit for bit wherever full compute itself is (batch 16
 against two batches of 8 here, and two torchrun ranks against one process). At batch 1 this CPU's
 full compute is not batch-invariant itself (a one- or two-row matmul takes another kernel: 2e-6 on
@@ -28,6 +28,7 @@ from baselines.dbcache import DBCache
 from baselines.fbcache import FBCache
 from baselines.teacache import TeaCache
 from rfc.cache import NoCache
+from rfc.method import RFC
 from rfc.models.load import build_dit
 from rfc.run.runner import run
 from rfc.samplers.sampling import CFGDenoiser, DDIMSampler
@@ -38,6 +39,7 @@ METHODS = {
     "fbcache": lambda scope, th=0.08: FBCache(th, schedule_scope=scope),
     "teacache": lambda scope, th=0.045: TeaCache(th, schedule_scope=scope),
     "dbcache": lambda scope, th=0.08: DBCache(threshold=th, warmup=2, schedule_scope=scope),
+    "rfc": lambda scope, th=0.1: RFC(tau=th, schedule_scope=scope),
 }
 
 
@@ -84,18 +86,29 @@ def test_teacache_samples_decide_differently_and_batch_scope_keeps_one_schedule(
     assert batch.sample_full_indices == [] and batch.sample_nfc(16) == [batch.full_steps] * 16
 
 
-@pytest.mark.parametrize("name", ["fbcache", "teacache"])
+@pytest.mark.parametrize("name", ["fbcache", "teacache", "rfc"])
 def test_sample_scope_is_batch_independent_on_flux(name):
     model = tiny_flux(prompts=tuple(f"prompt {i}" for i in range(4)))
     x = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(1))
     y = torch.arange(4)
     make = {"fbcache": lambda: FBCache(0.25, schedule_scope="sample"),
-            "teacache": lambda: TeaCache(0.3, schedule_scope="sample")}[name]
+            "teacache": lambda: TeaCache(0.3, schedule_scope="sample"),
+            "rfc": lambda: RFC(tau=0.3, order=1, schedule_scope="sample")}[name]
     whole, stats = sample(model, x, y, make(), steps=28)
     parts = [sample(model, x[a:a + 2], y[a:a + 2], make(), steps=28) for a in (0, 2)]
     assert torch.equal(whole, torch.cat([p[0] for p in parts]))
     assert stats.sample_full_indices == parts[0][1].sample_full_indices + parts[1][1].sample_full_indices
     assert 1 < min(len(i) for i in stats.sample_full_indices) < 28
+
+
+def test_rfc_batch_scope_depends_on_the_batch_and_keeps_its_step_programs(dit):
+    """The issue's measurement, kept as the reason for sample scope: in batch scope RCS sums its
+    error over the batch, so a batch of 16 and two of 8 give other schedules and images; sample
+    scope runs the per-site path (the step programs decide per batch)."""
+    whole, _ = dit_samples(dit, RFC(tau=0.1), list(range(16)))
+    halves = torch.cat([dit_samples(dit, RFC(tau=0.1), list(range(a, a + 8)))[0] for a in (0, 8)])
+    assert not torch.equal(whole, halves)
+    assert RFC().can_fuse() and not RFC(schedule_scope="sample").can_fuse()
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
