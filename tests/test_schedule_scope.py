@@ -2,12 +2,13 @@
 
 In sample scope every sample keeps its own copy of the method's schedule (and RFC its own RFE
 predictor) and decides alone (its guidance halves together); a step where some samples compute
-runs the computation on every row (a masked full step) and only those samples take the result. So a sample's decisions and image are
-the same whichever samples share its batch: bit for bit wherever full compute itself is (batch 16
-against two batches of 8 here, and two torchrun ranks against one process). At batch 1 this CPU's
-full compute is not batch-invariant itself (a one- or two-row matmul takes another kernel: 2e-6 on
-dit-tiny), so batch 1 is compared within that tolerance. Batch scope is the default and unchanged
-(the conformance and equivalence tests elsewhere).
+runs the computation on every row (a masked full step) and only those samples take the result.
+So a sample's decisions and image are the same whichever samples share its batch: bit for bit
+wherever full compute itself is (batch 16 against two batches of 8 here, and two torchrun ranks
+against one process). At batch 1 this CPU's full compute is not batch-invariant itself (a one- or
+two-row matmul takes another kernel: 2e-6 on dit-tiny), so batch 1 is compared within that
+tolerance. Batch scope is the default and unchanged (the conformance and equivalence tests
+elsewhere).
 """
 
 from __future__ import annotations

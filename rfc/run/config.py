@@ -21,6 +21,8 @@ def tau_key(cfg: DictConfig, target_nfc: float, knob: str = "tau") -> str:
     m, s = cfg.model, cfg.sampler
     skip = (knob, "_target_", "fused")  # fused: the same schedule
     method = {k: _plain(cfg.method[k]) for k in cfg.method if k not in skip}
+    if method.get("schedule_scope") == "batch":  # the default scope keeps the keys calibrated before it existed
+        del method["schedule_scope"]
     sampler = f"{s._target_.rsplit('.', 1)[-1]}:{s.num_steps}:{s.get('respacing')}"
     size = m.image_size if "image_size" in m else f"{m.frames}x{m.height}x{m.width}"  # images, or video's geometry
     which = "" if knob == "tau" else f"{cfg.method._target_}.{knob}|"
