@@ -155,3 +155,33 @@ def test_two_torchrun_ranks_draw_the_same_samples_as_one_process_with_other_batc
 
     assert per_sample(dist_dir) == per_sample(tmp_path / "single")
     assert single.nfc_min < single.nfc_max  # the samples did decide differently
+
+
+def test_masked_steps_never_recompile_the_compiled_modules(dit):
+    """compile=true compiles a per-site method's attention and MLP modules (rfc.run.build.compile_for);
+    a masked full step hands them the whole batch, as every full step does, so the shapes never
+    change with how many samples compute: the modules trace once for 50 steps of RFC in sample scope
+    (with steps where only some samples compute), and the samples equal the eager ones."""
+    import torch._dynamo as dynamo
+
+    expected, stats = dit_samples(dit, RFC(tau=0.1, schedule_scope="sample"), list(range(8)))
+    full_sets = {tuple(i) for i in stats.sample_full_indices}
+    assert len(full_sets) > 1  # some steps computed for some samples only
+    traced = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        traced.append(gm)
+        return gm.forward
+
+    dynamo.reset()
+    modules = [getattr(block, branch) for block in dit.blocks for branch in ("attn", "mlp")]
+    for m in modules:
+        m.compile(backend=counting, dynamic=False)
+    try:
+        got, _ = dit_samples(dit, RFC(tau=0.1, schedule_scope="sample"), list(range(8)))
+    finally:
+        for m in modules:
+            m._compiled_call_impl = None  # back to eager for the other tests
+        dynamo.reset()
+    assert len(traced) == len({type(m) for m in modules})  # one graph per module class (dynamo shares the
+    assert torch.equal(got, expected)  # code of same-class modules, their weights as inputs), never a second
