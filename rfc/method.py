@@ -16,9 +16,10 @@ Norms run over tokens x channels, per sample (each row, guidance halves apart) b
 RCS: the monitored module's input is forecast by the same Taylor expansion,
 I_T(t - k) = I(t) + sum_i k^i / i! Delta^i I(t) / N^i, and the relative L1 error
 E(t - k) = ||I(t - k) - I_T(t - k)||_1 / ||I(t - k)||_1 (sums over the whole batch: one schedule per
-batch) is accumulated since the last full step. When the sum exceeds tau the step is computed in
-full. The decision is made from block 0's attention input, before the other blocks run. tau = 0
-computes every step in full.
+batch, as the paper's code; ``schedule_scope=sample``: each sample its own schedule and predictor,
+see ``RFC._branch_per_sample``) is accumulated since the last full step. When the sum exceeds tau
+the step is computed in full. The decision is made from block 0's attention input, before the
+other blocks run. tau = 0 computes every step in full.
 
 Ablation switches: ``rfe`` off = TaylorSeer's magnitude (the plain Taylor prediction); ``rcs`` off
 = TaylorSeer's fixed schedule (``warmup`` full steps, then one every ``interval``); ``magnitude``

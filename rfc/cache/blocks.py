@@ -28,6 +28,11 @@ stream's residual of the first block; TeaCache4FLUX: the image stream's ``norm1`
 residual covers the whole stream (text and image tokens), as ParaAttention caches both streams'
 residuals.
 
+``schedule_scope=sample`` (BlockCacheMethod's ``scope``) gives every sample its own copy of the
+schedule, deciding on that sample's rows; a step where some samples compute runs the replaced
+blocks on every row (a masked full step) and only those samples take the result and store their
+residual (``_run_per_sample``).
+
 Accounting (MethodStats) stays honest about what ran: a computed block is a full block (its
 modulation, each of its sites, one layer norm per site); a skipped block is its sites cached (two
 for an attention + MLP block, one for a FLUX single-stream block) and no modulation; the
@@ -105,7 +110,8 @@ class ResidualReuse(Predictor):
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """mean |current - previous| / mean |previous| over the whole tensor (every row of the batch),
     as a Python float: the change measure both First-Block Cache and TeaCache threshold. One value
-    per batch, so a batch makes one decision, as the official code does."""
+    per batch, so a batch makes one decision, as the official code does (schedule_scope=sample hands
+    each sample's schedule that sample's rows only)."""
     return ((current - previous).abs().mean() / previous.abs().mean()).item()
 
 
