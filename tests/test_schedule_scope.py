@@ -134,19 +134,28 @@ def test_an_unknown_scope_is_refused_naming_the_key():
         FBCache(schedule_scope="row")
 
 
-def test_two_torchrun_ranks_draw_the_same_samples_as_one_process_with_other_batches(make_cfg, tmp_path):
-    """Sample scope under torchrun (2 CPU ranks, a batch of 8 each) against one process (one batch of
-    16): the same images and the same per-sample schedules."""
-    overrides = ["method=teacache", "method.schedule_scope=sample", "eval.num_samples=16", "sampler.num_steps=12",
+TORCHRUN = {  # model: (its overrides, samples, batch per rank; one process draws them in one batch)
+    "dit-tiny": (["method=teacache"], 16, 8),
+    "flux-tiny": (["model=flux-tiny", "method=rfc", "method.order=1", "method.tau=0.1"], 8, 4),
+}
+
+
+@pytest.mark.parametrize("model", sorted(TORCHRUN))
+def test_two_torchrun_ranks_draw_the_same_samples_as_one_process_with_other_batches(make_cfg, tmp_path, model):
+    """Sample scope under torchrun (2 CPU ranks, one batch each) against one process (one batch of
+    all the samples): the same images and the same per-sample schedules."""
+    extra, n, per_rank = TORCHRUN[model]
+    overrides = [*extra, "method.schedule_scope=sample", f"eval.num_samples={n}", "sampler.num_steps=12",
                  "eval.score=false", "eval.paired=off", "seed=3"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
-           str(ROOT / "run.py"), *overrides, "eval.batch_size=8", f"paths.outputs={tmp_path}/dist",
+    port = 29537 + sorted(TORCHRUN).index(model)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(ROOT / "run.py"), *overrides, f"eval.batch_size={per_rank}", f"paths.outputs={tmp_path}/dist",
            f"paths.runs_csv={tmp_path}/dist.csv"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dist_dir = next(p.parent for p in (tmp_path / "dist").rglob("samples.npz") if "store" not in p.parts)
-    single = run(make_cfg(*overrides, "eval.batch_size=16"), tmp_path / "single", progress=False)
+    single = run(make_cfg(*overrides, f"eval.batch_size={n}"), tmp_path / "single", progress=False)
     with np.load(dist_dir / "samples.npz") as a, np.load(tmp_path / "single" / "samples.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
 
