@@ -224,7 +224,8 @@ class BlockCacheMethod(CacheMethod):
         if not self.sample_schedules:
             self.sample_schedules = [copy.deepcopy(self.schedule) for _ in range(samples)]
             stats.sample_full_indices = [[] for _ in range(samples)]
-        per_sample = [] if signal is None else [signal[i::samples] for i in range(samples)]
+        # each sample's rows, contiguous: its schedule reduces over them exactly as over a batch of it alone
+        per_sample = [] if signal is None else [signal[i::samples].contiguous() for i in range(samples)]
         decisions = [bool(sched.decide(step, per_sample[i] if per_sample else None))
                      for i, sched in enumerate(self.sample_schedules)]
         for i, full in enumerate(decisions):
