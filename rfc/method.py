@@ -575,6 +575,7 @@ class RFC(CacheMethod):
         self.predictor.stacked = self.can_fuse()
         self.predictor.setup(sites)
         self.per_sample: list[tuple[RelationalSchedule, RelationalPredictor]] = []  # schedule_scope=sample
+        self.sample_rows: list[torch.Tensor] = []
         self.decisions: list[bool] = []
 
     def _release(self) -> None:
@@ -636,10 +637,8 @@ class RFC(CacheMethod):
         what a batch of that one sample would feed it. A step where any sample computes is a masked
         full step: the site runs on every row, the computing samples record their rows, the others
         take their own prediction."""
-        rows, index, stats = inp.x.shape[0], self.step.index, self._stats
-        samples = self.samples or rows
-        if rows % samples:
-            raise RuntimeError(f"{self.name}: {rows} rows are not whole samples of a batch of {samples}")
+        rows, index = inp.x.shape[0], self.step.index
+        samples = self.batch_samples(rows)
         if not self.per_sample:
             for _ in range(samples):
                 schedule = RelationalSchedule(self.tau, self.warmup, self.order, self.rcs_modules, self.dtype)
@@ -647,19 +646,15 @@ class RFC(CacheMethod):
                 schedule.setup(self.num_sites)
                 predictor.setup(self.num_sites)
                 self.per_sample.append((schedule, predictor))
-            stats.sample_full_indices = [[] for _ in range(samples)]
-        where = [torch.arange(i, rows, samples, device=inp.x.device) for i in range(samples)]
+            self.sample_rows = [torch.arange(i, rows, samples, device=inp.x.device) for i in range(samples)]
+        where = self.sample_rows  # each sample's rows (its guidance halves), the same for the whole batch
         x_in = inp.full()
         mine = [x_in.index_select(0, w) for w in where]  # each sample's rows, contiguous, as alone
         if self.pending:
             self.pending = False
             self.decisions = [bool(schedule.decide(self.step, mine[i])) for i, (schedule, _) in
                               enumerate(self.per_sample)]
-            for i, full in enumerate(self.decisions):
-                if full:
-                    stats.sample_full_indices[i].append(index)
-            self.full = any(self.decisions)
-            self.count_step(self.step, self.full)
+            self.count_sample_steps(self.step, self.decisions)
         out = None
         if self.full:
             out = self.run_full(site, module, x_in)
@@ -669,7 +664,7 @@ class RFC(CacheMethod):
                     if schedule.monitors(site):
                         schedule.observe_full(site, mine[i], index)
         else:
-            stats.cached_sites += 1
+            self._stats.cached_sites += 1
         for i, (schedule, predictor) in enumerate(self.per_sample):
             if self.decisions[i]:
                 continue

@@ -357,6 +357,26 @@ class CacheMethod:
         else:
             self._stats.cached_steps += 1
 
+    def batch_samples(self, rows: int) -> int:
+        """schedule_scope=sample: how many samples a forward of ``rows`` rows holds (samples x
+        guidance halves, halves outermost: row r is sample r % samples), from the guided step."""
+        samples = self.samples or rows
+        if rows % samples:
+            raise RuntimeError(f"{self.name}: {rows} rows are not whole samples of a batch of {samples}")
+        return samples
+
+    def count_sample_steps(self, step: StepInfo, decisions: list[bool]) -> None:
+        """schedule_scope=sample: each sample's decision at ``step`` (MethodStats.sample_full_indices),
+        then the step itself, full when any sample computed (the work done)."""
+        stats = self._stats
+        if not stats.sample_full_indices:
+            stats.sample_full_indices = [[] for _ in decisions]
+        for indices, full in zip(stats.sample_full_indices, decisions, strict=True):
+            if full:
+                indices.append(step.index)
+        self.full = any(decisions)
+        self.count_step(step, self.full)
+
     def end_step(self, step: StepInfo) -> None:
         live = sum(t.numel() * t.element_size() for t in self.cache_tensors())
         self._stats.cache_bytes_peak = max(self._stats.cache_bytes_peak, live)

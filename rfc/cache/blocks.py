@@ -31,7 +31,7 @@ residuals.
 ``schedule_scope=sample`` (BlockCacheMethod's ``scope``) gives every sample its own copy of the
 schedule, deciding on that sample's rows; a step where some samples compute runs the replaced
 blocks on every row (a masked full step) and only those samples take the result and store their
-residual (``_run_per_sample``).
+residual (``_decide``, ``ResidualReuse.store_rows``).
 
 Accounting (MethodStats) stays honest about what ran: a computed block is a full block (its
 modulation, each of its sites, one layer norm per site); a skipped block is its sites cached (two
@@ -88,6 +88,14 @@ class ResidualReuse(Predictor):
 
     def store(self, entering: torch.Tensor, out: torch.Tensor) -> None:
         self.residual = out - entering
+
+    def store_rows(self, entering: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A masked full step: the rows ``rows`` (B,) bool take ``out`` and store their residual, the
+        others keep theirs and take ``apply``; the stream after the replaced blocks."""
+        mask = rows.view(-1, 1, 1)
+        x = torch.where(mask, out, self.apply(entering))
+        self.residual = torch.where(mask, x - entering, self.residual)
+        return x
 
     def apply(self, entering: torch.Tensor) -> torch.Tensor:
         if self.residual is None:
@@ -183,22 +191,27 @@ class BlockCacheMethod(CacheMethod):
         if kind is Signal.RESIDUAL:  # what the front blocks added, on the measured tokens
             signal = _tokens(x, where) - _tokens(tokens, where)
         self._stats.count_full_forward(start, T, kinds=self.kinds_of(0, start))
-        if self.scope == "sample":
-            return self._run_per_sample(model, x, c, signal, stop)
-        full = bool(self.schedule.decide(self.step, signal))
-        if not full and not self.predictor.ready:
+        decisions = self._decide(signal, x.shape[0])
+        if not all(decisions) and not self.predictor.ready:
             raise RuntimeError(
                 f"{self.name}: the schedule chose a cached step (index {self.step.index}) before any "
                 "full step; a block schedule must compute first"
             )
-        self.full = full
-        self.count_step(self.step, full)
+        if self.scope == "sample":
+            self.count_sample_steps(self.step, decisions)
+        else:
+            self.full = decisions[0]
+            self.count_step(self.step, self.full)
         replaced = self.kinds_of(start, stop)
-        if full:
+        if self.full:
             entering = x
             for block in blocks[start:stop]:
                 x = block.run(x, c, plain_branch)
-            self.predictor.store(entering, x)
+            if all(decisions):
+                self.predictor.store(entering, x)
+            else:  # sample scope: a masked full step
+                rows = torch.tensor(decisions, device=x.device).repeat(x.shape[0] // len(decisions))
+                x = self.predictor.store_rows(entering, x, rows)
             self._stats.count_full_forward(stop - start, T, kinds=replaced)
         else:
             x = self.predictor.apply(x)
@@ -208,56 +221,23 @@ class BlockCacheMethod(CacheMethod):
         self._stats.count_full_forward(len(blocks) - stop, T, kinds=self.kinds_of(stop, len(blocks)))
         return x
 
-    def _run_per_sample(self, model: nn.Module, x: torch.Tensor, c: torch.Tensor, signal: torch.Tensor | None,
-                        stop: int) -> torch.Tensor:
-        """schedule_scope=sample: each sample's own copy of the schedule decides on the sample's rows
-        of the signal (its guidance halves together), exactly as the schedule decides a batch of that
-        one sample. When any sample computes, the replaced blocks run on every row (a masked full step:
-        the same forward as a full step, so no sample's values depend on which others compute) and
-        only the computing samples' rows take its output and store their residual; the others add
-        their own stored residual."""
-        blocks, step, stats = model.blocks, self.step, self._stats
-        rows = x.shape[0]
-        samples = self.samples or rows
-        if rows % samples:
-            raise RuntimeError(f"{self.name}: {rows} rows are not whole samples of a batch of {samples}")
+    def _decide(self, signal: torch.Tensor | None, rows: int) -> list[bool]:
+        """The step's decisions: the schedule's one for the batch, or (schedule_scope=sample) each
+        sample's own copy's on that sample's rows of the signal (its guidance halves together),
+        exactly as the schedule decides a batch of that one sample. When some samples compute,
+        ``run_blocks`` runs a masked full step: the replaced blocks on every row, as a full step
+        runs them (no sample's values depend on which others compute), taken by those samples only."""
+        if self.scope == "batch":
+            return [bool(self.schedule.decide(self.step, signal))]
+        samples = self.batch_samples(rows)
         if not self.sample_schedules:
             self.sample_schedules = [copy.deepcopy(self.schedule) for _ in range(samples)]
-            stats.sample_full_indices = [[] for _ in range(samples)]
-        # each sample's rows, contiguous: its schedule reduces over them exactly as over a batch of it alone
-        per_sample = [] if signal is None else [signal[i::samples].contiguous() for i in range(samples)]
-        decisions = [bool(sched.decide(step, per_sample[i] if per_sample else None))
-                     for i, sched in enumerate(self.sample_schedules)]
-        for i, full in enumerate(decisions):
-            if full:
-                stats.sample_full_indices[i].append(step.index)
-            elif self.predictor.residual is None:
-                raise RuntimeError(f"{self.name}: sample {i}'s schedule chose a cached step (index {step.index}) "
-                                   "before any full step; a block schedule must compute first")
-        computed = any(decisions)
-        self.full = computed
-        self.count_step(step, computed)
-        replaced = self.kinds_of(self.predictor.start, stop)
-        T = x.shape[1]
-        if computed:
-            entering = x
-            for block in blocks[self.predictor.start:stop]:
-                x = block.run(x, c, plain_branch)
-            self._stats.count_full_forward(stop - self.predictor.start, T, kinds=replaced)
-            if all(decisions):
-                self.predictor.store(entering, x)
-            else:
-                mask = torch.tensor(decisions, device=x.device).repeat(rows // samples).view(rows, 1, 1)
-                residual = self.predictor.residual
-                x = torch.where(mask, x, entering + residual)
-                self.predictor.residual = torch.where(mask, x - entering, residual)
-        else:
-            x = self.predictor.apply(x)
-            self._stats.cached_sites += len(replaced)
-        for block in blocks[stop:]:
-            x = block.run(x, c, plain_branch)
-        self._stats.count_full_forward(len(blocks) - stop, T, kinds=self.kinds_of(stop, len(blocks)))
-        return x
+        decisions = []
+        for i, schedule in enumerate(self.sample_schedules):
+            # the sample's rows, contiguous: its schedule reduces over them as over a batch of it alone
+            mine = None if signal is None else signal[i::samples].contiguous()
+            decisions.append(bool(schedule.decide(self.step, mine)))
+        return decisions
 
     def _block0_input(self, block: nn.Module, x: torch.Tensor, c: torch.Tensor, where: slice) -> torch.Tensor:
         """modulate(norm(x), shift, scale) of block 0's attention branch on the measured tokens,
