@@ -25,7 +25,7 @@ from torch import nn
 
 from rfc.cache.peers import PeerMethod
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import require
+from rfc.cache.schedules import require, timestep_window
 
 
 def _config_class(name: str) -> Callable[..., object]:
@@ -177,10 +177,7 @@ def _skip_and_window(skip: int, window: list[int] | tuple[int, int]) -> tuple[in
     """The attention hooks' skip range and timestep window, checked (one line naming the key)."""
     require(isinstance(skip, int) and skip >= 1,
             f"method.spatial_attention_block_skip_range must be an integer >= 1, got {skip}")
-    low_high = tuple(window)
-    require(len(low_high) == 2 and low_high[0] <= low_high[1],
-            f"method.spatial_attention_timestep_skip_range must be [low, high], got {list(low_high)}")
-    return skip, (float(low_high[0]), float(low_high[1]))
+    return skip, timestep_window(window, "method.spatial_attention_timestep_skip_range")
 
 
 @method_config("diffusers/pyramid_attention_broadcast")

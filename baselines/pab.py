@@ -39,7 +39,7 @@ from torch import nn
 
 from rfc.cache.base import BranchInput, CacheMethod, Site
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import require
+from rfc.cache.schedules import require, timestep_window
 from rfc.samplers.sampling import StepInfo
 
 
@@ -50,14 +50,6 @@ class PABConfig:
     spatial_range: int = 2
     spatial_threshold: list[int] = field(default_factory=lambda: [100, 800])
     degenerate: ClassVar[tuple[str, ...]] = ("method.spatial_range=1",)
-
-
-def window(threshold: list[int] | tuple[int, int], key: str) -> tuple[float, float]:
-    """A (low, high) timestep window, checked (one line naming the key)."""
-    low_high = tuple(threshold)
-    require(len(low_high) == 2 and all(isinstance(v, (int, float)) for v in low_high) and low_high[0] <= low_high[1],
-            f"{key} must be [low, high] with low <= high, got {list(low_high)}")
-    return float(low_high[0]), float(low_high[1])
 
 
 def model_timestep(step: StepInfo) -> int:
@@ -122,7 +114,7 @@ class PyramidAttentionBroadcast(AttentionReuse):
         require(isinstance(spatial_range, int) and not isinstance(spatial_range, bool) and spatial_range >= 1,
                 f"method.spatial_range must be an integer >= 1, got {spatial_range}")
         self.range = spatial_range
-        self.window = window(spatial_threshold, "method.spatial_threshold")
+        self.window = timestep_window(spatial_threshold, "method.spatial_threshold")
 
     def decide(self, step: StepInfo) -> bool:
         low, high = self.window

@@ -31,6 +31,15 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def timestep_window(window: object, key: str) -> tuple[float, float]:
+    """A (low, high) timestep window of a config (PAB's and diffusers' attention hooks' skip ranges),
+    checked with one line naming ``key``."""
+    low_high = tuple(window)
+    require(len(low_high) == 2 and all(isinstance(v, (int, float)) for v in low_high) and low_high[0] <= low_high[1],
+            f"{key} must be [low, high] with low <= high, got {list(low_high)}")
+    return float(low_high[0]), float(low_high[1])
+
+
 SCOPES = ("batch", "sample")
 """schedule_scope: one decision per batch (what the official code does with the batch it is given),
 or per sample (each sample decides alone; its guidance halves together)."""
