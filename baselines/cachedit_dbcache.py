@@ -33,7 +33,7 @@ from torch import nn
 
 from rfc.cache.peers import PeerMethod
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import require
+from rfc.cache.schedules import require, require_int
 
 INSTALL = 'pip install -e ".[peers]"'
 
@@ -74,7 +74,7 @@ class DBCache(PeerMethod):
                                 ("max_cached_steps", max_cached_steps, -1),
                                 ("max_continuous_cached_steps", max_continuous_cached_steps, -1),
                                 ("taylorseer_order", taylorseer_order, 0)):
-            require(isinstance(value, int) and value >= low, f"method.{key} must be an integer >= {low}, got {value}")
+            require_int(value, f"method.{key}", low)
         require(float(residual_diff_threshold) >= 0.0,
                 f"method.residual_diff_threshold must be >= 0, got {residual_diff_threshold}")
         self.name = "cache-dit/dbcache_taylorseer" if taylorseer_order else "cache-dit/dbcache"

@@ -38,7 +38,7 @@ from torch import nn
 
 from rfc.cache.blocks import BlockCacheMethod, BlockSchedule, ResidualReuse, Signal, relative_l1
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import require
+from rfc.cache.schedules import require, require_int
 from rfc.samplers.sampling import StepInfo
 
 
@@ -115,8 +115,7 @@ class DBCache(BlockCacheMethod):
         for key, value, low in (("front", front, 1), ("back", back, 0), ("warmup", warmup, 0),
                                 ("warmup_interval", warmup_interval, 1), ("max_cached_steps", max_cached_steps, -1),
                                 ("max_continuous_cached_steps", max_continuous_cached_steps, -1)):
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                    f"method.{key} must be an integer >= {low}, got {value}")
+            require_int(value, f"method.{key}", low)
         require(float(threshold) >= 0.0, f"method.threshold must be >= 0, got {threshold}")
         schedule = FrontResidualChange(threshold, warmup, warmup_interval, max_cached_steps,
                                        max_continuous_cached_steps)

@@ -25,7 +25,7 @@ from torch import nn
 
 from rfc.cache.peers import PeerMethod
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import require, timestep_window
+from rfc.cache.schedules import require, require_int, timestep_window
 
 
 def _config_class(name: str) -> Callable[..., object]:
@@ -109,10 +109,8 @@ class TaylorSeerCache(DiffusersHookMethod):
                  disable_cache_after_step: int | None = None, max_order: int = 1,
                  taylor_factors_dtype: str = "bfloat16", use_lite_mode: bool = False) -> None:
         super().__init__()
-        require(isinstance(cache_interval, int) and cache_interval >= 1,
-                f"method.cache_interval must be an integer >= 1, got {cache_interval}")
-        require(isinstance(max_order, int) and max_order >= 0, f"method.max_order must be an integer >= 0, got "
-                f"{max_order}")
+        require_int(cache_interval, "method.cache_interval", 1)
+        require_int(max_order, "method.max_order", 0)
         dtype = getattr(torch, str(taylor_factors_dtype), None)
         require(isinstance(dtype, torch.dtype), f"method.taylor_factors_dtype must name a torch dtype, got "
                 f"{taylor_factors_dtype!r}")
@@ -152,8 +150,7 @@ class MagCache(DiffusersHookMethod):
                  mag_ratios: str = "flux") -> None:
         super().__init__()
         require(float(threshold) >= 0.0, f"method.threshold must be >= 0, got {threshold}")
-        require(isinstance(max_skip_steps, int) and max_skip_steps >= 0,
-                f"method.max_skip_steps must be an integer >= 0, got {max_skip_steps}")
+        require_int(max_skip_steps, "method.max_skip_steps", 0)
         require(0.0 <= float(retention_ratio) <= 1.0,
                 f"method.retention_ratio must be in [0, 1], got {retention_ratio}")
         require(mag_ratios in ("flux", "calibrate"), f"method.mag_ratios must be flux or calibrate, got {mag_ratios!r}")
@@ -175,8 +172,7 @@ class MagCache(DiffusersHookMethod):
 
 def _skip_and_window(skip: int, window: list[int] | tuple[int, int]) -> tuple[int, tuple[float, float]]:
     """The attention hooks' skip range and timestep window, checked (one line naming the key)."""
-    require(isinstance(skip, int) and skip >= 1,
-            f"method.spatial_attention_block_skip_range must be an integer >= 1, got {skip}")
+    require_int(skip, "method.spatial_attention_block_skip_range", 1)
     return skip, timestep_window(window, "method.spatial_attention_timestep_skip_range")
 
 
@@ -290,8 +286,7 @@ class SeaCache(DiffusersHookMethod):
         require(residual_order in (0, 1), f"method.residual_order must be 0 or 1, got {residual_order}")
         for key, value in (("retention_steps", retention_steps), ("cache_end_steps", cache_end_steps),
                            ("max_consecutive_cached", max_consecutive_cached)):
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                    f"method.{key} must be an integer >= 0, got {value}")
+            require_int(value, f"method.{key}", 0)
         require(float(power_exp) > 0, f"method.power_exp must be > 0, got {power_exp}")
         self.settings = {"threshold": float(threshold), "residual_order": residual_order,
                          "retention_steps": retention_steps, "cache_end_steps": cache_end_steps,

@@ -55,7 +55,7 @@ import torch
 from baselines.pab import AttentionReuse
 from rfc.cache.base import GuidedModel
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import require
+from rfc.cache.schedules import require, require_int
 from rfc.samplers.sampling import StepInfo
 
 
@@ -104,8 +104,7 @@ class FasterCache(AttentionReuse):
         for key, value in (("cache_start", cache_start), ("attention_interval", attention_interval),
                            ("cfg_interval", cfg_interval), ("delta_start", delta_start), ("low_until", low_until),
                            ("high_after", high_after)):
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                    f"method.{key} must be an integer >= 1, got {value}")
+            require_int(value, f"method.{key}", 1)
         if attention_start is not None:
             require(isinstance(attention_start, int) and attention_start > cache_start,
                     f"method.attention_start must be an integer > method.cache_start ({cache_start}) or null, got "

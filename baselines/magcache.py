@@ -34,7 +34,7 @@ from typing import ClassVar
 
 from rfc.cache.blocks import BlockCacheMethod, BlockSchedule, ResidualReuse, Signal
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import require
+from rfc.cache.schedules import require, require_int
 from rfc.samplers.sampling import StepInfo
 
 # The official FLUX.1-dev ratios (MagCache4FLUX/magcache_flux.py), 28 steps, step 0's set to 1.
@@ -108,8 +108,7 @@ class MagCache(BlockCacheMethod):
         ratios = list(FLUX_RATIOS) if mag_ratios is None else list(mag_ratios)
         keep = [11] if keep_steps is None else list(keep_steps)
         require(float(threshold) >= 0.0, f"method.threshold must be >= 0, got {threshold}")
-        require(isinstance(max_skip_steps, int) and max_skip_steps >= 0,
-                f"method.max_skip_steps must be an integer >= 0, got {max_skip_steps}")
+        require_int(max_skip_steps, "method.max_skip_steps", 0)
         require(0.0 <= float(retention_ratio) <= 1.0,
                 f"method.retention_ratio must be in [0, 1], got {retention_ratio}")
         require(len(ratios) > 0 and all(isinstance(r, (int, float)) and math.isfinite(r) and r > 0 for r in ratios),

@@ -39,7 +39,7 @@ from torch import nn
 
 from rfc.cache.base import BranchInput, CacheMethod, Site
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import require, timestep_window
+from rfc.cache.schedules import require_int, timestep_window
 from rfc.samplers.sampling import StepInfo
 
 
@@ -111,8 +111,7 @@ class PyramidAttentionBroadcast(AttentionReuse):
 
     def __init__(self, spatial_range: int = 2, spatial_threshold: list[int] | tuple[int, int] = (100, 800)) -> None:
         super().__init__()
-        require(isinstance(spatial_range, int) and not isinstance(spatial_range, bool) and spatial_range >= 1,
-                f"method.spatial_range must be an integer >= 1, got {spatial_range}")
+        require_int(spatial_range, "method.spatial_range", 1)
         self.range = spatial_range
         self.window = timestep_window(spatial_threshold, "method.spatial_threshold")
 

@@ -31,6 +31,12 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def require_int(value: object, key: str, low: int) -> None:
+    """Config validation of an integer key (a bool is not one): raise a ValueError naming it."""
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+            f"{key} must be an integer >= {low}, got {value}")
+
+
 def timestep_window(window: object, key: str) -> tuple[float, float]:
     """A (low, high) timestep window of a config (PAB's and diffusers' attention hooks' skip ranges),
     checked with one line naming ``key``."""
