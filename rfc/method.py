@@ -538,8 +538,7 @@ class RFC(CacheMethod):
         self.storage = storage_dtype
         self.dtype = parse_storage_dtype(storage_dtype)
         self.fixed = WarmupInterval(interval, warmup)  # validates interval; used when rcs is off
-        self.schedule = RelationalSchedule(self.tau, warmup, order, rcs_modules, self.dtype)
-        self.predictor = RelationalPredictor(order, self.magnitude, norm_reduction, self.dtype, self.constant_w)
+        self.schedule, self.predictor = self._new_state()
         self.fused = bool(fused)
         self.reset()
 
@@ -584,6 +583,11 @@ class RFC(CacheMethod):
         super()._release()
 
     # ---- schedule -----------------------------------------------------------------------------
+    def _new_state(self) -> tuple[RelationalSchedule, RelationalPredictor]:
+        """An RCS schedule and an RFE predictor of this configuration (the batch's, or a sample's)."""
+        return (RelationalSchedule(self.tau, self.warmup, self.order, self.rcs_modules, self.dtype),
+                RelationalPredictor(self.order, self.magnitude, self.reduction, self.dtype, self.constant_w))
+
     @property
     def per_sample_scope(self) -> bool:
         """schedule_scope=sample with RCS (a fixed schedule decides alike for every sample)."""
@@ -641,8 +645,7 @@ class RFC(CacheMethod):
         samples = self.batch_samples(rows)
         if not self.per_sample:
             for _ in range(samples):
-                schedule = RelationalSchedule(self.tau, self.warmup, self.order, self.rcs_modules, self.dtype)
-                predictor = RelationalPredictor(self.order, self.magnitude, self.reduction, self.dtype, self.constant_w)
+                schedule, predictor = self._new_state()
                 schedule.setup(self.num_sites)
                 predictor.setup(self.num_sites)
                 self.per_sample.append((schedule, predictor))
