@@ -30,11 +30,12 @@ TINY = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=128, dep
 
 
 def sample_with(model: DiT, method: CacheMethod, sampler: Sampler, n: int = 4, seed: int = 0,
-                guided: int = 1) -> torch.Tensor:
-    """Final x of n paired samples with ``method`` attached (detached afterwards)."""
+                guided: int = 1, ids: list[int] | None = None) -> torch.Tensor:
+    """Final x of n paired samples (or of the samples ``ids``) with ``method`` attached (detached
+    afterwards)."""
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    streams = SampleStreams(seed, range(n), device=model.pos_embed.device)
+    streams = SampleStreams(seed, range(n) if ids is None else ids, device=model.pos_embed.device)
     y, x = streams.labels(cfg.num_classes), streams.randn(shape)
     den = CFGDenoiser(model, 1.5, null_class=cfg.num_classes, guided_channels=guided)
     method.attach(model)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cache import TINY
+from test_cache import TINY, sample_with
 from test_flux import sample, tiny_flux
 
 from baselines.dbcache import DBCache
@@ -32,8 +32,7 @@ from rfc.cache import NoCache
 from rfc.method import RFC
 from rfc.models.load import build_dit
 from rfc.run.runner import run
-from rfc.samplers.sampling import CFGDenoiser, DDIMSampler
-from rfc.utils.seeding import SampleStreams
+from rfc.samplers.sampling import DDIMSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -50,18 +49,8 @@ def dit():
 
 
 def dit_samples(model, method, ids: list[int], steps: int = 50):
-    cfg = model.config
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    streams = SampleStreams(0, ids)
-    y, x = streams.labels(cfg.num_classes), streams.randn(shape)
-    method.attach(model)
-    try:
-        with torch.no_grad():
-            out = DDIMSampler(num_steps=steps).sample(CFGDenoiser(model, 1.5, cfg.num_classes, 1), x, y,
-                                                      noise=streams.noise_source(shape), listener=method)
-    finally:
-        method.detach()
-    return out, method.stats()
+    """The final latents of samples ``ids`` (DDIM, guidance 1.5) and the method's accounting."""
+    return sample_with(model, method, DDIMSampler(num_steps=steps), ids=ids), method.stats()
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
