@@ -57,7 +57,7 @@ def _diagnose(cfg: DictConfig, plan, work: Path, target: float) -> None:  # noqa
 
     from baselines.fora import FORA
     from baselines.taylorseer import TaylorSeer
-    from rfc.run.build import build, build_model
+    from rfc.run.build import batch_invariant_rows, build, build_model
     from rfc.run.generate import generate
     from rfc.tools.calibration import calibrate
     from rfc.tools.diagnostics import Probe, write_outputs
@@ -82,7 +82,8 @@ def _diagnose(cfg: DictConfig, plan, work: Path, target: float) -> None:  # noqa
         try:
             samples = generate(model, plan.sampler, denoiser, method, seed=int(d.seed),
                                indices=range(int(d.num_samples)), batch_size=int(d.batch_size),
-                               device=plan.device, progress=False, precision=str(cfg.precision))
+                               device=plan.device, progress=False, precision=str(cfg.precision),
+                               batch_invariant=batch_invariant_rows(cfg))
         finally:
             probe.remove()
             method.detach()

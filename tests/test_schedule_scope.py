@@ -6,9 +6,11 @@ runs the computation on every row (a masked full step) and only those samples ta
 So a sample's decisions and image are the same whichever samples share its batch: bit for bit
 wherever full compute itself is (batch 16 against two batches of 8 here, and two torchrun ranks
 against one process). At batch 1 this CPU's full compute is not batch-invariant itself (a one- or
-two-row matmul takes another kernel: 2e-6 on dit-tiny), so batch 1 is compared within that
-tolerance. Batch scope is the default and unchanged (the conformance and equivalence tests
-elsewhere).
+two-row matmul takes another kernel: 2e-6 on dit-tiny), so in the default numerics batch 1 is
+compared within that tolerance; with the batch-invariant numerics (``batch_invariant``,
+rfc.utils.invariance.FixedShapes) a sample alone is bit for bit its image in a batch of 8 or 16,
+in process and through run.py. Batch scope is the default and unchanged (the conformance and
+equivalence tests elsewhere).
 """
 
 from __future__ import annotations
@@ -31,10 +33,15 @@ from baselines.teacache import TeaCache
 from rfc.cache import NoCache
 from rfc.method import RFC
 from rfc.models.load import build_dit
+from rfc.run.build import plan_run
 from rfc.run.runner import run
+from rfc.run.setting import setting_id
 from rfc.samplers.sampling import DDIMSampler
+from rfc.utils.errors import ConfigError
+from rfc.utils.invariance import FixedShapes
 
 ROOT = Path(__file__).resolve().parents[1]
+ROWS = 512  # rows per tile of the batch-invariant numerics: a batch of 16 guided dit-tiny samples is one tile
 METHODS = {
     "fbcache": lambda scope, th=0.08: FBCache(th, schedule_scope=scope),
     "teacache": lambda scope, th=0.045: TeaCache(th, schedule_scope=scope),
@@ -69,6 +76,20 @@ def test_a_samples_image_and_schedule_do_not_depend_on_its_batch_on_dit(dit, nam
     torch.testing.assert_close(alone, whole[3:4], rtol=0, atol=1e-4)  # full compute's own batch-1 noise
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_with_batch_invariant_numerics_a_sample_alone_is_its_image_in_any_batch_on_dit(dit, name):
+    """batch_invariant (rfc.utils.invariance): the same sample drawn in a batch of 16, of 8 and
+    alone: the same schedule and the same image, bit for bit."""
+    make = METHODS[name]
+    with FixedShapes(ROWS):
+        drawn = {n: dit_samples(dit, make("sample"), ids) for n, ids in ((16, list(range(16))), (8, list(range(8))),
+                                                                          (1, [3]))}
+    images = {n: out for n, (out, _) in drawn.items()}
+    schedules = {n: stats.sample_full_indices for n, (_, stats) in drawn.items()}
+    assert torch.equal(images[8], images[16][:8]) and torch.equal(images[1], images[16][3:4])
+    assert schedules[8] == schedules[16][:8] and schedules[1] == [schedules[16][3]]
+
+
 def test_teacache_samples_decide_differently_and_batch_scope_keeps_one_schedule(dit):
     _, stats = dit_samples(dit, TeaCache(0.045, schedule_scope="sample"), list(range(16)))
     assert len({len(i) for i in stats.sample_full_indices}) > 1  # a per-sample NFC spread
@@ -89,6 +110,10 @@ def test_sample_scope_is_batch_independent_on_flux(name):
     assert torch.equal(whole, torch.cat([p[0] for p in parts]))
     assert stats.sample_full_indices == parts[0][1].sample_full_indices + parts[1][1].sample_full_indices
     assert 1 < min(len(i) for i in stats.sample_full_indices) < 28
+    with FixedShapes(ROWS):  # batch-invariant numerics: sample 1 alone against it in the batch of 4
+        whole, stats = sample(model, x, y, make(), steps=28)
+        alone, alone_stats = sample(model, x[1:2], y[1:2], make(), steps=28)
+    assert torch.equal(alone, whole[1:2]) and alone_stats.sample_full_indices == stats.sample_full_indices[1:2]
 
 
 def test_rfc_batch_scope_depends_on_the_batch_and_keeps_its_step_programs(dit):
@@ -183,3 +208,29 @@ def test_masked_steps_never_recompile_the_compiled_modules(dit):
         dynamo.reset()
     assert len(traced) == len({type(m) for m in modules})  # one graph per module class (dynamo shares the
     assert torch.equal(got, expected)  # code of same-class modules, their weights as inputs), never a second
+
+
+def test_run_py_draws_a_sample_alone_as_in_its_batch_with_batch_invariant_numerics(make_cfg, tmp_path):
+    """What a user does to regenerate one sample: the run of 1 sample at batch 1 gives sample 0's
+    image and schedule of the run of 4 at batch 4; the numerics are in the row and its setting."""
+    common = ["method=fbcache", "method.schedule_scope=sample", f"batch_invariant={ROWS}", "sampler.num_steps=20",
+              "eval.score=false", "eval.paired=off"]
+    batch = run(make_cfg(*common, "eval.num_samples=4", "eval.batch_size=4"), tmp_path / "batch", progress=False)
+    alone = run(make_cfg(*common, "eval.num_samples=1", "eval.batch_size=1"), tmp_path / "alone", progress=False)
+    with np.load(tmp_path / "batch" / "samples.npz") as a, np.load(tmp_path / "alone" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"][:1], b["arr_0"])
+
+    def first(folder: Path) -> list[int]:
+        return json.loads((folder / "schedules.json").read_text())[0]["samples"][0]
+
+    assert first(tmp_path / "batch") == first(tmp_path / "alone")
+    assert batch.batch_invariant == alone.batch_invariant == ROWS
+    off = plan_run(make_cfg(*common[:2], "eval.num_samples=4", "eval.batch_size=4", "eval.score=false"),
+                   tmp_path / "off")
+    assert off.setting["batch_invariant"] is None and setting_id(off.setting) != batch.setting_id
+
+
+@pytest.mark.parametrize("value", ["-1", "true", "2.5"])
+def test_a_bad_batch_invariant_is_refused_naming_the_key(make_cfg, tmp_path, value):
+    with pytest.raises(ConfigError, match="batch_invariant"):
+        plan_run(make_cfg(f"batch_invariant={value}"), tmp_path / "out")

@@ -31,6 +31,7 @@ from rfc.samplers.sampling import CFGDenoiser, Sampler
 from rfc.utils.distributed import group
 from rfc.utils.errors import ConfigError
 from rfc.utils.files import check_writable_file, digest_memo
+from rfc.utils.invariance import batch_invariance
 from rfc.utils.validate import as_bool, as_float, as_int, check_arguments
 
 LOG = logging.getLogger("rfc")
@@ -81,25 +82,33 @@ def apply_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     return model
 
 
+def batch_invariant_rows(cfg: DictConfig) -> int:
+    """``batch_invariant``: 0 (off) or the rows per tile of rfc.utils.invariance.FixedShapes."""
+    return as_int(cfg.get("batch_invariant", 0), "batch_invariant", 0)
+
+
 @contextlib.contextmanager
-def precision_mode(precision: str, device: torch.device) -> Iterator[None]:
+def precision_mode(precision: str, device: torch.device, batch_invariant: int = 0) -> Iterator[None]:
     """Numerics of the sampling loop. fp32: exact fp32 matmuls. tf32 (default): fp32 storage with
     TF32 tensor-core matmuls and convolutions on GPUs that have them (on a CPU it equals fp32).
     bf16: the weights are stored in bfloat16 (apply_precision, once); no autocast here, TF32 flags
     as for tf32 (they only touch what stays fp32). bf16-autocast: fp32 weights, autocast of matmuls
     and attention to bfloat16 (every forward re-casts the weights); the residual stream, the
-    sampler and the cache keep their own dtypes. The previous global settings are restored
+    sampler and the cache keep their own dtypes. ``batch_invariant`` > 0: linear layers, batched
+    matmuls, attention and convolutions run on tiles of that many rows (rfc.utils.invariance), so a
+    sample's numbers do not depend on its batch. The previous global settings are restored
     afterwards."""
     check_precision(precision)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     tf32 = precision != "fp32"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     try:
-        if precision == "bf16-autocast":
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+        with batch_invariance(batch_invariant):
+            if precision == "bf16-autocast":
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    yield
+            else:
                 yield
-        else:
-            yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
@@ -169,6 +178,7 @@ def plan_run(cfg: DictConfig, out_dir: str | Path) -> RunPlan:
     if str(ev.paired) not in ("auto", "find", "off"):
         raise ConfigError(f"eval.paired must be auto, find or off, got {ev.paired!r}")
     check_precision(str(cfg.get("precision", "tf32")))
+    batch_invariant_rows(cfg)
     family = family_of(m)
     arch = family.arch(m)
     paths = OmegaConf.to_container(cfg.paths, resolve=True)
@@ -241,7 +251,8 @@ def sample_setting(plan: RunPlan) -> dict[str, object]:
                    num_steps=sampler.num_steps, cfg_scale=own.pop("cfg_scale"),
                    guided_channels=own.pop("guided_channels"), checkpoint=own.pop("checkpoint"), seed=int(cfg.seed),
                    num_samples=plan.num_samples, batch_size=plan.batch_size, device=device_name(plan.device),
-                   precision_mode=str(cfg.precision), compile=as_bool(cfg.compile, "compile"))
+                   precision_mode=str(cfg.precision), batch_invariant=batch_invariant_rows(cfg) or None,
+                   compile=as_bool(cfg.compile, "compile"))
     return {**setting, **own}
 
 

@@ -31,6 +31,7 @@ from rfc.utils.distributed import Group, barrier, broadcast
 from rfc.utils.errors import NonFiniteError
 from rfc.utils.files import atomic_savez
 from rfc.utils.images import to_uint8_nhwc
+from rfc.utils.invariance import batch_invariance
 from rfc.utils.seeding import SampleStreams
 
 LOG = logging.getLogger("rfc")
@@ -91,7 +92,8 @@ def generate_batches(model: nn.Module, sampler: Sampler, denoiser: CFGDenoiser, 
                      vae: torch.nn.Module | None = None, progress: bool = True, warmup_batches: int = 0,
                      timed: bool = True, precision: str = "fp32", device_use: DeviceUse | None = None,
                      desc: str = "sampling", on_batch: BatchListener | None = None,
-                     leave: bool = True, family: ModelFamily | None = None) -> Iterator[Batch]:
+                     leave: bool = True, family: ModelFamily | None = None, batch_invariant: int = 0
+                     ) -> Iterator[Batch]:
     """Draw the batches [start, start + batch_size) for each of ``starts``, one at a time, so the
     caller can store each before the next begins; sample i's label and noise come from stream
     (seed, i), so a batch does not depend on which process draws it or when.
@@ -110,7 +112,9 @@ def generate_batches(model: nn.Module, sampler: Sampler, denoiser: CFGDenoiser, 
     and of each warm-up pass.
 
     The model's family (``family``, else the registered family of the model's class) gives a
-    sample's latent shape (any rank), its conditioning and how latents are decoded."""
+    sample's latent shape (any rank), its conditioning and how latents are decoded.
+    ``batch_invariant`` > 0 samples and decodes under rfc.utils.invariance.FixedShapes of that many
+    rows: a sample's numbers then do not depend on the batch it is drawn in."""
     family = family or family_of_model(model)
     shape = family.latent_shape(model.config)
     extra = warmup_batches if timed and len(starts) <= warmup_batches else 0  # untimed: nothing to warm up for
@@ -125,7 +129,7 @@ def generate_batches(model: nn.Module, sampler: Sampler, denoiser: CFGDenoiser, 
             x = streams.randn(shape)
             method.reset()
             before = device_use.snapshot() if device_use is not None else None
-            with Clock(device) as clock, precision_mode(precision, device):
+            with Clock(device) as clock, precision_mode(precision, device, batch_invariant):
                 x = sampler.sample(denoiser, x, y, noise=streams.noise_source(shape), listener=method)
             after = device_use.snapshot() if device_use is not None else None
             shared = DeviceUse.shared(before, after) if device_use is not None else None
@@ -133,7 +137,7 @@ def generate_batches(model: nn.Module, sampler: Sampler, denoiser: CFGDenoiser, 
             x = x.float()
             bad = non_finite_rows(x)  # checked after the clock stopped: the check costs no latency
             if bad is not None:
-                with precision_mode(precision, device):
+                with precision_mode(precision, device, batch_invariant):
                     raise non_finite_batch_error(batch, bad, sampler, denoiser, method,
                                                  SampleStreams(seed, batch, device), shape, family)
             if i < extra:  # an untimed warm-up pass: nothing kept
@@ -144,7 +148,7 @@ def generate_batches(model: nn.Module, sampler: Sampler, denoiser: CFGDenoiser, 
                 continue
             vae_seconds = None
             if vae is not None:
-                with Clock(device) as vae_clock:
+                with Clock(device) as vae_clock, batch_invariance(batch_invariant):
                     x = family.decode(vae, x)
                 vae_seconds = vae_clock.seconds
                 bad = non_finite_rows(x)
@@ -216,7 +220,7 @@ def non_finite_batch_error(batch: range, bad: int, sampler: Sampler, denoiser: C
 def generate(model: nn.Module, sampler: Sampler, denoiser: CFGDenoiser, method: CacheMethod, *, seed: int,
              indices: range, batch_size: int, device: torch.device, vae: torch.nn.Module | None = None,
              progress: bool = True, warmup_batches: int = 0, precision: str = "fp32", desc: str = "sampling",
-             leave: bool = True) -> SampleSet:
+             leave: bool = True, batch_invariant: int = 0) -> SampleSet:
     """All of ``indices`` (a range from 0) in memory: calibration, diagnostics and tests."""
     if indices.start != 0 or indices.step != 1:
         raise ValueError(f"indices must be range(0, n), got {indices}")
@@ -224,7 +228,8 @@ def generate(model: nn.Module, sampler: Sampler, denoiser: CFGDenoiser, method: 
     return SampleSet.from_batches(list(generate_batches(
         model, sampler, denoiser, method, seed=seed, num_samples=n, batch_size=batch_size,
         starts=batch_starts(n, batch_size), device=device, vae=vae, progress=progress,
-        warmup_batches=warmup_batches, precision=precision, desc=desc, leave=leave)))
+        warmup_batches=warmup_batches, precision=precision, desc=desc, leave=leave,
+        batch_invariant=batch_invariant)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,6 +288,7 @@ class Drawer:
     seed: int
     warmup_batches: int
     precision: str
+    batch_invariant: int  # rows per tile of the batch-invariant numerics (0: off)
     progress: bool  # a progress bar (the caller passes it for rank 0 only)
     grp: Group
     use: DeviceUse  # who else uses the device during timed batches
@@ -307,7 +313,8 @@ class Drawer:
                                             num_samples=target.num_samples, batch_size=target.batch_size,
                                             starts=starts, device=self.device, vae=self.vae, progress=self.progress,
                                             warmup_batches=self.warmup_batches, timed=timed,
-                                            precision=self.precision, device_use=self.use if timed else None,
+                                            precision=self.precision, batch_invariant=self.batch_invariant,
+                                            device_use=self.use if timed else None,
                                             desc=desc, on_batch=lambda r: self._on_batch(r, milestones))
             finally:
                 meth.detach()

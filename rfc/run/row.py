@@ -109,6 +109,7 @@ class RunRecord:
     device: str | None = None  # GPU name, or "cpu (<machine>)"
     cpu_threads: int | None = None  # torch's intra-op threads on a CPU (they set its speed); empty on a GPU
     precision_mode: str | None = None  # fp32 | tf32 | bf16 (bf16 weights) | bf16-autocast
+    batch_invariant: int | None = None  # rows per tile of the batch-invariant numerics; empty: off
     compile: bool | None = None  # torch.compile'd model / cached steps
     fused: bool | None = None  # cached steps through the fused path (it ran, not only configured); empty: none
     torch_version: str | None = None

@@ -58,7 +58,8 @@ def plan_summary(plan: RunPlan, sweep: str | None = None) -> list[str]:
     threads = torch.get_num_threads()
     where = f"{s['device']}, {threads} thread{'s' * (threads != 1)}" if plan.device.type == "cpu" else (
         f"{plan.device} ({s['device']})")
-    lines.append(f"device    {where}; precision {s['precision_mode']}; compile {str(s['compile']).lower()}")
+    invariant = f"; batch-invariant, tiles of {s['batch_invariant']} rows" if s.get("batch_invariant") else ""
+    lines.append(f"device    {where}; precision {s['precision_mode']}; compile {str(s['compile']).lower()}{invariant}")
     if not plan.score:
         lines.append("scoring   off (eval.score=false)")
     elif plan.text_to_image:

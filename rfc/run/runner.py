@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig
 
 from rfc.cache import NoCache
-from rfc.run.build import RunPlan, build_model, build_vae, compile_for, plan_run
+from rfc.run.build import RunPlan, batch_invariant_rows, build_model, build_vae, compile_for, plan_run
 from rfc.run.generate import Drawer, claim_entry, full_compute_pair, manifest_config, open_store
 from rfc.run.loggers import JobLogger, build_loggers, logging_job
 from rfc.run.record import make_record, merge_shards, publish_record
@@ -114,6 +114,7 @@ def _run_locked(plan: RunPlan, store: ShardStore, loggers: list[JobLogger], grp:
     publish = grp.is_main and method.computes_everything and claim_entry(entry)
     drawer = Drawer(model, sampler, denoiser, vae, device, seed=int(cfg.seed),
                     warmup_batches=int(cfg.eval.warmup_batches), precision=str(cfg.precision),
+                    batch_invariant=batch_invariant_rows(cfg),
                     progress=progress and grp.is_main, grp=grp, use=use, listeners=[lg.progress for lg in loggers])
     try:
         if device.type == "cuda":

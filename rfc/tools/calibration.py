@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rfc.cache import CacheMethod
 from rfc.cache.base import sample_nfcs
-from rfc.run.build import build, build_model, plan_run
+from rfc.run.build import batch_invariant_rows, build, build_model, plan_run
 from rfc.run.config import CALIBRATION_FILE, tau_key
 from rfc.run.generate import batch_sizes, generate
 from rfc.utils.devices import DeviceUse
@@ -103,6 +103,7 @@ def calibrate(cfg: DictConfig, target: float, num_samples: int, batch_size: int,
                 samples = generate(model, plan.sampler, denoiser, method, seed=seed,
                                    indices=range(num_samples), batch_size=batch_size, device=plan.device,
                                    progress=True, precision=str(cfg.precision),
+                                   batch_invariant=batch_invariant_rows(cfg),
                                    desc=f"trial {count}: {knob} {value:.4g}", leave=False)
         finally:
             method.detach()
