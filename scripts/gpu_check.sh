@@ -30,4 +30,9 @@ PARTS=${PARTS:-"1 2 3"}
 [[ $PARTS == *5* ]] && timeout "${T5:-540}" python3 run.py -m model=hunyuan-video model.pretrained=false \
   eval=latency eval.num_samples=2 eval.batch_size=1 device=cuda +variant=hv_full,hv_ts6_m1 \
   "paths.runs_csv=$OUT/hunyuan_runs.csv" "paths.outputs=$OUT/outputs" 2>&1 | tee "$OUT/hunyuan_video_latency.log"
+# 6. (PARTS=6) the batch-invariant numerics (batch_invariant=N) on DiT-XL/2 shapes, tf32, DDIM-20: loop time
+# against the default numerics at batches 1 and 16, and whether 4 samples drawn alone equal them in the batch
+[[ $PARTS == *6* ]] && timeout "${T6:-240}" python3 scripts/bench_invariance.py model=dit-xl model.pretrained=false \
+  device=cuda precision=tf32 sampler.num_steps=20 batch_sizes=[1,16] tiles=[8192] methods=[none,fbcache] \
+  "out_dir=$OUT" 2>&1 | tee "$OUT/invariance_xl.log"
 ls -la "$OUT"
