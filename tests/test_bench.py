@@ -1,4 +1,5 @@
-"""scripts/bench_latency.py writes the keys the README's performance table is made of."""
+"""scripts/bench_latency.py writes the keys the README's performance table is made of; scripts/bench_invariance.py
+writes its loops and checks."""
 
 from __future__ import annotations
 
@@ -58,3 +59,18 @@ def test_bench_refuses_an_unknown_variant_or_method_before_building_a_model():
         bench.check(OmegaConf.create({"variants": ["fast"], "methods": ["fora"], "nfc_settings": {}, "bisect": {}}))
     with pytest.raises(SystemExit, match="methods: unknown method 'foo'"):
         bench.check(OmegaConf.create({"variants": ["eager"], "methods": ["foo"], "nfc_settings": {}, "bisect": {}}))
+
+
+def test_bench_invariance_times_each_numerics_and_checks_samples_alone(tmp_path):
+    """scripts/bench_invariance.py: a loop per batch, method and numerics, and the check that samples
+    drawn alone equal them in the batch (bit for bit with tiles, as tests/test_schedule_scope.py)."""
+    cmd = [sys.executable, "scripts/bench_invariance.py", "batch_sizes=[1,3]", "tiles=[128]", "rounds=1",
+           "sampler.num_steps=4", "check_samples=2", f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(tmp_path.glob("invariance_cpu_*.json")).read_text())
+    assert {(r["batch"], r["method"], r["tiles"]) for r in result["loops"]} == {
+        (b, m, t) for b in (1, 3) for m in ("none", "fbcache") for t in (0, 128)}
+    assert all(r["loop_s"] > 0 and r["over_default"] > 0 for r in result["loops"])
+    tiled = [c for c in result["checks"] if c["tiles"] == 128]
+    assert len(tiled) == 2 and all(c["bit_identical"] and c["samples"] == 2 for c in tiled)
