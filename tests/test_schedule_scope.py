@@ -79,11 +79,12 @@ def test_a_samples_image_and_schedule_do_not_depend_on_its_batch_on_dit(dit, nam
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_with_batch_invariant_numerics_a_sample_alone_is_its_image_in_any_batch_on_dit(dit, name):
     """batch_invariant (rfc.utils.invariance): the same sample drawn in a batch of 16, of 8 and
-    alone: the same schedule and the same image, bit for bit."""
+    alone: the same schedule and the same image, bit for bit (25 steps: the default numerics
+    already differ at batch 1 after a few)."""
     make = METHODS[name]
     with FixedShapes(ROWS):
-        drawn = {n: dit_samples(dit, make("sample"), ids) for n, ids in ((16, list(range(16))), (8, list(range(8))),
-                                                                          (1, [3]))}
+        drawn = {n: dit_samples(dit, make("sample"), ids, steps=25)
+                 for n, ids in ((16, list(range(16))), (8, list(range(8))), (1, [3]))}
     images = {n: out for n, (out, _) in drawn.items()}
     schedules = {n: stats.sample_full_indices for n, (_, stats) in drawn.items()}
     assert torch.equal(images[8], images[16][:8]) and torch.equal(images[1], images[16][3:4])
