@@ -31,11 +31,10 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_latency import Built, make_method, sync  # noqa: E402  (the latency benchmark's model and methods)
-from bench_peers import cpu_model  # noqa: E402
+from bench_peers import built_on_device, cpu_model  # noqa: E402
 
 from rfc.cache import CacheMethod  # noqa: E402
-from rfc.models.family import family_of  # noqa: E402
-from rfc.run.build import device_name, precision_mode, resolve_device  # noqa: E402
+from rfc.run.build import device_name, precision_mode  # noqa: E402
 from rfc.samplers.sampling import CFGDenoiser  # noqa: E402
 from rfc.utils.devices import LoadSample, others_load  # noqa: E402
 from rfc.utils.files import atomic_write_text  # noqa: E402
@@ -75,12 +74,8 @@ class Loops:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="bench_invariance")
 def main(cfg: DictConfig) -> None:
-    torch.set_grad_enabled(False)
-    device = resolve_device(str(cfg.device))
-    if device.type == "cpu" and int(cfg.threads) > 0:
-        torch.set_num_threads(int(cfg.threads))
-    family = family_of(cfg.model)
-    built = Built(cfg, family, family.arch(cfg.model), device)
+    built = built_on_device(cfg)
+    device = built.device
     loops = Loops(cfg, built)
     methods = {str(n): make_method(cfg, str(n), str(cfg.storage_dtype), tuple(cfg.method_overrides.get(n) or ()))
                for n in cfg.methods}

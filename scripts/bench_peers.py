@@ -121,15 +121,21 @@ def median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="bench_peers")
-def main(cfg: DictConfig) -> None:
+def built_on_device(cfg: DictConfig) -> Built:
+    """The config's model (random weights where it says so) on ``device``, with ``threads`` CPU
+    threads (0: torch's default), gradients off."""
     torch.set_grad_enabled(False)
     device = resolve_device(str(cfg.device))
     if device.type == "cpu" and int(cfg.threads) > 0:
         torch.set_num_threads(int(cfg.threads))
     family = family_of(cfg.model)
-    arch = family.arch(cfg.model)
-    built = Built(cfg, family, arch, device)
+    return Built(cfg, family, family.arch(cfg.model), device)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="bench_peers")
+def main(cfg: DictConfig) -> None:
+    built = built_on_device(cfg)
+    device = built.device
     bench = Bench(cfg, built, built.model, int(cfg.batch_size), str(cfg.precision), "eager")
     groups = implementations(cfg, bench)
     # each implementation on its own copy of the weights: a library may leave its patches on the
