@@ -228,7 +228,7 @@ def test_run_py_draws_a_sample_alone_as_in_its_batch_with_batch_invariant_numeri
     assert batch.batch_invariant == alone.batch_invariant == ROWS
     off = plan_run(make_cfg(*common[:2], "eval.num_samples=4", "eval.batch_size=4", "eval.score=false"),
                    tmp_path / "off")
-    assert off.setting["batch_invariant"] is None and setting_id(off.setting) != batch.setting_id
+    assert "batch_invariant" not in off.setting and setting_id(off.setting) != batch.setting_id
 
 
 @pytest.mark.parametrize("value", ["-1", "true", "2.5"])

@@ -251,8 +251,10 @@ def sample_setting(plan: RunPlan) -> dict[str, object]:
                    num_steps=sampler.num_steps, cfg_scale=own.pop("cfg_scale"),
                    guided_channels=own.pop("guided_channels"), checkpoint=own.pop("checkpoint"), seed=int(cfg.seed),
                    num_samples=plan.num_samples, batch_size=plan.batch_size, device=device_name(plan.device),
-                   precision_mode=str(cfg.precision), batch_invariant=batch_invariant_rows(cfg) or None,
-                   compile=as_bool(cfg.compile, "compile"))
+                   precision_mode=str(cfg.precision), compile=as_bool(cfg.compile, "compile"))
+    rows = batch_invariant_rows(cfg)
+    if rows:  # only when set, as the optional keys are: every earlier manifest, shard and id stays valid
+        setting["batch_invariant"] = rows
     return {**setting, **own}
 
 
