@@ -95,9 +95,9 @@ def precision_mode(precision: str, device: torch.device, batch_invariant: int = 
     as for tf32 (they only touch what stays fp32). bf16-autocast: fp32 weights, autocast of matmuls
     and attention to bfloat16 (every forward re-casts the weights); the residual stream, the
     sampler and the cache keep their own dtypes. ``batch_invariant`` > 0: linear layers, batched
-    matmuls, attention and convolutions run on tiles of that many rows (rfc.utils.invariance), so a
-    sample's numbers do not depend on its batch. The previous global settings are restored
-    afterwards."""
+    matmuls, attention, convolutions and group norms run on tiles of that many rows
+    (rfc.utils.invariance), so a sample's numbers do not depend on its batch. The previous global
+    settings are restored afterwards."""
     check_precision(precision)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     tf32 = precision != "fp32"

@@ -13,12 +13,14 @@ whose kernel is chosen by the batch's size is called on tiles of one fixed shape
 padded with zeros, and the padding dropped afterwards. A linear layer (``F.linear``, a matmul by a
 matrix) runs on tiles of exactly ``rows`` rows (rows = every index but the last, flattened). A
 batched matmul, attention (``scaled_dot_product_attention``) and a convolution run on tiles of a
-fixed number of batch entries along dim 0: ``max(1, rows // r)`` with ``r`` the rows one entry
-holds (its elements over its last dimension). The tile shape depends on ``rows`` and on the model's
-shapes only, never on the batch, so a row meets the same kernel and the same summation order in a
-batch of 1 as in a batch of 250 (the kernel's output for a row does not depend on the values of
-the other rows of its tile). Every other operation the models use is elementwise or reduces
-within one sample.
+fixed number of batch entries along dim 0: ``max(1, rows // r)`` with ``r`` the rows one entry holds
+(its elements over its last dimension; for a convolution, its spatial positions). The tile shape
+depends on ``rows`` and on the model's shapes only, never on the batch, so a row meets the same
+kernel and the same summation order in a batch of 1 as in a batch of 250 (the kernel's output for a
+row does not depend on the values of the other rows of its tile). A group normalisation (on the
+build machine's CPU a VAE's GroupNorm gives a sample other bits, 5e-7 apart, at batch 1 than in a
+batch of 4) runs on dim-0 tiles the same way. Every other operation the models use is elementwise
+or reduces within one row.
 
 It costs time: a small batch is padded up to a tile (batch 1 computes ``rows`` rows), a large one
 runs as several calls, and the two results differ from the untiled ones by rounding: a run with it
@@ -40,6 +42,7 @@ _LINEAR = {F.linear}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
 _ATTENTION = {F.scaled_dot_product_attention}
 _CONVOLUTION = {F.conv1d, F.conv2d, F.conv3d}
+_PER_SAMPLE_NORM = {F.group_norm}  # statistics over one sample's channels and positions (a VAE's GroupNorm)
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -64,8 +67,9 @@ def _rows_per_entry(x: torch.Tensor) -> int:
 
 
 class FixedShapes(TorchFunctionMode):
-    """While active, linear layers, batched matmuls, attention and convolutions run on tiles of one
-    fixed shape (module docstring): their results for a sample do not depend on its batch."""
+    """While active, linear layers, batched matmuls, attention, convolutions and group norms run on
+    tiles of one fixed shape (module docstring): their results for a sample do not depend on its
+    batch."""
 
     def __init__(self, rows: int) -> None:
         super().__init__()
@@ -88,6 +92,8 @@ class FixedShapes(TorchFunctionMode):
             return self._attention(func, *args, **kwargs)
         if func in _CONVOLUTION:
             return self._convolution(func, *args, **kwargs)
+        if func in _PER_SAMPLE_NORM:
+            return self._per_sample_norm(func, *args, **kwargs)
         return func(*args, **kwargs)
 
     def _row_tiles(self, x: torch.Tensor, apply: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -128,6 +134,14 @@ class FixedShapes(TorchFunctionMode):
             return func(x, *args, **kwargs)
         spatial = max(1, math.prod(x.shape[2:]))  # output positions per entry, at stride 1
         return _tiled(lambda rows: func(rows, *args, **kwargs), [x], max(1, self.rows // spatial))
+
+    def _per_sample_norm(self, func: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any
+                         ) -> torch.Tensor:
+        """A normalisation whose statistics reduce over each entry (GroupNorm): its kernel, too, gives
+        an entry other bits at another batch size (measured at batch 1 on a CPU), so it sees one shape."""
+        if x.dim() < 2 or x.shape[0] == 0:
+            return func(x, *args, **kwargs)
+        return _tiled(lambda rows: func(rows, *args, **kwargs), [x], self.entries(x))
 
 
 def batch_invariance(rows: int) -> contextlib.AbstractContextManager:
