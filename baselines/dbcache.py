@@ -38,7 +38,7 @@ from torch import nn
 
 from rfc.cache.blocks import BlockCacheMethod, BlockSchedule, ResidualReuse, Signal, relative_l1
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import require, require_int
+from rfc.cache.schedules import require, require_int, scope_params
 from rfc.samplers.sampling import StepInfo
 
 
@@ -128,5 +128,5 @@ class DBCache(BlockCacheMethod):
         super().attach(model)
 
     def params(self) -> dict[str, object]:
-        scope = {"schedule_scope": self.scope} if self.scope != "batch" else {}
-        return {"front": self.predictor.start, "back": self.predictor.back, **self.schedule.params(), **scope}
+        return {"front": self.predictor.start, "back": self.predictor.back, **self.schedule.params(),
+                **scope_params(self.scope)}

@@ -63,7 +63,7 @@ from rfc.cache.predictors import (
     taylor_expand,
 )
 from rfc.cache.registry import method_config
-from rfc.cache.schedules import SCOPES, Schedule, Signal, WarmupInterval, require
+from rfc.cache.schedules import Schedule, Signal, WarmupInterval, check_scope, require, scope_params
 from rfc.samplers.sampling import StepInfo
 
 MAGNITUDES = ("relational", "linear", "constant")
@@ -526,8 +526,7 @@ class RFC(CacheMethod):
         require(norm_reduction in REDUCTIONS,
                 f"method.norm_reduction must be one of {REDUCTIONS}, got {norm_reduction!r}")
         require(float(constant_w) > 0, f"method.constant_w must be > 0, got {constant_w}")
-        require(schedule_scope in SCOPES,
-                f"method.schedule_scope must be one of {list(SCOPES)}, got {schedule_scope!r}")
+        check_scope(schedule_scope)
         super().__init__()
         self.scope = schedule_scope
         self.tau, self.order, self.warmup = float(tau), order, warmup
@@ -747,8 +746,7 @@ class RFC(CacheMethod):
             yield from schedule.tensors()
 
     def params(self) -> dict[str, object]:
-        scope = {"schedule_scope": self.scope} if self.scope != "batch" else {}  # batch scope: the params as ever
         return {"tau": self.tau, "order": self.order, "warmup": self.warmup, "rfe": self.rfe, "rcs": self.rcs,
                 "interval": self.fixed.interval, "magnitude": self.magnitude, "constant_w": self.constant_w,
                 "rcs_modules": self.rcs_modules, "norm_reduction": self.reduction, "storage_dtype": self.storage,
-                **scope}
+                **scope_params(self.scope)}

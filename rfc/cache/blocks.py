@@ -52,7 +52,7 @@ from torch import nn
 
 from rfc.cache.base import CacheMethod, image_slice, modulate, plain_branch
 from rfc.cache.predictors import Predictor
-from rfc.cache.schedules import SCOPES, Schedule, Signal, require
+from rfc.cache.schedules import Schedule, Signal, check_scope, scope_params
 from rfc.samplers.sampling import StepInfo
 
 BlockSchedule = Schedule
@@ -136,8 +136,7 @@ class BlockCacheMethod(CacheMethod):
     def __init__(self, schedule: BlockSchedule, predictor: ResidualReuse, name: str | None = None,
                  scope: str = "batch") -> None:
         super().__init__()
-        require(scope in SCOPES, f"method.schedule_scope must be one of {list(SCOPES)}, got {scope!r}")
-        self.scope = scope
+        self.scope = check_scope(scope)
         try:
             self.signal = Signal(schedule.signal)
         except ValueError:
@@ -257,8 +256,7 @@ class BlockCacheMethod(CacheMethod):
         return (*self.predictor.tensors(), *(t for sched in schedules for t in sched.tensors()))
 
     def params(self) -> dict[str, object]:
-        scope = {"schedule_scope": self.scope} if self.scope != "batch" else {}  # batch scope: the params as ever
-        return {**self.schedule.params(), **self.predictor.params(), **scope}
+        return {**self.schedule.params(), **self.predictor.params(), **scope_params(self.scope)}
 
 
 def _tokens(x: torch.Tensor, where: slice) -> torch.Tensor:

@@ -51,6 +51,18 @@ SCOPES = ("batch", "sample")
 or per sample (each sample decides alone; its guidance halves together)."""
 
 
+def check_scope(scope: object) -> str:
+    """``method.schedule_scope`` checked: one of SCOPES, or a ValueError naming the key."""
+    require(scope in SCOPES, f"method.schedule_scope must be one of {list(SCOPES)}, got {scope!r}")
+    return str(scope)
+
+
+def scope_params(scope: str) -> dict[str, str]:
+    """What a method's params say of its scope: nothing in batch scope (so its params, rows and
+    calibration keys are what they were before sample scope existed), else the scope."""
+    return {} if scope == "batch" else {"schedule_scope": scope}
+
+
 class Signal(StrEnum):
     """What a schedule reads to decide, which fixes when it can decide."""
 
