@@ -76,6 +76,11 @@ class FixedShapes(TorchFunctionMode):
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"FixedShapes needs a positive number of rows per tile, got {rows!r}")
         self.rows = rows
+        self.handlers: dict[Callable[..., Any], Callable[..., Any]] = {  # one lookup per torch call
+            func: handler for funcs, handler in ((_LINEAR, self._linear), (_MATMUL, self._matmul),
+                                                 (_ATTENTION, self._attention), (_CONVOLUTION, self._convolution),
+                                                 (_PER_SAMPLE_NORM, self._per_sample_norm))
+            for func in funcs}
 
     def entries(self, x: torch.Tensor) -> int:
         """Dim-0 entries per tile for a batched operation on ``x``."""
@@ -83,18 +88,10 @@ class FixedShapes(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: dict | None = None
                            ) -> Any:
-        kwargs = kwargs or {}
-        if func in _LINEAR:
-            return self._linear(func, *args, **kwargs)
-        if func in _MATMUL:
-            return self._matmul(func, *args, **kwargs)
-        if func in _ATTENTION:
-            return self._attention(func, *args, **kwargs)
-        if func in _CONVOLUTION:
-            return self._convolution(func, *args, **kwargs)
-        if func in _PER_SAMPLE_NORM:
-            return self._per_sample_norm(func, *args, **kwargs)
-        return func(*args, **kwargs)
+        handler = self.handlers.get(func)
+        if handler is None:
+            return func(*args, **(kwargs or {}))
+        return handler(func, *args, **(kwargs or {}))
 
     def _row_tiles(self, x: torch.Tensor, apply: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``apply`` to the rows of ``x`` (every index but the last, flattened) in tiles of ``rows``."""
